@@ -1,0 +1,114 @@
+"""hayate run | chat: the command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Iterator
+
+from hayate.config import WEIGHT_MODES, EngineConfig
+from hayate.engine.request import RequestOutput
+from hayate.sampling import SamplingParams
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A mistake the user can fix; printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hayate", description="Real-time inference for open language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="answer one prompt, streamed")
+    run.add_argument("prompt", help="the user message")
+    _add_generation_options(run)
+    chat = commands.add_parser("chat", help="interactive chat in the terminal")
+    _add_generation_options(chat)
+    return parser
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a .gguf file or a Hugging Face folder (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default 512)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, deterministic (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, help="same seed, same text")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument("--max-model-len", type=int, help="context length (default: min(model's, 4096))")
+    parser.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
+                        help="fp32: dequantize at load; packed: keep GGUF blocks packed; auto: by memory")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        seed=args.seed, stop=list(args.stop))
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=args.model, threads=args.threads, max_model_len=args.max_model_len,
+                        weights=args.weights, show_progress=True)
+
+
+def stream_to_stdout(outputs: Iterator[RequestOutput]) -> RequestOutput | None:
+    """Print each text delta as it arrives; return the last output."""
+    last = None
+    for output in outputs:
+        sys.stdout.write(output.text)
+        sys.stdout.flush()
+        last = output
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return last
+
+
+def summary_line(output: RequestOutput) -> str:
+    from hayate.llm import decode_rate
+
+    timings = output.timings
+    ttft = timings.time_to_first_token
+    rate = decode_rate(output.num_output_tokens, timings)
+    total = (timings.finished or timings.arrival) - timings.arrival
+    parts = [f"{output.num_prompt_tokens} prompt tokens",
+             f"time to first token {ttft * 1000:.0f} ms" if ttft is not None else "no token",
+             f"{output.num_output_tokens} tokens at {rate:.1f} tokens/s" if rate else f"{output.num_output_tokens} tokens",
+             f"total {total:.2f} s", f"({output.finish_reason})"]
+    return " | ".join(parts)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from hayate.llm import LLM
+
+    params = sampling_params(args)
+    llm = LLM(config=engine_config(args))
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    last = stream_to_stdout(llm.stream_chat(messages, params))
+    if last is not None:
+        print(summary_line(last), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from hayate.chat import command_chat
+
+    commands = {"run": command_run, "chat": command_chat}
+    try:
+        return commands[args.command](args)
+    except (ValueError, OSError, CliError) as error:
+        print(f"hayate: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""EngineConfig: every engine setting, validated once at start-up."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+WEIGHT_MODES = ("auto", "fp32", "packed")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None          # .gguf file or Hugging Face folder; None = the default model
+    threads: int | None = None        # torch intra-op threads; None = all cores
+    max_model_len: int | None = None  # context length; None = min(model's, 4096)
+    max_num_seqs: int = 1             # KV-cache slots: sequences that can be in flight at once
+    prefill_chunk: int = 512          # prompt tokens run per forward pass
+    weights: str = "auto"             # fp32 (dequantize at load) | packed (dequantize per layer) | auto
+    show_progress: bool = False       # progress bar while loading
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and not 1 <= self.threads <= 4 * (os.cpu_count() or 1):
+            raise ValueError(f"threads must be between 1 and {4 * (os.cpu_count() or 1)}, got {self.threads}")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

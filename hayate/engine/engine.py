@@ -1,0 +1,113 @@
+"""The engine core: step() = schedule, run the model, turn sampled tokens into outputs."""
+from __future__ import annotations
+
+import time
+
+from hayate.config import EngineConfig
+from hayate.engine.model_runner import ModelRunner
+from hayate.engine.request import RequestOutput, RequestStatus, RequestTimings, TokenLogprob
+from hayate.engine.scheduler import Scheduler
+from hayate.engine.sequence import Sequence
+from hayate.layers.sampler import SampleResult, SamplingState
+from hayate.loading.loader import LoadedModel
+from hayate.loading.tokenizer import IncrementalDetokenizer
+from hayate.sampling import SamplingParams, StopStringMatcher
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.runner = ModelRunner(loaded.model, loaded.config, config.max_num_seqs, loaded.max_model_len)
+        self.scheduler = Scheduler(config.max_num_seqs, token_budget=config.prefill_chunk)
+        self.sequences: dict[str, Sequence] = {}
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises ValueError (before any work) if it cannot fit."""
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context "
+                             f"holds {self.max_model_len}, including the answer")
+        if max(prompt_token_ids) >= self.runner.model.config.vocab_size or min(prompt_token_ids) < 0:
+            raise ValueError("the prompt contains token ids outside the vocabulary")
+        params.check_vocab(self.runner.model.config.vocab_size)
+        sequence = Sequence(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling=SamplingState.create(params, list(prompt_token_ids)),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
+            stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
+            timings=RequestTimings(arrival=time.perf_counter()))
+        self.sequences[request_id] = sequence
+        self.scheduler.add(sequence)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its KV slot now; unknown or finished ids are ignored."""
+        sequence = self.sequences.pop(request_id, None)
+        if sequence is not None:
+            self._finish(sequence, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        now = time.perf_counter()
+        for scheduled in batch.sequences:
+            scheduled.request.status = RequestStatus.RUNNING
+            scheduled.request.timings.first_scheduled = scheduled.request.timings.first_scheduled or now
+        indices, result = self.runner.execute(batch)
+        for scheduled in batch.sequences:
+            scheduled.request.num_computed_tokens += scheduled.num_tokens
+        return [self._append(batch.sequences[i].request, result, row) for row, i in enumerate(indices)]
+
+    def _append(self, sequence: Sequence, result: SampleResult, row: int) -> RequestOutput:
+        token_id = int(result.token_ids[row])
+        sequence.output_token_ids.append(token_id)
+        sequence.timings.first_token = sequence.timings.first_token or time.perf_counter()
+        reason = self._stop_reason(sequence, token_id)
+        text = "" if reason == "stop" else sequence.detokenizer.push(token_id)
+        text, hit_stop_string = sequence.stop_matcher.feed(text)
+        if hit_stop_string:
+            reason = "stop"
+        elif reason is not None:
+            text += sequence.stop_matcher.feed(sequence.detokenizer.flush())[0] + sequence.stop_matcher.flush()
+        if reason is not None:
+            self._finish(sequence, reason)
+        return RequestOutput(
+            request_id=sequence.request_id, text=text, token_ids=[token_id],
+            finished=reason is not None, finish_reason=reason,
+            num_prompt_tokens=len(sequence.prompt_token_ids),
+            num_output_tokens=len(sequence.output_token_ids),
+            timings=sequence.timings, logprobs=_logprobs(result, row, sequence.sampling))
+
+    def _stop_reason(self, sequence: Sequence, token_id: int) -> str | None:
+        params = sequence.sampling.params
+        if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+            return "stop"
+        if len(sequence.output_token_ids) >= params.max_tokens or sequence.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, sequence: Sequence, reason: str) -> None:
+        sequence.status, sequence.finish_reason = RequestStatus.FINISHED, reason
+        sequence.timings.finished = time.perf_counter()
+        self.scheduler.finish(sequence)
+        self.sequences.pop(sequence.request_id, None)
+
+
+def _logprobs(result: SampleResult, row: int, state: SamplingState) -> list[TokenLogprob]:
+    wanted = state.params.logprobs
+    if wanted is None or result.logprobs is None:
+        return []
+    top: list[tuple[int, float]] = []
+    if result.top_logprobs is not None and wanted > 0:
+        values, ids = result.top_logprobs
+        top = [(int(i), float(v)) for i, v in zip(ids[row, :wanted], values[row, :wanted])]
+    return [TokenLogprob(int(result.token_ids[row]), float(result.logprobs[row]), top)]

@@ -1,0 +1,35 @@
+"""The KV cache: one tensor allocated at start-up; each attention layer gets a view."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hayate.layers.attention import Attention
+from hayate.models.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, num_slots: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.num_slots, self.max_len = num_slots, max_len
+        # [layers, k/v, slots, positions, kv_heads, head_dim]
+        self.storage = torch.zeros(config.num_hidden_layers, 2, num_slots, max_len,
+                                   config.num_key_value_heads, config.head_dim,
+                                   dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()
+
+    def bind(self, model: nn.Module) -> None:
+        """Give every attention layer of the model (in order) its views of the cache."""
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        if len(layers) != self.storage.shape[0]:
+            raise ValueError(f"model has {len(layers)} attention layers, cache has {self.storage.shape[0]}")
+        for index, attention in enumerate(layers):
+            attention.k_cache, attention.v_cache = self.storage[index, 0], self.storage[index, 1]
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element

@@ -1,0 +1,38 @@
+"""Runs one forward pass over a scheduled batch and samples the next tokens."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hayate.engine.kv_cache import KVCache
+from hayate.engine.scheduler import SchedulerOutput
+from hayate.layers.attention import AttentionMetadata
+from hayate.layers.sampler import SampleResult, Sampler
+from hayate.models.config import ModelConfig
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: ModelConfig, num_slots: int, max_len: int):
+        self.model = model
+        self.kv_cache = KVCache(config, num_slots, max_len)
+        self.kv_cache.bind(model)
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> tuple[list[int], SampleResult | None]:
+        """Run the batch; return the indices (into batch.sequences) that produced a token,
+        and the sampled tokens for them, in that order."""
+        sequences = batch.sequences
+        meta = AttentionMetadata(
+            slot_ids=[s.request.slot for s in sequences],
+            context_lens=[s.start for s in sequences],
+            query_lens=[s.num_tokens for s in sequences])
+        input_ids = torch.tensor([t for s in sequences for t in s.request.token_ids(s.start, s.num_tokens)])
+        hidden = self.model(input_ids, meta.positions(), meta)
+        # Only sequences whose prompt is complete after this step sample a token.
+        sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
+        if not sampling:
+            return [], None
+        last = meta.last_token_indices()[sampling]
+        logits = self.model.compute_logits(hidden[last])
+        return sampling, self.sampler(logits, [sequences[i].request.sampling for i in sampling])

@@ -1,0 +1,49 @@
+"""Requests as the engine tracks them, and the outputs it hands back."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"      # queued, holds no KV slot
+    RUNNING = "running"      # holds a slot: prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestTimings:
+    """Wall-clock instants (time.perf_counter) of one request's life."""
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]   # (token id, logprob), most likely first
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request."""
+    request_id: str
+    text: str                       # new text since the previous output
+    token_ids: list[int]            # new token ids since the previous output
+    finished: bool
+    finish_reason: str | None       # "stop" | "length" | "abort" when finished
+    num_prompt_tokens: int
+    num_output_tokens: int
+    timings: RequestTimings
+    logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -1,0 +1,47 @@
+"""One request inside the engine: its tokens, KV slot, sampling and text state."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hayate.engine.request import RequestStatus, RequestTimings
+from hayate.layers.sampler import SamplingState
+from hayate.loading.tokenizer import IncrementalDetokenizer
+from hayate.sampling import StopStringMatcher
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingState
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+    timings: RequestTimings
+    status: RequestStatus = RequestStatus.WAITING
+    slot: int | None = None
+    num_computed_tokens: int = 0          # tokens whose keys/values are in the KV cache
+    finish_reason: str | None = None
+    emitted_text: list[str] = field(default_factory=list)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.sampling.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < len(self.prompt_token_ids)
+
+    def token_ids(self, start: int, count: int) -> list[int]:
+        """Tokens start .. start + count of prompt followed by output."""
+        prompt = self.prompt_token_ids
+        if start + count <= len(prompt):
+            return prompt[start:start + count]
+        return (prompt + self.output_token_ids)[start:start + count]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,61 @@
+"""Rotary position embeddings (NeoX half-split layout, as Hugging Face models use), with
+the Llama 3 and linear frequency scalings."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """[head_dim // 2] inverse frequencies, scaled as the config asks."""
+    arange = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
+    inv_freq = 1.0 / (theta ** (arange.float() / head_dim))
+    kind = (scaling or {}).get("rope_type")
+    if kind is None:
+        return inv_freq
+    if kind == "llama3":
+        return _llama3_scaling(inv_freq, scaling)
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    raise ValueError(f"RoPE scaling type {kind!r} is not supported (supported: llama3, linear)")
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    # Between the two wavelengths, interpolate smoothly between scaled and unscaled.
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputes cos/sin for every position up to max_positions once, at build time."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float,
+                 scaling: dict[str, Any] | None = None):
+        super().__init__()
+        inv_freq = inverse_frequencies(head_dim, theta, scaling)
+        # Built on the CPU even while the rest of the model is built on the meta device.
+        freqs = torch.arange(max_positions, dtype=torch.float32, device="cpu")[:, None] * inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [positions, head_dim]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim] -> rotated q, k."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,116 @@
+"""LLM: the offline API (generate, chat) that the CLI uses."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterator, Sequence as Seq
+
+import torch
+
+from hayate.config import EngineConfig
+from hayate.engine.engine import Engine
+from hayate.engine.request import RequestOutput, RequestTimings, TokenLogprob
+from hayate.loading.chat_template import ChatTemplate, default_chat_template
+from hayate.loading.loader import load_model
+from hayate.sampling import SamplingParams
+
+Prompt = str | list[int]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    timings: RequestTimings
+    logprobs: list[TokenLogprob]
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        return decode_rate(len(self.token_ids), self.timings)
+
+
+def decode_rate(num_output_tokens: int, timings: RequestTimings) -> float | None:
+    """Tokens per second after the first one (the first is the prefill's)."""
+    if num_output_tokens < 2 or timings.first_token is None or timings.finished is None:
+        return None
+    return (num_output_tokens - 1) / max(timings.finished - timings.first_token, 1e-9)
+
+
+class LLM:
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, **settings):
+        self.config = config or EngineConfig(model=model, **settings)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        loaded = load_model(self.config)
+        self.tokenizer = loaded.tokenizer
+        self.model_config = loaded.config
+        self.model_path = loaded.path
+        self.chat_template = loaded.chat_template or ChatTemplate(
+            default_chat_template(), loaded.tokenizer.bos_token, loaded.tokenizer.eos_token)
+        self.engine = Engine(loaded, self.config)
+        self._ids = itertools.count()
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        # The template writes its own special tokens (BOS included), so none are added here.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Outputs of one request as they come; closing the iterator early aborts it."""
+        request_id = self._submit(prompt, params)
+        yield from self._drain(request_id)
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 params: SamplingParams | None = None) -> GenerationResult | list[GenerationResult]:
+        """Complete one prompt or a list of prompts (run together, batched)."""
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        ids = [self._submit(prompt, params) for prompt in batch]
+        results = self._collect(ids)
+        return results[0] if single else results
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> GenerationResult:
+        return self.generate(self.encode_chat(messages), params)
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        return self.stream(self.encode_chat(messages), params)
+
+    def _submit(self, prompt: Prompt, params: SamplingParams | None) -> str:
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        request_id = f"req-{next(self._ids)}"
+        self.engine.add_request(request_id, token_ids, params or SamplingParams())
+        return request_id
+
+    def _drain(self, request_id: str) -> Iterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        finished = output.finished
+                        yield output
+        finally:
+            if not finished:
+                self.engine.abort_request(request_id)
+
+    def _collect(self, request_ids: list[str]) -> list[GenerationResult]:
+        parts: dict[str, list[RequestOutput]] = {request_id: [] for request_id in request_ids}
+        try:
+            while self.engine.has_unfinished():
+                for output in self.engine.step():
+                    parts[output.request_id].append(output)
+        finally:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+        return [_result(parts[request_id]) for request_id in request_ids]
+
+
+def _result(outputs: list[RequestOutput]) -> GenerationResult:
+    last = outputs[-1]
+    return GenerationResult(
+        text="".join(o.text for o in outputs),
+        token_ids=[t for o in outputs for t in o.token_ids],
+        finish_reason=last.finish_reason, num_prompt_tokens=last.num_prompt_tokens,
+        timings=last.timings, logprobs=[lp for o in outputs for lp in o.logprobs])

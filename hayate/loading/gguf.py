@@ -1,0 +1,282 @@
+"""GGUF files: metadata, tensors (packed or dequantized), tokenizer and chat template."""
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import gguf
+import numpy as np
+import torch
+
+from hayate.layers.quant import PackedWeight, QType, can_dequantize, dequantize, is_quantized
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+ValueType = gguf.GGUFValueType
+
+# GGUF tensor name -> Hugging Face name; "{i}" is the layer index.
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+# llama.cpp stores llama3 rope scaling as per-frequency factors; hf_config() reads them.
+_SKIPPED_TENSORS = frozenset({"rope_freqs.weight"})
+_EMBEDDING = "model.embed_tokens.weight"
+
+
+class GGUFError(ValueError):
+    """A GGUF file hayate cannot use; the message is one sentence for the user."""
+
+
+class _FastReader(gguf.GGUFReader):
+    """GGUFReader that parses metadata arrays in bulk.
+
+    The stock reader makes several numpy views per array element, which costs ~2 s for a
+    49k-token vocabulary. The fields built here have the same parts/data layout.
+    """
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list]:
+        if raw_type != ValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type, count = struct.unpack_from("=IQ", self.data, orig_offs)
+        header = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+        offs = orig_offs + 12
+        if item_type == ValueType.STRING:
+            parts, offs = self._string_parts(offs, count)
+        elif (scalar := self.gguf_scalar_to_np.get(ValueType(item_type))) is not None:
+            parts, offs = self._scalar_parts(offs, count, np.dtype(scalar))
+        else:
+            return super()._get_field_parts(orig_offs, raw_type)
+        # Each element is a (length, bytes) pair for strings and a single part otherwise.
+        step = 2 if item_type == ValueType.STRING else 1
+        data_idxs = list(range(len(header) + step - 1, len(header) + len(parts), step))
+        types = [ValueType.ARRAY] + ([ValueType(item_type)] if count else [])
+        return offs - orig_offs, header + parts, data_idxs, types
+
+    def _string_parts(self, offs: int, count: int) -> tuple[list[np.ndarray], int]:
+        raw = self.data.view(np.ndarray)  # plain ndarray: memmap slicing is slow
+        parts: list[np.ndarray] = []
+        for _ in range(count):
+            (length,) = struct.unpack_from("=Q", raw, offs)
+            end = offs + 8 + length
+            if end > raw.size:
+                raise ValueError("string runs past the end of the file")
+            parts += (raw[offs:offs + 8].view(np.uint64), raw[offs + 8:end])
+            offs = end
+        return parts, offs
+
+    def _scalar_parts(self, offs: int, count: int, dtype: np.dtype) -> tuple[list[np.ndarray], int]:
+        end = offs + count * dtype.itemsize
+        if end > self.data.size:
+            raise ValueError("array runs past the end of the file")
+        values = self.data.view(np.ndarray)[offs:end].view(dtype)
+        return list(values.reshape(count, 1)), end
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """All key/value fields of a GGUF file as plain Python values (str, int, float, bool, list)."""
+    return {name: _field_value(field) for name, field in reader.fields.items()
+            if not name.startswith("GGUF.")}
+
+
+def _field_value(field: gguf.ReaderField) -> Any:
+    if field.types == [ValueType.FLOAT32]:
+        # The shortest decimal that rounds to this float32: 1e-05, not 9.999999747378752e-06.
+        return float(str(field.parts[-1][0]))
+    if len(field.types) != 2 or field.types[0] != ValueType.ARRAY:
+        return field.contents()  # scalars, strings, empty and nested arrays
+    if field.types[1] == ValueType.STRING:
+        return [field.parts[i].tobytes().decode("utf-8", errors="replace") for i in field.data]
+    if field.types[1] == ValueType.ARRAY:
+        return field.contents()
+    return np.concatenate([field.parts[i] for i in field.data]).tolist()
+
+
+class GGUFModelFile:
+    """One GGUF model file: its metadata, a Hugging Face style config, and its weights."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.reader = _open_reader(self.path)
+        self.metadata = read_metadata(self.reader)
+        self.architecture = str(self.metadata.get("general.architecture", ""))
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise GGUFError(f"{self.path.name} has architecture '{self.architecture}', which hayate "
+                            f"does not support (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        self._by_name = {tensor.name: tensor for tensor in self.reader.tensors}
+        self._hf_names = {t.name: _hf_name(t.name, self.path) for t in self.reader.tensors
+                          if t.name not in _SKIPPED_TENSORS}
+        _check_tensor_types(self.reader.tensors, self.path)
+
+    def __len__(self) -> int:
+        return len(self._hf_names)
+
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    def hf_config(self) -> dict[str, Any]:
+        """The model's settings under the names of a Hugging Face config.json."""
+        heads = int(self._arch_key("attention.head_count"))
+        hidden = int(self._arch_key("embedding_length"))
+        return {
+            "model_type": self.architecture,
+            "vocab_size": self._vocab_size(),
+            "hidden_size": hidden,
+            "intermediate_size": int(self._arch_key("feed_forward_length")),
+            "num_hidden_layers": int(self._arch_key("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(self._arch_key("attention.head_count_kv", heads)),
+            "head_dim": int(self._arch_key("attention.key_length", hidden // heads)),
+            "rms_norm_eps": float(self._arch_key("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": float(self._arch_key("rope.freq_base", 10000.0)),
+            "rope_scaling": self._rope_scaling(),
+            "max_position_embeddings": int(self._arch_key("context_length", 2048)),
+            "tie_word_embeddings": "output.weight" not in self._by_name,
+            "attention_bias": self.architecture == "qwen2" or "blk.0.attn_q.bias" in self._by_name,
+            "bos_token_id": self.metadata.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self._eos_token_id(),
+        }
+
+    def tensors(self, keep_packed: bool) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
+        """(Hugging Face name, weight) pairs: fp32 tensors, or PackedWeight for quantized matrices."""
+        for tensor in self.reader.tensors:
+            if tensor.name in _SKIPPED_TENSORS:
+                continue
+            hf_name = self._hf_names[tensor.name]
+            yield hf_name, self._load(tensor, hf_name, keep_packed)
+
+    def dequantized_nbytes(self) -> int:
+        """Bytes all weights take once dequantized to fp32."""
+        return sum(4 * int(self._by_name[name].n_elements) for name in self._hf_names)
+
+    def _load(self, tensor: gguf.ReaderTensor, hf_name: str, keep_packed: bool) -> torch.Tensor | PackedWeight:
+        shape = tuple(int(dim) for dim in reversed(tensor.shape.tolist()))  # torch order
+        ggml_type = int(tensor.tensor_type)
+        raw = torch.from_numpy(np.array(tensor.data))  # copied out of the memory map
+        rows = self._row_order(hf_name, shape[0])
+        if keep_packed and len(shape) == 2 and is_quantized(ggml_type) and hf_name != _EMBEDDING:
+            packed = raw.view(torch.uint8).reshape(shape[0], -1)
+            return PackedWeight(packed if rows is None else packed[rows], ggml_type, shape)
+        weight = dequantize(raw, ggml_type, shape)
+        return weight if rows is None else weight[rows]
+
+    def _row_order(self, hf_name: str, num_rows: int) -> torch.Tensor | None:
+        """Row indices undoing llama.cpp's q/k permutation (made for its interleaved RoPE)."""
+        if self.architecture != "llama" or not re.search(r"\.(q|k)_proj\.", hf_name):
+            return None
+        heads = int(self._arch_key("attention.head_count"))
+        if ".k_proj." in hf_name:
+            heads = int(self._arch_key("attention.head_count_kv", heads))
+        # llama.cpp wrote row (head, pair, half) where Hugging Face has (head, half, pair).
+        return torch.arange(num_rows).reshape(heads, num_rows // heads // 2, 2).transpose(1, 2).reshape(-1)
+
+    def _arch_key(self, key: str, default: Any = None) -> Any:
+        full_key = f"{self.architecture}.{key}"
+        value = self.metadata.get(full_key, default)
+        if value is None:
+            raise GGUFError(f"{self.path.name} lacks the metadata key '{full_key}'")
+        return value
+
+    def _vocab_size(self) -> int:
+        if f"{self.architecture}.vocab_size" in self.metadata:
+            return int(self.metadata[f"{self.architecture}.vocab_size"])
+        if "tokenizer.ggml.tokens" in self.metadata:
+            return len(self.metadata["tokenizer.ggml.tokens"])
+        return int(self._by_name["token_embd.weight"].shape[-1])
+
+    def _eos_token_id(self) -> int | list[int] | None:
+        # Chat models often end a turn with an end-of-turn token distinct from eos; stop on all.
+        keys = ("eos_token_id", "eot_token_id", "eom_token_id")
+        ids = [self.metadata[f"tokenizer.ggml.{key}"] for key in keys if f"tokenizer.ggml.{key}" in self.metadata]
+        ids = list(dict.fromkeys(ids))
+        return None if not ids else ids[0] if len(ids) == 1 else ids
+
+    def _rope_scaling(self) -> dict[str, Any] | None:
+        if "rope_freqs.weight" in self._by_name:
+            factors = np.asarray(self._by_name["rope_freqs.weight"].data, dtype=np.float64)
+            return llama3_rope_scaling(factors, float(self._arch_key("rope.freq_base", 10000.0)), self.path)
+        kind = self.metadata.get(f"{self.architecture}.rope.scaling.type")
+        if kind in (None, "none"):
+            return None
+        scaling = {"rope_type": kind, "factor": float(self._arch_key("rope.scaling.factor", 1.0))}
+        original_context = self.metadata.get(f"{self.architecture}.rope.scaling.original_context_length")
+        if original_context:
+            scaling["original_max_position_embeddings"] = int(original_context)
+        return scaling
+
+
+def llama3_rope_scaling(factors: np.ndarray, rope_theta: float, path: Path) -> dict[str, Any] | None:
+    """Hugging Face's llama3 rope parameters recovered from llama.cpp's per-frequency factors."""
+    factor = float(factors.max())
+    if np.allclose(factors, 1.0):
+        return None
+    dim = 2 * len(factors)
+    wavelength = 2 * np.pi * rope_theta ** (np.arange(0, dim, 2) / dim)
+    medium = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
+    low, high, original_context = 1.0, 4.0, 8192.0  # the Llama 3.x values
+    if medium.sum() >= 2:
+        # smooth = (original_context / wavelength - low) / (high - low), linear in 1 / wavelength;
+        # only the factors matter, so fixing low = 1 loses nothing.
+        smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelength[medium], smooth, 1)
+        high, original_context = 1 - 1 / intercept, -slope / intercept
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+               "high_freq_factor": round(float(high), 4),
+               "original_max_position_embeddings": int(round(original_context))}
+    if not np.allclose(llama3_rope_factors(scaling, rope_theta, dim), factors, rtol=1e-3):
+        raise GGUFError(f"{path.name} has llama3 rope frequencies hayate cannot interpret")
+    return scaling
+
+
+def llama3_rope_factors(scaling: dict[str, Any], rope_theta: float, dim: int) -> np.ndarray:
+    """The factors llama.cpp's converter stores in rope_freqs.weight (one per frequency pair)."""
+    low_wavelength = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]
+    high_wavelength = scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+    wavelength = 2 * np.pi * rope_theta ** (np.arange(0, dim, 2) / dim)
+    smooth = (scaling["original_max_position_embeddings"] / wavelength - scaling["low_freq_factor"]) / (
+        scaling["high_freq_factor"] - scaling["low_freq_factor"])
+    medium = 1 / ((1 - smooth) / scaling["factor"] + smooth)
+    return np.where(wavelength < high_wavelength, 1.0,
+                    np.where(wavelength > low_wavelength, scaling["factor"], medium))
+
+
+def _open_reader(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
+    with path.open("rb") as file:
+        magic = file.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        return _FastReader(path)
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, struct.error) as error:
+        raise GGUFError(f"{path} is truncated or corrupt ({error})") from None
+
+
+def _hf_name(gguf_name: str, path: Path) -> str:
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem in _GLOBAL_TENSORS and suffix in ("weight", "bias"):
+        return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    if match and match[2] in _LAYER_TENSORS and suffix in ("weight", "bias"):
+        return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{suffix}"
+    raise GGUFError(f"{path.name} has a tensor hayate does not know: '{gguf_name}'")
+
+
+def _check_tensor_types(tensors: list[gguf.ReaderTensor], path: Path) -> None:
+    for ggml_type in {int(tensor.tensor_type) for tensor in tensors}:
+        if not can_dequantize(ggml_type):
+            raise GGUFError(f"{path.name} uses tensor type {QType(ggml_type).name}, which hayate cannot decode")

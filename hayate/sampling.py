@@ -1,0 +1,178 @@
+"""Per-request sampling parameters and the stop-string matcher for streamed text."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_range(name: str, value: object, low: float, high: float,
+                 low_open: bool = False) -> None:
+    """Raise ValueError naming `name` unless value is a finite number in [low, high]."""
+    if not _is_number(value) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        left = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {left}{low}, {high}], got {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens; validated on construction.
+
+    repetition_penalty is HF/CTRL style over prompt + generated ids (positive logits are
+    divided, negative multiplied); presence/frequency penalties are OpenAI style over the
+    generated ids only. logit_bias keys may be ints or decimal strings (as JSON sends them).
+    """
+    max_tokens: int = 256
+    temperature: float = 1.0          # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 or -1 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None       # chosen token's logprob plus this many top alternatives
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._check_lengths()
+        self._check_filters()
+        self._check_penalties()
+        self.stop = self._normalised_stop(self.stop)
+        self.stop_token_ids = self._normalised_stop_token_ids(self.stop_token_ids)
+        self.logit_bias = self._normalised_logit_bias(self.logit_bias)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if a token id in stop_token_ids or logit_bias is outside the vocabulary."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias)):
+            bad = [token_id for token_id in ids if token_id >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} has token id {bad[0]}, but the vocabulary has "
+                                 f"{vocab_size} tokens")
+
+    def _check_lengths(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, "
+                             f"got {self.logprobs!r}")
+
+    def _check_filters(self) -> None:
+        _check_range("temperature", self.temperature, 0.0, 100.0)
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= 1, or 0 / -1 to disable it, "
+                             f"got {self.top_k!r}")
+
+    def _check_penalties(self) -> None:
+        _check_range("repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+
+    @staticmethod
+    def _normalised_stop(stop: object) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+            raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop allows at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return list(stops)
+
+    @staticmethod
+    def _normalised_stop_token_ids(ids: object) -> list[int]:
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+            raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {ids!r}")
+        return list(ids)
+
+    @staticmethod
+    def _normalised_logit_bias(bias: object) -> dict[int, float]:
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}")
+        normalised: dict[int, float] = {}
+        for key, value in bias.items():
+            token_id = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+            if not _is_int(token_id) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {key!r}")
+            _check_range(f"logit_bias[{token_id}]", value, -100.0, 100.0)
+            normalised[token_id] = float(value)
+        return normalised
+
+
+class StopStringMatcher:
+    """Finds stop strings in one request's streamed text, across delta boundaries.
+
+    Text that could still be the start of a stop string is held back, so a stop string is
+    never partly streamed. When several stops occur, the one that completes first in the
+    text wins (ties: the one starting earlier), so the result does not depend on how the
+    text was split into deltas.
+    """
+
+    def __init__(self, stops: list[str], include_stop: bool = False) -> None:
+        if any(stop == "" for stop in stops):
+            raise ValueError("stop strings must not be empty")
+        self.stops = list(stops)
+        self.include_stop = include_stop
+        self.held = ""            # text received but not yet emitted
+        self.stopped = False
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Add a text delta; return (text safe to emit now, whether a stop string was hit)."""
+        if self.stopped:
+            return "", True
+        text = self.held + delta
+        match = self._first_match(text)
+        if match is not None:
+            start, stop = match
+            self.held, self.stopped = "", True
+            return text[:start] + (stop if self.include_stop else ""), True
+        keep_from = self._partial_start(text)
+        self.held = text[keep_from:]
+        return text[:keep_from], False
+
+    def flush(self) -> str:
+        """Release held-back text when the request ends for another reason."""
+        text, self.held = self.held, ""
+        return "" if self.stopped else text
+
+    def _first_match(self, text: str) -> tuple[int, str] | None:
+        best: tuple[int, int, str] | None = None   # (end, start, stop)
+        for stop in self.stops:
+            start = text.find(stop)
+            if start >= 0 and (best is None or (start + len(stop), start) < best[:2]):
+                best = (start + len(stop), start, stop)
+        return None if best is None else (best[1], best[2])
+
+    def _partial_start(self, text: str) -> int:
+        """Index where the longest tail of `text` that begins some stop string starts."""
+        longest = max((len(stop) for stop in self.stops), default=1)
+        for start in range(max(0, len(text) - longest + 1), len(text)):
+            tail = text[start:]
+            if any(stop.startswith(tail) for stop in self.stops):
+                return start
+        return len(text)

