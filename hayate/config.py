@@ -12,8 +12,10 @@ class EngineConfig:
     model: str | None = None          # .gguf file or Hugging Face folder; None = the default model
     threads: int | None = None        # torch intra-op threads; None = all cores
     max_model_len: int | None = None  # context length; None = min(model's, 4096)
-    max_num_seqs: int = 1             # KV-cache slots: sequences that can be in flight at once
+    max_num_seqs: int = 1             # sequences that can run at once (the batch)
     prefill_chunk: int = 512          # prompt tokens run per forward pass
+    block_size: int = 16              # tokens per KV-cache block
+    kv_cache_tokens: int | None = None  # KV-cache capacity shared by all requests; None = by memory
     weights: str = "auto"             # fp32 (dequantize at load) | packed (dequantize per layer) | auto
     show_progress: bool = False       # progress bar while loading
 
@@ -26,5 +28,9 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 16:
+            raise ValueError(f"kv_cache_tokens must be >= 16, got {self.kv_cache_tokens}")
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

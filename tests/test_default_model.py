@@ -80,7 +80,8 @@ def test_closing_a_stream_frees_its_slot(llm):
     next(stream)
     stream.close()
     assert not llm.engine.has_unfinished()
-    assert llm.engine.scheduler.num_free_slots == llm.config.max_num_seqs
+    blocks = llm.engine.scheduler.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks
 
 
 def test_packed_weights_give_the_same_tokens(llm):

@@ -26,12 +26,13 @@ def load_hayate(folder):
 
 
 def hayate_logits_by_turns(model, config) -> torch.Tensor:
-    cache = KVCache(config, num_slots=2, max_len=256)
+    cache = KVCache(config, num_blocks=8, block_size=4)
     cache.bind(model)
     logits, start = [], 0
+    block_table = [5, 2, 7, 0, 3, 1]  # scattered blocks: the paging must not matter
     with torch.inference_mode():
         for turn in TURNS:
-            meta = AttentionMetadata(slot_ids=[1], context_lens=[start], query_lens=[len(turn)])
+            meta = AttentionMetadata.build([block_table], [start], [len(turn)], block_size=4)
             hidden = model(torch.tensor(turn), meta.positions(), meta)
             logits.append(model.compute_logits(hidden))
             start += len(turn)

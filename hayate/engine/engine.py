@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import time
 
+import psutil
+
 from hayate.config import EngineConfig
+from hayate.engine.block_manager import BlockManager
+from hayate.engine.kv_cache import KVCache
 from hayate.engine.model_runner import ModelRunner
-from hayate.engine.request import RequestOutput, RequestStatus, RequestTimings, TokenLogprob
+from hayate.engine.request import EngineStats, RequestOutput, RequestStatus, RequestTimings, TokenLogprob
 from hayate.engine.scheduler import Scheduler
 from hayate.engine.sequence import Sequence
 from hayate.layers.sampler import SampleResult, SamplingState
@@ -18,15 +22,14 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
-        self.runner = ModelRunner(loaded.model, loaded.config, config.max_num_seqs, loaded.max_model_len)
-        self.scheduler = Scheduler(config.max_num_seqs, token_budget=config.prefill_chunk)
+        blocks = BlockManager(_kv_cache_blocks(config, loaded), config.block_size)
+        self.runner = ModelRunner(loaded.model, loaded.config, blocks.num_blocks, config.block_size)
+        self.scheduler = Scheduler(blocks, config.max_num_seqs, token_budget=config.prefill_chunk)
         self.sequences: dict[str, Sequence] = {}
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises ValueError (before any work) if it cannot fit."""
-        if request_id in self.sequences:
-            raise ValueError(f"request id {request_id!r} is already in use")
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if this request can never run here (reads only constants)."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -35,6 +38,12 @@ class Engine:
         if max(prompt_token_ids) >= self.runner.model.config.vocab_size or min(prompt_token_ids) < 0:
             raise ValueError("the prompt contains token ids outside the vocabulary")
         params.check_vocab(self.runner.model.config.vocab_size)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises ValueError (before any work) if it cannot run."""
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_request(prompt_token_ids, params)
         sequence = Sequence(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -46,10 +55,15 @@ class Engine:
         self.scheduler.add(sequence)
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request and free its KV slot now; unknown or finished ids are ignored."""
+        """Stop a request and free its KV blocks now; unknown or finished ids are ignored."""
         sequence = self.sequences.pop(request_id, None)
         if sequence is not None:
             self._finish(sequence, "abort")
+
+    def stats(self) -> EngineStats:
+        scheduler = self.scheduler
+        return EngineStats(num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+                           kv_cache_usage=scheduler.kv_cache_usage)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -59,6 +73,8 @@ class Engine:
         if batch.is_empty:
             return []
         now = time.perf_counter()
+        for preempted in batch.preempted:
+            preempted.status = RequestStatus.WAITING
         for scheduled in batch.sequences:
             scheduled.request.status = RequestStatus.RUNNING
             scheduled.request.timings.first_scheduled = scheduled.request.timings.first_scheduled or now
@@ -100,6 +116,19 @@ class Engine:
         sequence.timings.finished = time.perf_counter()
         self.scheduler.finish(sequence)
         self.sequences.pop(sequence.request_id, None)
+
+
+def _kv_cache_blocks(config: EngineConfig, loaded: LoadedModel) -> int:
+    """Blocks for config.kv_cache_tokens, or by default room for every sequence at full
+    length, capped at a fifth of memory but never below one full-length sequence."""
+    per_token = KVCache.bytes_per_token(loaded.config)
+    tokens = config.kv_cache_tokens
+    if tokens is None:
+        tokens = min(config.max_num_seqs * loaded.max_model_len, psutil.virtual_memory().total // 5 // per_token)
+    if tokens < loaded.max_model_len:
+        raise ValueError(f"the KV cache ({tokens} tokens) must hold at least one full context "
+                         f"({loaded.max_model_len} tokens)")
+    return -(-tokens // config.block_size)
 
 
 def _logprobs(result: SampleResult, row: int, state: SamplingState) -> list[TokenLogprob]:

@@ -1,4 +1,4 @@
-"""The KV cache: one tensor allocated at start-up; each attention layer gets a view."""
+"""The KV cache: one tensor allocated at start-up, in blocks; each attention layer gets a view."""
 from __future__ import annotations
 
 import torch
@@ -9,11 +9,11 @@ from hayate.models.config import ModelConfig
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, num_slots: int, max_len: int,
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.num_slots, self.max_len = num_slots, max_len
-        # [layers, k/v, slots, positions, kv_heads, head_dim]
-        self.storage = torch.zeros(config.num_hidden_layers, 2, num_slots, max_len,
+        self.num_blocks, self.block_size = num_blocks, block_size
+        # [layers, k/v, rows (= blocks * block_size), kv_heads, head_dim]
+        self.storage = torch.zeros(config.num_hidden_layers, 2, num_blocks * block_size,
                                    config.num_key_value_heads, config.head_dim,
                                    dtype=dtype, device=device)
 

@@ -12,9 +12,9 @@ from hayate.models.config import ModelConfig
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, config: ModelConfig, num_slots: int, max_len: int):
+    def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int):
         self.model = model
-        self.kv_cache = KVCache(config, num_slots, max_len)
+        self.kv_cache = KVCache(config, num_blocks, block_size)
         self.kv_cache.bind(model)
         self.sampler = Sampler()
 
@@ -23,13 +23,12 @@ class ModelRunner:
         """Run the batch; return the indices (into batch.sequences) that produced a token,
         and the sampled tokens for them, in that order."""
         sequences = batch.sequences
-        meta = AttentionMetadata(
-            slot_ids=[s.request.slot for s in sequences],
-            context_lens=[s.start for s in sequences],
-            query_lens=[s.num_tokens for s in sequences])
+        meta = AttentionMetadata.build(
+            [s.request.block_table for s in sequences], [s.start for s in sequences],
+            [s.num_tokens for s in sequences], self.kv_cache.block_size)
         input_ids = torch.tensor([t for s in sequences for t in s.request.token_ids(s.start, s.num_tokens)])
         hidden = self.model(input_ids, meta.positions(), meta)
-        # Only sequences whose prompt is complete after this step sample a token.
+        # Only sequences whose every token is now cached sample the next one.
         sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
         if not sampling:
             return [], None

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"      # queued, holds no KV slot
-    RUNNING = "running"      # holds a slot: prefilling or decoding
+    WAITING = "waiting"      # queued (or preempted), holds no KV blocks
+    RUNNING = "running"      # holds KV blocks: prefilling or decoding
     FINISHED = "finished"
 
 
@@ -47,3 +47,10 @@ class RequestOutput:
     num_output_tokens: int
     timings: RequestTimings
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float        # fraction of KV-cache capacity in use, 0..1

@@ -1,26 +1,26 @@
 """Which requests run in the next step, and how many tokens each (no torch here).
 
-Policy: every running request that has finished its prompt decodes one token; the
-remaining token budget goes to prompt chunks, oldest request first, so a long prompt is
-prefilled in chunks while running streams keep flowing. A waiting request starts only
-when a KV slot is free."""
+Policy: every running request with one token pending decodes it; the rest of the step's
+token budget goes to prompt chunks, oldest request first, so a long prompt is prefilled in
+chunks while running streams keep flowing. KV blocks are taken as sequences grow; when a
+decode finds the pool empty, the newest running request is preempted (its blocks freed,
+its tokens recomputed later)."""
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+from hayate.engine.block_manager import BlockManager
+
 
 class Schedulable(Protocol):
     request_id: str
-    slot: int | None
+    block_table: list[int]
     num_computed_tokens: int
 
     @property
     def num_tokens(self) -> int: ...          # prompt + generated tokens so far
-
-    @property
-    def is_prefilling(self) -> bool: ...
 
 
 @dataclass
@@ -33,6 +33,7 @@ class ScheduledSequence:
 @dataclass
 class SchedulerOutput:
     sequences: list[ScheduledSequence]
+    preempted: list[Schedulable]
 
     @property
     def is_empty(self) -> bool:
@@ -40,9 +41,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, token_budget: int):
-        self.free_slots = deque(range(num_slots))
-        self.token_budget = token_budget
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, token_budget: int):
+        self.blocks = blocks
+        self.max_num_seqs, self.token_budget = max_num_seqs, token_budget
         self.waiting: deque[Schedulable] = deque()
         self.running: list[Schedulable] = []
 
@@ -52,34 +53,68 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.blocks.usage
+
     def schedule(self) -> SchedulerOutput:
-        self._admit_waiting()
-        decoding = [r for r in self.running if not r.is_prefilling]
-        scheduled = [ScheduledSequence(r, r.num_computed_tokens, 1) for r in decoding]
+        preempted = self._reserve_decodes()
+        scheduled = [ScheduledSequence(r, r.num_computed_tokens, 1) for r in self.running if _pending(r) == 1]
         budget = max(self.token_budget - len(scheduled), 1)
         for request in self.running:
-            if budget <= 0 or not request.is_prefilling:
-                continue
-            chunk = min(budget, request.num_tokens - request.num_computed_tokens)
+            if budget > 0 and _pending(request) > 1:
+                chunk = self._chunk(request, budget)
+                if chunk:
+                    scheduled.append(ScheduledSequence(request, request.num_computed_tokens, chunk))
+                    budget -= chunk
+        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
+            chunk = self._chunk(self.waiting[0], budget)
+            if not chunk:
+                break
+            request = self.waiting.popleft()
+            self.running.append(request)
             scheduled.append(ScheduledSequence(request, request.num_computed_tokens, chunk))
             budget -= chunk
-        return SchedulerOutput(scheduled)
+        return SchedulerOutput(scheduled, preempted)
 
-    def _admit_waiting(self) -> None:
-        while self.waiting and self.free_slots:
-            request = self.waiting.popleft()
-            request.slot = self.free_slots.popleft()
-            self.running.append(request)
+    def _reserve_decodes(self) -> list[Schedulable]:
+        """Make room for every decoding request's next token, preempting the newest."""
+        preempted = []
+        for request in list(self.running):
+            if request not in self.running or _pending(request) != 1:
+                continue
+            while not self.blocks.grow(request.block_table, request.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+        return preempted
+
+    def _chunk(self, request: Schedulable, budget: int) -> int:
+        """Tokens of this prefill that fit the budget and the free blocks (0 if none)."""
+        chunk = min(budget, _pending(request))
+        free_tokens = (len(request.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size
+        chunk = min(chunk, free_tokens - request.num_computed_tokens)
+        if chunk <= 0:
+            return 0
+        self.blocks.grow(request.block_table, request.num_computed_tokens + chunk)
+        return chunk
+
+    def _preempt(self, request: Schedulable) -> None:
+        self.running.remove(request)
+        self.blocks.release(request.block_table)
+        request.num_computed_tokens = 0
+        self.waiting.appendleft(request)
 
     def finish(self, request: Schedulable) -> None:
-        """Release the request's slot (its KV space) at once; safe to call twice."""
+        """Free the request's KV blocks at once; safe to call twice."""
         if request in self.running:
             self.running.remove(request)
-            self.free_slots.append(request.slot)
-            request.slot = None
         elif request in self.waiting:
             self.waiting.remove(request)
+        self.blocks.release(request.block_table)
 
-    @property
-    def num_free_slots(self) -> int:
-        return len(self.free_slots)
+
+def _pending(request: Schedulable) -> int:
+    return request.num_tokens - request.num_computed_tokens

@@ -1,4 +1,4 @@
-"""One request inside the engine: its tokens, KV slot, sampling and text state."""
+"""One request inside the engine: its tokens, KV blocks, sampling and text state."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,7 +18,7 @@ class Sequence:
     stop_matcher: StopStringMatcher
     timings: RequestTimings
     status: RequestStatus = RequestStatus.WAITING
-    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)   # KV-cache blocks, in order
     num_computed_tokens: int = 0          # tokens whose keys/values are in the KV cache
     finish_reason: str | None = None
     emitted_text: list[str] = field(default_factory=list)
@@ -31,16 +31,12 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < len(self.prompt_token_ids)
-
     def token_ids(self, start: int, count: int) -> list[int]:
         """Tokens start .. start + count of prompt followed by output."""
-        prompt = self.prompt_token_ids
-        if start + count <= len(prompt):
-            return prompt[start:start + count]
-        return (prompt + self.output_token_ids)[start:start + count]
+        prompt, output = self.prompt_token_ids, self.output_token_ids
+        if start >= len(prompt):
+            return output[start - len(prompt):start - len(prompt) + count]
+        return (prompt + output)[start:start + count]
 
     @property
     def is_finished(self) -> bool:

@@ -1,4 +1,4 @@
-"""Causal attention over a preallocated KV cache, for a flat batch of sequences."""
+"""Causal attention over a paged KV cache, for a flat batch of sequences."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,10 +10,20 @@ from torch import nn
 
 @dataclass
 class AttentionMetadata:
-    """Where each sequence of a step lives: tokens are flat, sequence after sequence."""
-    slot_ids: list[int]        # KV-cache row of each sequence
-    context_lens: list[int]    # tokens already cached for each sequence before this step
-    query_lens: list[int]      # new tokens of each sequence in this step
+    """Where each sequence of a step lives: tokens are flat, sequence after sequence.
+    The cache is addressed by row: row = block * block_size + offset."""
+    context_lens: list[int]          # tokens already cached for each sequence before this step
+    query_lens: list[int]            # new tokens of each sequence in this step
+    slot_mapping: torch.Tensor       # [tokens] cache row to write each new token's key/value to
+    key_rows: list[torch.Tensor]     # per sequence: [context + new] cache rows of its keys, in order
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
+              block_size: int) -> "AttentionMetadata":
+        key_rows = [_rows(table, start + length, block_size)
+                    for table, start, length in zip(block_tables, context_lens, query_lens)]
+        slot_mapping = torch.cat([rows[start:] for rows, start in zip(key_rows, context_lens)])
+        return cls(list(context_lens), list(query_lens), slot_mapping, key_rows)
 
     @property
     def num_tokens(self) -> int:
@@ -29,10 +39,16 @@ class AttentionMetadata:
         return torch.tensor(self.query_lens).cumsum(0) - 1
 
 
+def _rows(block_table: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
+    positions = torch.arange(num_tokens)
+    return torch.tensor(block_table, dtype=torch.long)[positions // block_size] * block_size \
+        + positions % block_size
+
+
 class Attention(nn.Module):
     """Writes this step's keys/values into the cache, then attends each query to its prefix.
-    The cache views (k_cache, v_cache: [slots, max_len, kv_heads, head_dim]) are bound by
-    the KV cache at allocation time."""
+    The cache views (k_cache, v_cache: [rows, kv_heads, head_dim]) are bound by the KV
+    cache at allocation time."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -46,26 +62,24 @@ class Attention(nn.Module):
         """q [tokens, heads, head_dim], k/v [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
         if self.k_cache is None:
             raise RuntimeError("attention used before a KV cache was bound to the model")
+        self.k_cache.index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.index_copy_(0, meta.slot_mapping, v)
         outputs, offset = [], 0
-        for slot, start, length in zip(meta.slot_ids, meta.context_lens, meta.query_lens):
-            end = start + length
-            self.k_cache[slot, start:end] = k[offset:offset + length]
-            self.v_cache[slot, start:end] = v[offset:offset + length]
-            outputs.append(self._attend(q[offset:offset + length], slot, start, end))
+        for rows, start, length in zip(meta.key_rows, meta.context_lens, meta.query_lens):
+            outputs.append(self._attend(q[offset:offset + length], rows, start))
             offset += length
         return torch.cat(outputs).reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _attend(self, q: torch.Tensor, slot: int, start: int, end: int) -> torch.Tensor:
-        keys = self.k_cache[slot, :end].transpose(0, 1)      # [kv_heads, end, head_dim]
-        values = self.v_cache[slot, :end].transpose(0, 1)
-        query = q.transpose(0, 1)                            # [heads, length, head_dim]
+    def _attend(self, q: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
+        keys = self.k_cache.index_select(0, rows).transpose(0, 1)    # [kv_heads, end, head_dim]
+        values = self.v_cache.index_select(0, rows).transpose(0, 1)
+        query = q.transpose(0, 1)                                    # [heads, length, head_dim]
         mask = None
         if query.shape[1] > 1 and start > 0:
             # Query i sits at position start + i and sees keys 0 .. start + i.
-            key_pos = torch.arange(end, device=q.device)
-            query_pos = torch.arange(start, end, device=q.device)
-            mask = key_pos[None, :] <= query_pos[:, None]
+            end = rows.shape[0]
+            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, scale=self.scale,
             is_causal=mask is None and query.shape[1] > 1, enable_gqa=True)
-        return out.transpose(0, 1)                           # [length, heads, head_dim]
+        return out.transpose(0, 1)                                   # [length, heads, head_dim]

@@ -1,0 +1,171 @@
+"""AsyncEngine: the engine loop in its own thread, one asyncio stream of outputs per request.
+
+The loop thread owns the Engine: requests and aborts reach it through a command queue,
+outputs go back to the event loop with call_soon_threadsafe, so the event loop never waits
+on a model step."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from hayate.engine.engine import Engine
+from hayate.engine.request import EngineStats, RequestOutput
+from hayate.sampling import SamplingParams
+
+log = logging.getLogger("hayate.engine")
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an unexpected error; no request can be served."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_queue: int = 256):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Add] = {}     # owned by the loop thread
+        self._pending_adds = 0                   # requests queued but not yet in the engine
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self.error: BaseException | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="hayate-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Abort what is in flight, stop the loop thread and wait for it."""
+        self._stopping.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    # ---- requests ----------------------------------------------------------------------
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if the request can never run (safe from any thread)."""
+        self.engine.validate_request(prompt_token_ids, params)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as the engine makes them. Leaving the iteration early
+        (client gone, task cancelled) aborts the request and frees its KV space."""
+        stream = self._submit(request_id, prompt_token_ids, params)
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    def _submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running ({self.error or 'stopped'})")
+        self.validate(prompt_token_ids, params)
+        with self._lock:
+            if self._pending_adds + self.stats().num_waiting >= self.max_queue:
+                raise QueueFullError(f"{self.max_queue} requests are already waiting")
+            self._pending_adds += 1
+        stream: asyncio.Queue = asyncio.Queue()
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, stream, asyncio.get_running_loop()))
+        return stream
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    # ---- the loop thread -------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._apply_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished() and not self._stopping.is_set():
+                    self._deliver(self.engine.step())
+        except Exception as error:  # a bug or resource failure: fail every stream, go unhealthy
+            log.exception("engine loop failed")
+            self.error = error
+        finally:
+            self._abort_all(self.error or EngineDeadError("the server is shutting down"))
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:
+            if isinstance(command, _Add):
+                self._add(command)
+            elif isinstance(command, _Abort):
+                self.engine.abort_request(command.request_id)
+                self._streams.pop(command.request_id, None)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                command = None
+
+    def _add(self, command: _Add) -> None:
+        with self._lock:
+            self._pending_adds -= 1
+        try:
+            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+        except ValueError as error:
+            command.loop.call_soon_threadsafe(command.stream.put_nowait, error)
+            return
+        self._streams[command.request_id] = command
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            target = self._streams.get(output.request_id)
+            if target is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            target.loop.call_soon_threadsafe(target.stream.put_nowait, output)
+
+    def _abort_all(self, reason: BaseException) -> None:
+        for request_id, target in list(self._streams.items()):
+            self.engine.abort_request(request_id)
+            target.loop.call_soon_threadsafe(target.stream.put_nowait, reason)
+        self._streams.clear()

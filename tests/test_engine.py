@@ -1,0 +1,97 @@
+"""The engine core on a tiny random model: batching, chunked prefill, preemption and
+aborts must never change a request's tokens, and must give every KV block back."""
+from __future__ import annotations
+
+import pytest
+
+from hayate.llm import LLM
+from hayate.sampling import SamplingParams
+from tiny_models import make_tiny_model
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama", folder)
+    return str(folder)
+
+
+def prompts(count: int, length: int = 12) -> list[list[int]]:
+    return [[(7 * i + 3 * j) % 250 for j in range(length + i % 5)] for i in range(count)]
+
+
+def alone(model_folder, batch, params=GREEDY):
+    llm = LLM(model_folder, max_num_seqs=1)
+    return [llm.generate(prompt, params).token_ids for prompt in batch]
+
+
+def assert_all_blocks_free(llm: LLM) -> None:
+    blocks = llm.engine.scheduler.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks
+    assert not llm.engine.has_unfinished()
+
+
+def test_batched_equals_alone(model_folder):
+    batch = prompts(16)
+    llm = LLM(model_folder, max_num_seqs=16)
+    results = llm.generate(batch, GREEDY)
+    assert [r.token_ids for r in results] == alone(model_folder, batch)
+    assert_all_blocks_free(llm)
+
+
+def test_seeded_sampling_is_batch_invariant(model_folder):
+    batch = prompts(6)
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+    llm = LLM(model_folder, max_num_seqs=6)
+    assert [r.token_ids for r in llm.generate(batch, params)] == alone(model_folder, batch, params)
+
+
+def test_chunked_prefill_of_a_long_prompt_beside_running_streams(model_folder):
+    batch = prompts(3) + [list(range(3, 200))]
+    llm = LLM(model_folder, max_num_seqs=4, prefill_chunk=16)
+    results = llm.generate(batch, GREEDY)
+    assert [r.token_ids for r in results] == alone(model_folder, batch)
+
+
+def test_preemption_when_kv_cache_runs_out(model_folder):
+    """Room for one full context only: requests are preempted and recomputed."""
+    batch = prompts(6, length=40)
+    llm = LLM(model_folder, max_num_seqs=6, max_model_len=128, kv_cache_tokens=128, block_size=8)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    results = llm.generate(batch, params)
+    assert [r.token_ids for r in results] == alone(model_folder, batch, params)
+    assert_all_blocks_free(llm)
+
+
+def test_abort_frees_blocks_and_spares_others(model_folder):
+    llm = LLM(model_folder, max_num_seqs=4)
+    kept = llm.stream(prompts(1)[0], GREEDY)
+    doomed = llm.stream(prompts(2)[1], SamplingParams(max_tokens=200, ignore_eos=True))
+    next(doomed)
+    doomed.close()
+    assert [t for o in kept for t in o.token_ids] == alone(model_folder, prompts(1))[0]
+    assert_all_blocks_free(llm)
+
+
+def test_finish_reasons_and_limits(model_folder):
+    llm = LLM(model_folder, max_model_len=64)
+    assert llm.generate(prompts(1)[0], SamplingParams(max_tokens=5, ignore_eos=True)).finish_reason == "length"
+    long = llm.generate(list(range(60)), SamplingParams(max_tokens=100, ignore_eos=True, temperature=0))
+    assert long.finish_reason == "length" and len(long.token_ids) == 4  # the context is full
+    with pytest.raises(ValueError, match="context"):
+        llm.generate(list(range(64)), GREEDY)
+    first = alone(model_folder, prompts(1))[0][0]
+    stopped = llm.generate(prompts(1)[0], SamplingParams(temperature=0, stop_token_ids=[first]))
+    assert stopped.finish_reason == "stop" and stopped.token_ids == [first]
+
+
+def test_stop_string_truncates_text(model_folder):
+    llm = LLM(model_folder)
+    full = llm.generate(prompts(1)[0], GREEDY)
+    # The first spot (past the start) whose two characters occur nowhere earlier.
+    cut = next(k for k in range(2, len(full.text) - 1) if full.text.find(full.text[k:k + 2]) == k)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[full.text[cut:cut + 2]])
+    result = llm.generate(prompts(1)[0], params)
+    assert result.finish_reason == "stop" and result.text == full.text[:cut]
