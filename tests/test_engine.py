@@ -62,6 +62,7 @@ def test_preemption_when_kv_cache_runs_out(model_folder):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     results = llm.generate(batch, params)
     assert [r.token_ids for r in results] == alone(model_folder, batch, params)
+    assert llm.engine.scheduler.num_preemptions > 0
     assert_all_blocks_free(llm)
 
 

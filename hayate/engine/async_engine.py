@@ -86,6 +86,18 @@ class AsyncEngine:
         """Outputs of one request as the engine makes them. Leaving the iteration early
         (client gone, task cancelled) aborts the request and frees its KV space."""
         stream = self._submit(request_id, prompt_token_ids, params)
+        async for output in self._outputs(request_id, stream):
+            yield output
+
+    def submit(self, request_id: str, prompt_token_ids: list[int],
+               params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Queue the request now (QueueFullError, EngineDeadError and ValueError raise here,
+        so a server can still answer with an error status) and return its outputs. The caller
+        must iterate them to the end or call abort(): an iterator never started cannot abort."""
+        stream = self._submit(request_id, prompt_token_ids, params)
+        return self._outputs(request_id, stream)
+
+    async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:

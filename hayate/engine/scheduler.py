@@ -46,6 +46,7 @@ class Scheduler:
         self.max_num_seqs, self.token_budget = max_num_seqs, token_budget
         self.waiting: deque[Schedulable] = deque()
         self.running: list[Schedulable] = []
+        self.num_preemptions = 0
 
     def add(self, request: Schedulable) -> None:
         self.waiting.append(request)
@@ -67,7 +68,8 @@ class Scheduler:
                 if chunk:
                     scheduled.append(ScheduledSequence(request, request.num_computed_tokens, chunk))
                     budget -= chunk
-        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
+        # After a preemption memory is short: admitting now would only thrash.
+        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs and not preempted:
             chunk = self._chunk(self.waiting[0], budget)
             if not chunk:
                 break
@@ -102,6 +104,7 @@ class Scheduler:
         return chunk
 
     def _preempt(self, request: Schedulable) -> None:
+        self.num_preemptions += 1
         self.running.remove(request)
         self.blocks.release(request.block_table)
         request.num_computed_tokens = 0
