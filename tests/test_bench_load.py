@@ -219,3 +219,24 @@ def test_unreachable_url_exits_2(capsys):
 def test_bad_concurrency_is_a_usage_error(capsys):
     assert load.main(["--url", "http://127.0.0.1:1/v1", "--concurrency", "0,2"]) == 2
     assert "--concurrency" in capsys.readouterr().err
+
+
+def test_serve_compare_table_shows_ratios_and_failures(monkeypatch):
+    monkeypatch.syspath_prepend(str(LOAD_PATH.parent))  # serve_compare imports load from its folder
+    compare_path = LOAD_PATH.parent / "serve_compare.py"
+    spec = importlib.util.spec_from_file_location("bench_serve_compare", compare_path)
+    compare = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_serve_compare", compare)
+    spec.loader.exec_module(compare)
+
+    def report(tokens_per_s: float, itl_p50: float) -> dict:
+        spread = {"p50": itl_p50, "p90": itl_p50, "p99": 2 * itl_p50}
+        return {"levels": [{"concurrency": 1, "output_tokens_per_s": tokens_per_s, "errors": 0,
+                            "ttft_ms": spread, "itl_ms": spread}]}
+
+    rows = compare.compare_rows({"llama.cpp": report(80.0, 12.0), "hayate": report(40.0, 24.0)})
+    ratios = {row[1]: row[-1] for row in rows}  # metric -> hayate / llama.cpp
+    assert ratios == {"out tok/s": "0.50", "TTFT p50 ms": "2.00", "ITL p50 ms": "2.00",
+                      "ITL p99 ms": "2.00", "errors": "-"}
+    failed = compare.compare_table({"llama.cpp": report(80.0, 12.0)}, {"hayate": "no serve command"})
+    assert "hayate: FAILED: no serve command" in failed

