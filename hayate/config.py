@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-WEIGHT_MODES = ("auto", "fp32", "packed")
+WEIGHT_MODES = ("auto", "fp32", "packed", "int4-bf16")
 
 
 @dataclass
@@ -16,7 +16,9 @@ class EngineConfig:
     prefill_chunk: int = 512          # prompt tokens run per forward pass
     block_size: int = 16              # tokens per KV-cache block
     kv_cache_tokens: int | None = None  # KV-cache capacity shared by all requests; None = by memory
-    weights: str = "auto"             # fp32 (dequantize at load) | packed (dequantize per layer) | auto
+    # fp32: dequantize at load (exact) | packed: dequantize per layer (exact, for big models)
+    # | int4-bf16: packed int4 kernels with bf16 activations (fast, lossy) | auto: fp32 or packed
+    weights: str = "auto"
     show_progress: bool = False       # progress bar while loading
 
     def __post_init__(self) -> None:

@@ -85,9 +85,12 @@ class AsyncEngine:
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine makes them. Leaving the iteration early
         (client gone, task cancelled) aborts the request and frees its KV space."""
-        stream = self._submit(request_id, prompt_token_ids, params)
-        async for output in self._outputs(request_id, stream):
-            yield output
+        outputs = self._outputs(request_id, self._submit(request_id, prompt_token_ids, params))
+        try:
+            async for output in outputs:
+                yield output
+        finally:
+            await outputs.aclose()   # so an early exit reaches _outputs' abort at once
 
     def submit(self, request_id: str, prompt_token_ids: list[int],
                params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -163,7 +166,7 @@ class AsyncEngine:
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
         except ValueError as error:
-            command.loop.call_soon_threadsafe(command.stream.put_nowait, error)
+            self._send(command, error)
             return
         self._streams[command.request_id] = command
 
@@ -174,10 +177,19 @@ class AsyncEngine:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            target.loop.call_soon_threadsafe(target.stream.put_nowait, output)
+            self._send(target, output)
+
+    def _send(self, target: _Add, item: RequestOutput | BaseException) -> None:
+        """Hand an item to the requester's event loop; if that loop is gone, drop the request
+        rather than the engine."""
+        try:
+            target.loop.call_soon_threadsafe(target.stream.put_nowait, item)
+        except RuntimeError:  # the loop was closed
+            self.engine.abort_request(target.request_id)
+            self._streams.pop(target.request_id, None)
 
     def _abort_all(self, reason: BaseException) -> None:
         for request_id, target in list(self._streams.items()):
             self.engine.abort_request(request_id)
-            target.loop.call_soon_threadsafe(target.stream.put_nowait, reason)
+            self._send(target, reason)
         self._streams.clear()

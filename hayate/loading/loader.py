@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from hayate.config import EngineConfig
+from hayate.layers.fast_linear import convert_to_fast
 from hayate.loading.chat_template import ChatTemplate
 from hayate.loading.gguf import GGUFModelFile
 from hayate.loading.progress import track
@@ -61,6 +62,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     with torch.no_grad():
         model.load_weights(track(weights, total=len(source), description=f"loading {path.name}",
                                  enabled=config.show_progress))
+    if config.weights == "int4-bf16":
+        convert_to_fast(model)
     tokenizer = _tokenizer(source, path)
     template = tokenizer.chat_template
     chat_template = ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token) if template else None
@@ -103,7 +106,7 @@ def _build(model_config: ModelConfig, max_len: int) -> nn.Module:
 
 def _keep_packed(mode: str, dequantized_nbytes: int) -> bool:
     if mode != "auto":
-        return mode == "packed"
+        return mode in ("packed", "int4-bf16")
     # fp32 is the exact reference; keep bytes packed once it would crowd memory.
     return dequantized_nbytes > psutil.virtual_memory().total // 4
 

@@ -1,0 +1,88 @@
+"""What one step of a model costs: bytes moved and FLOPs, layer by layer.
+
+Counts come from the built model itself (the bytes each linear layer really holds, in
+whatever form it runs: fp32, bf16, GGUF blocks, packed int4), so the plan follows the
+weights the engine will actually read."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from hayate.models.config import ModelConfig
+
+
+@dataclass
+class CostRow:
+    name: str
+    bytes: int       # bytes read and written
+    flops: int
+
+
+@dataclass
+class StepCost:
+    rows: list[CostRow]
+    tokens: int      # tokens the step produces or consumes
+
+    @property
+    def bytes(self) -> int:
+        return sum(row.bytes for row in self.rows)
+
+    @property
+    def flops(self) -> int:
+        return sum(row.flops for row in self.rows)
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's own tensors (parameters and buffers, each counted once)."""
+    tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every leaf module that multiplies by a weight matrix (nn.Linear or a packed twin)."""
+    return {name: m for name, m in model.named_modules()
+            if hasattr(m, "in_features") and hasattr(m, "out_features") and not list(m.children())}
+
+
+def _attention_cost(config: ModelConfig, queries: int, keys: int, kv_bytes: int) -> CostRow:
+    """QK^T and PV for `queries` tokens over `keys` cached positions, all layers."""
+    per_layer_flops = 4 * queries * keys * config.num_attention_heads * config.head_dim
+    kv_read = 2 * keys * config.num_key_value_heads * config.head_dim * kv_bytes
+    kv_write = 2 * queries * config.num_key_value_heads * config.head_dim * kv_bytes
+    layers = config.num_hidden_layers
+    return CostRow("attention (KV cache)", layers * (kv_read + kv_write), layers * per_layer_flops)
+
+
+def decode_cost(model: nn.Module, config: ModelConfig, batch: int, context: int,
+                kv_bytes: int = 4) -> StepCost:
+    """One decode step: `batch` sequences, each at `context` cached tokens."""
+    rows = [CostRow(name, module_bytes(m), 2 * batch * m.in_features * m.out_features)
+            for name, m in _linears(model).items()]
+    rows.append(CostRow("embedding rows", batch * config.hidden_size * 4, 0))
+    attention = _attention_cost(config, 1, context, kv_bytes)
+    rows.append(CostRow(attention.name, batch * attention.bytes, batch * attention.flops))
+    return StepCost(rows, batch)
+
+
+def prefill_cost(model: nn.Module, config: ModelConfig, prompt_len: int, chunk: int,
+                 kv_bytes: int = 4) -> StepCost:
+    """A whole prompt, run in chunks of `chunk` tokens: weights are read once per chunk."""
+    chunks = -(-prompt_len // chunk)
+    rows = [CostRow(name, chunks * module_bytes(m), 2 * prompt_len * m.in_features * m.out_features)
+            for name, m in _linears(model).items()]
+    # Causal attention: on average each query sees half the prompt.
+    attention = _attention_cost(config, prompt_len, max(prompt_len // 2, 1), kv_bytes)
+    rows.append(attention)
+    return StepCost(rows, prompt_len)
+
+
+def group_rows(cost: StepCost) -> list[CostRow]:
+    """Per-layer rows folded by kind (q_proj of every layer -> one row), largest first."""
+    groups: dict[str, CostRow] = {}
+    for row in cost.rows:
+        key = row.name.split(".")[-1] if ".layers." in row.name else row.name
+        group = groups.setdefault(key, CostRow(key, 0, 0))
+        group.bytes += row.bytes
+        group.flops += row.flops
+    return sorted(groups.values(), key=lambda row: -row.bytes)

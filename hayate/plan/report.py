@@ -1,0 +1,74 @@
+"""hayate plan: the cost of one step of the model, and the fastest this machine could run it."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from hayate.config import WEIGHT_MODES, EngineConfig
+from hayate.loading.loader import load_model
+from hayate.plan.cost import StepCost, decode_cost, group_rows, prefill_cost
+from hayate.plan.hardware import HardwareProfile, datasheet_profiles, probe_cpu
+
+PROMPT_LENGTHS = (32, 512, 2048)
+
+
+@dataclass
+class Prediction:
+    decode_tokens_per_second: float
+    decode_step_seconds: float
+    time_to_first_token: dict[int, float]   # prompt length -> seconds
+
+
+def predict(model, config, hardware: HardwareProfile, context: int, prefill_chunk: int) -> Prediction:
+    step = decode_cost(model, config, batch=1, context=context)
+    seconds = hardware.floor_seconds(step.bytes, step.flops)
+    ttft = {}
+    for length in PROMPT_LENGTHS:
+        prefill = prefill_cost(model, config, length, prefill_chunk)
+        ttft[length] = hardware.floor_seconds(prefill.bytes, prefill.flops)
+    return Prediction(1 / seconds, seconds, ttft)
+
+
+def cost_table(cost: StepCost, hardware: HardwareProfile) -> Table:
+    table = Table(title=f"one decode step at batch 1 on {hardware.name}")
+    for column in ("part", "MB moved", "MFLOP", "floor ms", "share"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    total = hardware.floor_seconds(cost.bytes, cost.flops)
+    for row in group_rows(cost):
+        seconds = hardware.floor_seconds(row.bytes, row.flops)
+        table.add_row(row.name, f"{row.bytes / 1e6:.2f}", f"{row.flops / 1e6:.1f}",
+                      f"{seconds * 1e3:.3f}", f"{seconds / total:.0%}")
+    table.add_row("total", f"{cost.bytes / 1e6:.2f}", f"{cost.flops / 1e6:.1f}", f"{total * 1e3:.3f}", "100%")
+    return table
+
+
+def add_plan_parser(commands) -> None:
+    plan = commands.add_parser("plan", help="bytes, FLOPs and the fastest this machine could run the model")
+    plan.add_argument("--model", help="a .gguf file or a Hugging Face folder (default: the default model)")
+    plan.add_argument("--threads", type=int, help="CPU threads for the probe (default: all cores)")
+    plan.add_argument("--context", type=int, default=512, help="cached tokens per decode step (512)")
+    plan.add_argument("--weights", choices=WEIGHT_MODES, default="auto")
+    plan.add_argument("--hardware", choices=["probe", *datasheet_profiles()], default="probe",
+                      help="measure this CPU (default) or use a GPU datasheet profile")
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    config = EngineConfig(model=args.model, threads=args.threads, weights=args.weights, show_progress=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    loaded = load_model(config)
+    hardware = probe_cpu(config.threads) if args.hardware == "probe" else datasheet_profiles()[args.hardware]
+    console = Console()
+    console.print(f"{loaded.path.name}: {loaded.config.model_type}, {loaded.config.num_hidden_layers} layers; "
+                  f"{hardware.name}: {hardware.bandwidth / 1e9:.1f} GB/s read, {hardware.flops / 1e9:.0f} GFLOP/s")
+    console.print(cost_table(decode_cost(loaded.model, loaded.config, 1, args.context), hardware))
+    prediction = predict(loaded.model, loaded.config, hardware, args.context, config.prefill_chunk)
+    console.print(f"floor: {prediction.decode_tokens_per_second:.0f} tokens/s decode at batch 1 "
+                  f"({prediction.decode_step_seconds * 1e3:.2f} ms a token)")
+    for length, seconds in prediction.time_to_first_token.items():
+        console.print(f"floor: time to first token for a {length}-token prompt: {seconds * 1e3:.1f} ms")
+    return 0

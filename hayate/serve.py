@@ -1,0 +1,108 @@
+"""hayate serve: the OpenAI / GroqCloud-compatible HTTP server, from the command line."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+from functools import partial
+from pathlib import Path
+
+from hayate.config import WEIGHT_MODES, EngineConfig
+
+log = logging.getLogger("hayate.server")
+API_KEY_ENV = "HAYATE_API_KEY"
+
+
+class ServeError(ValueError):
+    """The server could not start (the model failed to load); printed as one line."""
+
+
+def add_serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="OpenAI/GroqCloud-compatible HTTP server",
+                                description="Serve the model over HTTP; OpenAI clients talk to "
+                                            "http://HOST:PORT/v1 unchanged. API docs at /docs.")
+    serve.add_argument("--model", help="a .gguf file or a Hugging Face folder (default: SmolLM2-135M-Instruct Q4_1)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", action="append", default=[],
+                       help=f"accepted API key (repeatable; also ${API_KEY_ENV}); none: no authentication")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests that may wait for a batch slot; beyond it: 429 (default 256)")
+    serve.add_argument("--max-model-len", type=int, help="context length (default: min(model's, 4096))")
+    serve.add_argument("--max-n", type=int, default=8, help="most choices (n) per request (default 8)")
+    serve.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    serve.add_argument("--kv-cache-tokens", type=int,
+                       help="KV-cache capacity shared by all requests, in tokens (default: by memory)")
+    serve.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
+                       help="how GGUF weights are kept (see `hayate run --help`; default auto)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM, seconds in-flight requests get to finish before being aborted")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from hayate.server import ServerSettings, create_app
+
+    _check_options(args)
+    settings = ServerSettings(api_keys=api_keys(args), max_n=args.max_n)
+    config = EngineConfig(model=args.model, threads=args.threads, max_model_len=args.max_model_len,
+                          max_num_seqs=args.max_batch, kv_cache_tokens=args.kv_cache_tokens,
+                          weights=args.weights)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    failures: list[str] = []
+
+    def on_load_error(message: str) -> None:
+        failures.append(message)
+        server.should_exit = True
+
+    app = create_app(settings, partial(load_model, config, args.max_queue), on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    with _sigterm_exits_cleanly():
+        server.run()
+    if failures:
+        raise ServeError(f"could not load the model: {failures[0]}")
+    return 0
+
+
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(args.api_key) + ([os.environ[API_KEY_ENV]] if os.environ.get(API_KEY_ENV) else [])
+    return tuple(dict.fromkeys(keys))
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if args.model is not None and not Path(args.model).exists():
+        raise ValueError(f"no such file or folder: {args.model}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"port must be between 0 and 65535, got {args.port}")
+    if args.max_batch < 1:
+        raise ValueError(f"max-batch must be >= 1, got {args.max_batch}")
+    if args.max_queue < 1:
+        raise ValueError(f"max-queue must be >= 1, got {args.max_queue}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+
+
+def load_model(config: EngineConfig, max_queue: int):
+    from hayate.llm import LLM
+    from hayate.server import ServedModel
+
+    log.info("loading %s", config.model or "the default model")
+    return ServedModel.from_llm(LLM(config=config), max_queue)
+
+
+@contextlib.contextmanager
+def _sigterm_exits_cleanly():
+    """uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the previous
+    handler in place; a no-op handler there makes that a clean exit (status 0)."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

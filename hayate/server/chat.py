@@ -1,0 +1,130 @@
+"""POST /v1/chat/completions: messages through the model's chat template, answered whole or
+streamed as chat.completion.chunk events."""
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from hayate.engine.request import RequestOutput
+from hayate.loading.chat_template import ChatTemplateError
+from hayate.server.errors import ERROR_RESPONSES, APIError
+from hayate.server.generation import ChoiceRun, ChoiceState, choice_specs
+from hayate.server.protocol import ChatCompletionRequest, ChatMessage
+from hayate.server.logprobs import chat_logprobs
+from hayate.server.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+                                     ChatCompletionChunk, ChatDelta, ResponseMeta, XGroq, json_response)
+from hayate.server.state import ServedModel, ServerSettings, ServerState, server_state
+from hayate.server.streaming import EventStream, sse, until_disconnected
+
+router = APIRouter(tags=["chat"])
+IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES,
+             summary="Chat completion (streaming with stream=true)")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 state: ServerState = Depends(server_state)) -> Response:
+    model = state.require_model(body.model)
+    check_chat_request(body, state.settings)
+    prompt_ids = await asyncio.to_thread(encode_messages, model, body.messages)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    specs = choice_specs(body, model, [prompt_ids], logprobs, prompt_param="messages")
+    meta = ResponseMeta.new("chatcmpl", model.name)
+    run = ChoiceRun(model, state.metrics, meta.id, specs)
+    if body.stream:
+        return EventStream(sse(chat_chunks(run, meta, body, model)), on_close=run.abort)
+    try:
+        await until_disconnected(request, run.collect())
+    finally:
+        run.abort()
+    return json_response(chat_completion(run, meta, body, model, prompt_ids))
+
+
+def check_chat_request(body: ChatCompletionRequest, settings: ServerSettings) -> None:
+    """Refuse, in one clear line, what hayate cannot do yet rather than silently ignore it."""
+    if body.n > settings.max_n:
+        raise APIError(400, f"n must be at most {settings.max_n}, got {body.n}", param="n")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+    if body.tools or body.functions:
+        raise APIError(400, "tools are not supported yet", param="tools")
+    if body.tool_choice not in (None, "none", "auto"):
+        raise APIError(400, "tool_choice is not supported yet", param="tool_choice")
+    if body.response_format is not None and body.response_format.get("type", "text") != "text":
+        raise APIError(400, "response_format other than text is not supported yet", param="response_format")
+
+
+def encode_messages(model: ServedModel, messages: list[ChatMessage]) -> list[int]:
+    """Prompt token ids for the conversation, ending with the assistant's turn."""
+    conversation = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": _message_text(m, index)} for index, m in enumerate(messages)]
+    try:
+        text = model.chat_template.render(conversation, add_generation_prompt=True)
+    except ChatTemplateError as error:
+        raise APIError(400, str(error), param="messages") from None
+    # The template writes its own special tokens (BOS included).
+    return model.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _message_text(message: ChatMessage, index: int) -> str:
+    if message.tool_calls:
+        raise APIError(400, "tool calls are not supported yet", param=f"messages[{index}].tool_calls")
+    if isinstance(message.content, str):
+        return message.content
+    if message.content is None:
+        if message.role == "assistant":
+            return ""
+        raise APIError(400, f"a {message.role} message needs content", param=f"messages[{index}].content")
+    texts = []
+    for part_index, part in enumerate(message.content):
+        param = f"messages[{index}].content[{part_index}]"
+        if part.type in IMAGE_PART_TYPES:
+            raise APIError(400, "this model does not accept images", param=param, code="image_not_supported")
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"content parts must be text parts, got type {part.type!r}", param=param)
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def chat_completion(run: ChoiceRun, meta: ResponseMeta, body: ChatCompletionRequest,
+                    model: ServedModel, prompt_ids: list[int]) -> ChatCompletion:
+    choices = [ChatChoice(index=choice.spec.index, message=AssistantMessage(content="".join(choice.text)),
+                          logprobs=chat_logprobs(model.tokenizer, choice.logprobs) if body.logprobs else None,
+                          finish_reason=choice.finish_reason,
+                          token_ids=choice.token_ids if body.return_token_ids else None)
+               for choice in run.choices]
+    return ChatCompletion(**meta.fields(), choices=choices, usage=run.usage(), x_groq=XGroq(id=meta.id),
+                          prompt_token_ids=prompt_ids if body.return_token_ids else None)
+
+
+async def chat_chunks(run: ChoiceRun, meta: ResponseMeta, body: ChatCompletionRequest,
+                      model: ServedModel) -> AsyncIterator[ChatCompletionChunk]:
+    """A role chunk per choice, content chunks as tokens come, a finish chunk per choice, and
+    (with include_usage) a usage chunk; usage also rides on the last chunk under x_groq."""
+    opening = [ChatChunkChoice(index=c.spec.index, delta=ChatDelta(role="assistant", content=""))
+               for c in run.choices]
+    yield ChatCompletionChunk(**meta.fields(), choices=opening, x_groq=XGroq(id=meta.id))
+    async with aclosing(run.events()) as events:
+        async for choice, output in events:
+            if output.text or (output.token_ids and (body.logprobs or body.return_token_ids)):
+                yield ChatCompletionChunk(**meta.fields(), choices=[_content_choice(choice, output, body, model)])
+            if output.finished:
+                final = run.done and not body.include_usage
+                yield ChatCompletionChunk(
+                    **meta.fields(), x_groq=XGroq(id=meta.id, usage=run.usage()) if final else None,
+                    choices=[ChatChunkChoice(index=choice.spec.index, delta=ChatDelta(),
+                                             finish_reason=output.finish_reason)])
+    if body.include_usage:
+        usage = run.usage()
+        yield ChatCompletionChunk(**meta.fields(), choices=[], usage=usage, x_groq=XGroq(id=meta.id, usage=usage))
+
+
+def _content_choice(choice: ChoiceState, output: RequestOutput, body: ChatCompletionRequest,
+                    model: ServedModel) -> ChatChunkChoice:
+    return ChatChunkChoice(index=choice.spec.index, delta=ChatDelta(content=output.text),
+                           logprobs=chat_logprobs(model.tokenizer, output.logprobs) if body.logprobs else None,
+                           token_ids=output.token_ids if body.return_token_ids else None)

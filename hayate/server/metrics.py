@@ -1,0 +1,94 @@
+"""Prometheus metrics for GET /metrics, in a registry of the app's own (tests and embedders can
+run several apps in one process without their counters mixing)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from hayate.engine.request import EngineStats, RequestOutput
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+                    1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
+                      0.3, 0.5, 0.75, 1.0, 2.5)
+_REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.time_to_first_token = self._histogram(
+            "hayate_time_to_first_token_seconds", "From arrival to the first generated token.", _LATENCY_BUCKETS)
+        self.inter_token_latency = self._histogram(
+            "hayate_inter_token_latency_seconds", "Between successive tokens of one request.", _TOKEN_GAP_BUCKETS)
+        self.e2e_latency = self._histogram(
+            "hayate_e2e_request_latency_seconds", "From arrival to the last token.", _REQUEST_BUCKETS)
+        self.queue_time = self._histogram(
+            "hayate_request_queue_time_seconds", "From arrival to the first scheduled step.", _REQUEST_BUCKETS)
+        self.prompt_tokens = Counter("hayate_prompt_tokens", "Prompt tokens of accepted requests.",
+                                     registry=self.registry)
+        self.generation_tokens = Counter("hayate_generation_tokens", "Tokens generated.",
+                                         registry=self.registry)
+        self.requests = Counter("hayate_requests", "Engine requests ended, by finish reason.",
+                                ["finish_reason"], registry=self.registry)
+
+    def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(name, documentation, buckets=buckets, registry=self.registry)
+
+    def watch(self, stats: Callable[[], EngineStats | None]) -> None:
+        """Gauges read from the engine at scrape time (0 while no engine is loaded)."""
+        for name, field, documentation in (
+                ("hayate_num_running_requests", "num_running", "Requests holding a batch slot."),
+                ("hayate_num_waiting_requests", "num_waiting", "Requests queued for a batch slot."),
+                ("hayate_kv_cache_usage_ratio", "kv_cache_usage", "Fraction of the KV cache in use, 0 to 1.")):
+            Gauge(name, documentation, registry=self.registry).set_function(_reader(stats, field))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def track(self, num_prompt_tokens: int) -> "RequestTracker":
+        self.prompt_tokens.inc(num_prompt_tokens)
+        return RequestTracker(self)
+
+
+def _reader(stats: Callable[[], EngineStats | None], field: str) -> Callable[[], float]:
+    return lambda: float(getattr(stats(), field, 0.0) or 0.0)
+
+
+class RequestTracker:
+    """Observes one engine request's outputs as they reach the server."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.last_token_at: float | None = None
+        self.finished = False
+
+    def observe(self, output: RequestOutput) -> None:
+        now = time.perf_counter()
+        metrics, timings = self.metrics, output.timings
+        if output.token_ids:
+            metrics.generation_tokens.inc(len(output.token_ids))
+            if self.last_token_at is None and timings.time_to_first_token is not None:
+                metrics.time_to_first_token.observe(timings.time_to_first_token)
+            elif self.last_token_at is not None:
+                metrics.inter_token_latency.observe((now - self.last_token_at) / len(output.token_ids))
+            self.last_token_at = now
+        if output.finished:
+            self._finish(output.finish_reason or "stop", output)
+
+    def abandon(self) -> None:
+        """The client left (or the server stopped) before the request finished."""
+        if not self.finished:
+            self._finish("abort", None)
+
+    def _finish(self, reason: str, output: RequestOutput | None) -> None:
+        self.finished = True
+        self.metrics.requests.labels(finish_reason=reason).inc()
+        if output is not None and output.timings.finished is not None:
+            self.metrics.e2e_latency.observe(output.timings.finished - output.timings.arrival)
+        if output is not None and output.timings.queue_time is not None:
+            self.metrics.queue_time.observe(output.timings.queue_time)

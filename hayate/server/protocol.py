@@ -1,0 +1,139 @@
+"""Request bodies of the OpenAI API as hayate accepts them (pydantic, validated strictly).
+
+Strict mode: "2" is not a number and 1 is not true, as OpenAI's own API answers. Unknown
+fields are ignored, since clients (LangChain, SDKs) send extras that change nothing here;
+fields that would change the answer but are not supported yet are declared and refused."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hayate.sampling import MAX_LOGPROBS, SamplingParams
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def _either(value: Any, handler, description: str) -> Any:
+    """Run pydantic's union check, but say in one line what the field accepts."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(f"must be {description}") from None
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class SamplingFields(StrictModel):
+    """What chat and text completions share: the model, sampling and output options."""
+    model: str
+    n: int = Field(1, ge=1, description="choices to generate (up to the server's limit)")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
+    temperature: float | None = Field(None, ge=0, description="default 1; 0 = greedy")
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, description="with n > 1, choice i uses seed + i")
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # hayate extensions
+    top_k: int | None = Field(None, description="hayate: keep the k most likely tokens (0 = off)")
+    min_p: float | None = Field(None, description="hayate: drop tokens below min_p x the top probability")
+    repetition_penalty: float | None = Field(None, description="hayate: HF-style, over prompt and output")
+    ignore_eos: bool = Field(False, description="hayate: keep going past end-of-sequence tokens")
+    return_token_ids: bool = Field(False, description="hayate: add prompt and choice token ids")
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _stop(cls, value: Any, handler) -> Any:
+        return _either(value, handler, "a string or a list of strings")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+        """Engine parameters for choice `index`; raises ValueError naming the bad field."""
+        return SamplingParams(
+            max_tokens=max_tokens, logprobs=logprobs,
+            temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
+            top_k=_or(self.top_k, 0), min_p=_or(self.min_p, 0.0),
+            repetition_penalty=_or(self.repetition_penalty, 1.0),
+            presence_penalty=_or(self.presence_penalty, 0.0),
+            frequency_penalty=_or(self.frequency_penalty, 0.0),
+            seed=None if self.seed is None else self.seed + index,
+            stop=_or(self.stop, []), ignore_eos=self.ignore_eos,
+            logit_bias=_or(self.logit_bias, {}))
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only text parts are read (checked in chat.py)."""
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content(cls, value: Any, handler) -> Any:
+        return _either(value, handler, 'a string or a list of {"type": "text", "text": ...} parts')
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="preferred over max_tokens")
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Declared so they can be refused clearly rather than silently ignored.
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    response_format: dict | None = None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+Prompt = str | list[int] | list[str] | list[list[int]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt = Field(description="text, token ids, or a list of either (one choice set each)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token")
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, value: Any, handler) -> Any:
+        return _either(value, handler, "a string, a list of token ids, or a list of either")
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of single prompts (text or token ids)."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt) or [[]]

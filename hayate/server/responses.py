@@ -1,0 +1,178 @@
+"""Response bodies and stream chunks of the OpenAI API, with GroqCloud's timing fields.
+
+`usage` carries OpenAI's token counts plus GroqCloud's queue/prompt/completion/total times
+(seconds); streams repeat it under `x_groq.usage`, where GroqCloud clients read it."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+SYSTEM_FINGERPRINT = "fp_hayate"
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """The fields every response and chunk of one request repeats."""
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str = SYSTEM_FINGERPRINT
+
+    @classmethod
+    def new(cls, prefix: str, model: str) -> "ResponseMeta":
+        return cls(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model)
+
+    def fields(self) -> dict:
+        return asdict(self)
+
+
+def json_response(body: BaseModel) -> Response:
+    """The body as pydantic writes it (so fields marked exclude_if stay out)."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    queue_time: float = Field(description="seconds waiting for a batch slot")
+    prompt_time: float = Field(description="seconds reading the prompt (prefill)")
+    completion_time: float = Field(description="seconds generating, after the first token")
+    total_time: float = Field(description="prompt_time + completion_time, as GroqCloud counts it")
+
+
+class XGroq(BaseModel):
+    id: str
+    usage: Usage | None = Field(None, exclude_if=_is_none)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+    token_ids: list[int] | None = Field(None, exclude_if=_is_none, description="hayate: return_token_ids")
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_is_none)
+    x_groq: XGroq
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
+    content: str | None = Field(None, exclude_if=_is_none)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = Field(None, exclude_if=_is_none)
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    x_groq: XGroq | None = Field(None, exclude_if=_is_none)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+    token_ids: list[int] | None = Field(None, exclude_if=_is_none)
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_is_none)
+
+
+class Completion(BaseModel):
+    """Both the whole answer and, with fewer fields filled, each stream chunk (as OpenAI does)."""
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    x_groq: XGroq | None = Field(None, exclude_if=_is_none)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "hayate"
+    active: bool = True
+    context_window: int = Field(description="tokens, prompt and answer together (GroqCloud field)")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "unavailable"]
+    model: str | None = None
+    detail: str | None = None

@@ -1,0 +1,47 @@
+"""The cost model against hand counts, and `hayate plan` end to end on a tiny model."""
+from __future__ import annotations
+
+from hayate.cli import main
+from hayate.llm import LLM
+from hayate.plan.cost import decode_cost, group_rows, prefill_cost
+from hayate.plan.hardware import HardwareProfile, probe_cpu
+from tiny_models import make_tiny_model
+
+
+def test_decode_cost_counts_weights_flops_and_kv(tmp_path):
+    make_tiny_model("llama", tmp_path)
+    llm = LLM(str(tmp_path))
+    model, config = llm.engine.runner.model, llm.model_config
+    layer_params = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128     # q, o; k, v (2 kv heads x 16); mlp
+    matmul_params = config.num_hidden_layers * layer_params + 320 * 64   # + lm_head
+    cost = decode_cost(model, config, batch=2, context=10)
+    kv_row = next(row for row in cost.rows if row.name.startswith("attention"))
+    linear_bytes = sum(row.bytes for row in cost.rows if row is not kv_row and row.name != "embedding rows")
+    assert linear_bytes == 4 * matmul_params                      # fp32 weights, no biases
+    assert cost.flops - kv_row.flops == 2 * 2 * matmul_params
+    # Each sequence reads 10 cached keys and values and writes one, in each of 2 layers.
+    assert kv_row.bytes == 2 * 2 * (2 * 10 + 2 * 1) * 2 * 16 * 4
+    assert group_rows(cost)[0].bytes >= group_rows(cost)[-1].bytes
+
+
+def test_prefill_reads_weights_once_per_chunk(tmp_path):
+    make_tiny_model("llama", tmp_path)
+    llm = LLM(str(tmp_path))
+    model, config = llm.engine.runner.model, llm.model_config
+    one = prefill_cost(model, config, prompt_len=64, chunk=64)
+    four = prefill_cost(model, config, prompt_len=64, chunk=16)
+    assert one.flops == four.flops and four.bytes > one.bytes
+
+
+def test_roofline_and_probe():
+    profile = HardwareProfile("test", bandwidth=1e9, flops=1e9)
+    assert profile.floor_seconds(2e9, 1e9) == 2.0 and profile.floor_seconds(1e9, 3e9) == 3.0
+    measured = probe_cpu(buffer_mb=16, repeats=2)
+    assert measured.bandwidth > 0 and measured.flops > 0
+
+
+def test_plan_command_prints_floor(tmp_path, capsys):
+    make_tiny_model("llama", tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--hardware", "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s decode" in out and "time to first token" in out and "lm_head" in out
