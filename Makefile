@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Why does low latency matter for AI assistants?
 
-.PHONY: run test setup clean
+.PHONY: run test setup bench-env bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,23 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
+# The benchmark environment: llama.cpp's Python binding, built from source (~10 minutes on
+# 2 cores) without the AMX kernels that crash on these CPUs; never a hayate dependency.
+BENCH_VENV := .venv-bench
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON \
+	-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
+
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	# --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would reuse a crashing build.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BENCH_VENV)/bin/pip install --no-cache-dir 'llama-cpp-python[server]==0.3.36'
+	touch $@
+
+bench-env: $(BENCH_VENV)/.installed
+
+bench-serve: setup bench-env
+	$(PY) bench/serve_compare.py --concurrency 1,4,16
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(BENCH_VENV)

@@ -16,6 +16,13 @@ class AttentionMetadata:
     query_lens: list[int]            # new tokens of each sequence in this step
     slot_mapping: torch.Tensor       # [tokens] cache row to write each new token's key/value to
     key_rows: list[torch.Tensor]     # per sequence: [context + new] cache rows of its keys, in order
+    # When every sequence decodes one token: rows padded to the longest, and which are real.
+    padded_key_rows: torch.Tensor | None = None   # [sequences, longest]
+    padding_mask: torch.Tensor | None = None      # [sequences, 1, 1, longest] bool
+
+    @property
+    def decode_only(self) -> bool:
+        return self.padded_key_rows is not None
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
@@ -23,7 +30,13 @@ class AttentionMetadata:
         key_rows = [_rows(table, start + length, block_size)
                     for table, start, length in zip(block_tables, context_lens, query_lens)]
         slot_mapping = torch.cat([rows[start:] for rows, start in zip(key_rows, context_lens)])
-        return cls(list(context_lens), list(query_lens), slot_mapping, key_rows)
+        meta = cls(list(context_lens), list(query_lens), slot_mapping, key_rows)
+        if all(length == 1 for length in query_lens):
+            lengths = torch.tensor([rows.shape[0] for rows in key_rows])
+            meta.padding_mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None])[:, None, None, :]
+            # Padding reads row 0 of the cache; the mask gives it no weight.
+            meta.padded_key_rows = torch.nn.utils.rnn.pad_sequence(key_rows, batch_first=True)
+        return meta
 
     @property
     def num_tokens(self) -> int:
@@ -64,11 +77,24 @@ class Attention(nn.Module):
             raise RuntimeError("attention used before a KV cache was bound to the model")
         self.k_cache.index_copy_(0, meta.slot_mapping, k)
         self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        if meta.decode_only:
+            return self._attend_decodes(q, meta)
         outputs, offset = [], 0
         for rows, start, length in zip(meta.key_rows, meta.context_lens, meta.query_lens):
             outputs.append(self._attend(q[offset:offset + length], rows, start))
             offset += length
         return torch.cat(outputs).reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _attend_decodes(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One query per sequence: every sequence at once, keys padded to the longest."""
+        batch, width = meta.padded_key_rows.shape
+        keys = self.k_cache.index_select(0, meta.padded_key_rows.reshape(-1))
+        values = self.v_cache.index_select(0, meta.padded_key_rows.reshape(-1))
+        keys = keys.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = values.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.padding_mask,
+                                             scale=self.scale, enable_gqa=True)
+        return out.reshape(batch, self.num_heads * self.head_dim)  # [batch, heads, 1, head_dim] flat
 
     def _attend(self, q: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
         keys = self.k_cache.index_select(0, rows).transpose(0, 1)    # [kv_heads, end, head_dim]
