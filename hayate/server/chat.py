@@ -18,7 +18,7 @@ from hayate.server.logprobs import chat_logprobs
 from hayate.server.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                      ChatCompletionChunk, ChatDelta, ResponseMeta, XGroq, json_response)
 from hayate.server.state import ServedModel, ServerSettings, ServerState, server_state
-from hayate.server.streaming import EventStream, sse, until_disconnected
+from hayate.server.streaming import respond
 
 router = APIRouter(tags=["chat"])
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
@@ -35,13 +35,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     specs = choice_specs(body, model, [prompt_ids], logprobs, prompt_param="messages")
     meta = ResponseMeta.new("chatcmpl", model.name)
     run = ChoiceRun(model, state.metrics, meta.id, specs)
-    if body.stream:
-        return EventStream(sse(chat_chunks(run, meta, body, model)), on_close=run.abort)
-    try:
-        await until_disconnected(request, run.collect())
-    finally:
-        run.abort()
-    return json_response(chat_completion(run, meta, body, model, prompt_ids))
+    return await respond(request, run, body.stream, lambda: chat_chunks(run, meta, body, model),
+                         lambda: json_response(chat_completion(run, meta, body, model, prompt_ids)))
 
 
 def check_chat_request(body: ChatCompletionRequest, settings: ServerSettings) -> None:

@@ -15,7 +15,7 @@ from hayate.server.logprobs import completion_logprobs
 from hayate.server.protocol import CompletionRequest
 from hayate.server.responses import Completion, CompletionChoice, ResponseMeta, XGroq, json_response
 from hayate.server.state import ServedModel, ServerSettings, ServerState, server_state
-from hayate.server.streaming import EventStream, sse, until_disconnected
+from hayate.server.streaming import respond
 
 router = APIRouter(tags=["completions"])
 MAX_PROMPTS = 64   # prompts in one request (each gets n choices)
@@ -31,13 +31,8 @@ async def create_completion(body: CompletionRequest, request: Request,
     specs = choice_specs(body, model, prompts, body.logprobs, prompt_param="prompt")
     meta = ResponseMeta.new("cmpl", model.name)
     run = ChoiceRun(model, state.metrics, meta.id, specs)
-    if body.stream:
-        return EventStream(sse(completion_chunks(run, meta, body, model)), on_close=run.abort)
-    try:
-        await until_disconnected(request, run.collect())
-    finally:
-        run.abort()
-    return json_response(completion(run, meta, body, model))
+    return await respond(request, run, body.stream, lambda: completion_chunks(run, meta, body, model),
+                         lambda: json_response(completion(run, meta, body, model)))
 
 
 def check_completion_request(body: CompletionRequest, settings: ServerSettings) -> None:

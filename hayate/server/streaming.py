@@ -8,7 +8,7 @@ from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
@@ -37,6 +37,20 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         return working.result()
     await asyncio.gather(working, return_exceptions=True)
     raise ClientDisconnected()
+
+
+async def respond(request: Request, run, stream: bool, chunks: Callable[[], AsyncIterator[BaseModel]],
+                  whole: Callable[[], Response]) -> Response:
+    """The answer to one API request whose engine requests `run` (a ChoiceRun) has queued:
+    an SSE stream of `chunks()`, or `whole()` once every choice is done. Either way the
+    engine requests are aborted if the client leaves first."""
+    if stream:
+        return EventStream(sse(chunks()), on_close=run.abort)
+    try:
+        await until_disconnected(request, run.collect())
+    finally:
+        run.abort()
+    return whole()
 
 
 async def sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:

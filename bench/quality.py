@@ -1,0 +1,58 @@
+"""Quality and speed of a weight mode against the exact fp32 reference, on the same prompts.
+
+    .venv/bin/python bench/quality.py [--model PATH] [--weights int4-bf16] [--threads 2] [--max-tokens 48]
+
+For each prompt: the greedy answer under both modes, whether they are identical, and how many
+leading tokens agree; then decode tokens/s of each mode (single stream)."""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from hayate.llm import LLM
+from hayate.sampling import SamplingParams
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Explain in two sentences why the sky is blue.",
+    "Translate 'good morning, my friend' into Spanish.",
+    "List three prime numbers greater than 20.",
+    "Give me a short poem about the sea.",
+    "What are the health benefits of drinking water?",
+    "Summarize the plot of Romeo and Juliet in one sentence.",
+]
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def answers(llm: LLM, max_tokens: int) -> list:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    return [llm.chat([{"role": "user", "content": prompt}], params) for prompt in PROMPTS]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model")
+    parser.add_argument("--weights", default="int4-bf16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    args = parser.parse_args()
+    reference = answers(LLM(args.model, threads=args.threads, weights="fp32"), args.max_tokens)
+    candidate = answers(LLM(args.model, threads=args.threads, weights=args.weights), args.max_tokens)
+    same = 0
+    for prompt, ref, cand in zip(PROMPTS, reference, candidate):
+        same += ref.token_ids == cand.token_ids
+        prefix = agreeing_prefix(ref.token_ids, cand.token_ids)
+        print(f"{prompt}\n  fp32:           {ref.text!r}\n  {args.weights}: {cand.text!r}\n"
+              f"  identical: {ref.token_ids == cand.token_ids}, agreeing prefix {prefix}/{len(ref.token_ids)} tokens")
+    rate = {name: statistics.median(r.decode_tokens_per_second or 0 for r in results)
+            for name, results in (("fp32", reference), (args.weights, candidate))}
+    print(f"identical greedy answers: {same}/{len(PROMPTS)}")
+    print("decode tokens/s (median over prompts): " + ", ".join(f"{k} {v:.1f}" for k, v in rate.items()))
+
+
+if __name__ == "__main__":
+    main()
