@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hayate.kernels import ggml_gemv
 from hayate.layers.quant import PackedWeight, QType, dequantize
+
+# Types the native kernel reads directly (fp32 activations and accumulation).
+NATIVE_TYPES = frozenset({QType.Q4_0, QType.Q4_1, QType.Q8_0})
+# Past this many rows (prefill) a dequantized fp32 matmul is faster than the row kernel.
+MAX_NATIVE_ROWS = 16
 
 
 class PackedLinear(nn.Module):
@@ -16,7 +22,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.ggml_type = int(weight.ggml_type)
         # A buffer, so .to(device) moves it and state_dict() holds it.
-        self.register_buffer("packed", weight.data)
+        self.register_buffer("packed", weight.data.reshape(self.out_features, -1))  # [out, bytes per row]
         # The bias stays a parameter, as in nn.Linear, so loaders can find and fill it.
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias, requires_grad=False)
@@ -28,9 +34,27 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., in_features] -> [..., out_features]
-        weight = dequantize(self.packed, self.ggml_type, (self.out_features, self.in_features))
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight.to(x.dtype), bias)
+        rows = x.reshape(-1, self.in_features)
+        kernels = self._native_kernels(x)
+        if kernels is None or rows.shape[0] > MAX_NATIVE_ROWS:
+            # Prefill (many rows) and other types: dequantize once, then one matmul.
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dequantized(kernels).to(x.dtype), bias)
+        out = kernels.gemv(rows, self.packed, self.ggml_type)
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _native_kernels(self, x: torch.Tensor):
+        if self.ggml_type in NATIVE_TYPES and x.dtype == torch.float32 and x.device.type == "cpu":
+            return ggml_gemv()
+        return None
+
+    def dequantized(self, kernels=None) -> torch.Tensor:
+        """The weight in fp32 [out, in]: the same values either way, the native one faster."""
+        if kernels is not None:
+            return kernels.dequantize(self.packed, self.ggml_type, self.in_features)
+        return dequantize(self.packed, self.ggml_type, (self.out_features, self.in_features))
 
     def extra_repr(self) -> str:
         type_name = QType(self.ggml_type).name

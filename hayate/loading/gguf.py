@@ -150,13 +150,23 @@ class GGUFModelFile:
             "eos_token_id": self._eos_token_id(),
         }
 
-    def tensors(self, keep_packed: bool) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
-        """(Hugging Face name, weight) pairs: fp32 tensors, or PackedWeight for quantized matrices."""
+    def tensors(self, keep_packed: bool,
+                pack_types: frozenset[int] | None = None) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
+        """(Hugging Face name, weight) pairs: fp32 tensors, or PackedWeight for quantized
+        matrices when keep_packed (only those of `pack_types`, when given). A model whose
+        head is tied to a packable embedding also gets that embedding's blocks as a packed
+        `lm_head.weight`, so the head reads the stored bytes too."""
+        def packs(ggml_type: int) -> bool:
+            return keep_packed and is_quantized(ggml_type) and (pack_types is None or ggml_type in pack_types)
+
         for tensor in self.reader.tensors:
             if tensor.name in _SKIPPED_TENSORS:
                 continue
             hf_name = self._hf_names[tensor.name]
-            yield hf_name, self._load(tensor, hf_name, keep_packed)
+            yield hf_name, self._load(tensor, hf_name, packs(int(tensor.tensor_type)))
+        embedding = self._by_name.get("token_embd.weight")
+        if "output.weight" not in self._by_name and embedding is not None and packs(int(embedding.tensor_type)):
+            yield "lm_head.weight", self._load(embedding, "lm_head.weight", True)
 
     def dequantized_nbytes(self) -> int:
         """Bytes all weights take once dequantized to fp32."""
@@ -167,7 +177,7 @@ class GGUFModelFile:
         ggml_type = int(tensor.tensor_type)
         raw = torch.from_numpy(np.array(tensor.data))  # copied out of the memory map
         rows = self._row_order(hf_name, shape[0])
-        if keep_packed and len(shape) == 2 and is_quantized(ggml_type) and hf_name != _EMBEDDING:
+        if keep_packed and len(shape) == 2 and hf_name != _EMBEDDING:
             packed = raw.view(torch.uint8).reshape(shape[0], -1)
             return PackedWeight(packed if rows is None else packed[rows], ggml_type, shape)
         weight = dequantize(raw, ggml_type, shape)

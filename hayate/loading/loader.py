@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from hayate.config import EngineConfig
+from hayate.kernels import ggml_gemv
 from hayate.layers.fast_linear import convert_to_fast
+from hayate.layers.linear import NATIVE_TYPES
 from hayate.loading.chat_template import ChatTemplate
 from hayate.loading.gguf import GGUFModelFile
 from hayate.loading.progress import track
@@ -57,8 +59,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model_config = ModelConfig.from_hf(source.hf_config() if isinstance(source, GGUFModelFile) else source.config)
     max_len = _context_length(model_config, config.max_model_len)
     model = _build(model_config, max_len)
-    keep_packed = _keep_packed(config.weights, source.dequantized_nbytes())
-    weights = source.tensors(keep_packed) if isinstance(source, GGUFModelFile) else source.tensors()
+    if isinstance(source, GGUFModelFile):
+        weights = source.tensors(*_packing(config.weights, source.dequantized_nbytes()))
+    else:
+        weights = source.tensors()
     with torch.no_grad():
         model.load_weights(track(weights, total=len(source), description=f"loading {path.name}",
                                  enabled=config.show_progress))
@@ -104,11 +108,14 @@ def _build(model_config: ModelConfig, max_len: int) -> nn.Module:
     return model
 
 
-def _keep_packed(mode: str, dequantized_nbytes: int) -> bool:
+def _packing(mode: str, dequantized_nbytes: int) -> tuple[bool, frozenset[int] | None]:
+    """Whether GGUF weights stay packed, and which types (None: every quantized type)."""
     if mode != "auto":
-        return mode in ("packed", "int4-bf16")
-    # fp32 is the exact reference; keep bytes packed once it would crowd memory.
-    return dequantized_nbytes > psutil.virtual_memory().total // 4
+        return mode in ("packed", "int4-bf16"), None
+    if dequantized_nbytes > psutil.virtual_memory().total // 4:
+        return True, None   # fp32 would crowd memory: everything stays packed
+    # Types the native kernel reads stay packed (exact and faster); the rest become fp32.
+    return ggml_gemv() is not None, NATIVE_TYPES
 
 
 def _tokenizer(source: GGUFModelFile | SafetensorsFolder, path: Path) -> Tokenizer:

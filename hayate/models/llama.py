@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hayate.layers.attention import Attention, AttentionMetadata
+from hayate.layers.quant import PackedWeight
 from hayate.layers.norm import RMSNorm
 from hayate.layers.rotary import RotaryEmbedding
 from hayate.models.config import ModelConfig
@@ -100,5 +101,10 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, WeightValue]]) -> None:
-        skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())
-        load_named_weights(self, weights, skip=skip)
+        def wanted(item: tuple[str, WeightValue]) -> bool:
+            # A tied head shares the embedding; only a packed copy of it (faster to read) replaces it.
+            name, value = item
+            return not (self.config.tie_word_embeddings and name == "lm_head.weight"
+                        and not isinstance(value, PackedWeight))
+
+        load_named_weights(self, filter(wanted, weights), skip=("rotary_emb.inv_freq",))

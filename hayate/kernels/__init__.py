@@ -1,0 +1,38 @@
+"""Native kernels, compiled on first use with PyTorch's C++ extension builder and cached.
+
+`ggml_gemv()` returns the compiled module, or None (with a warning saying why) where it
+cannot be built: callers then keep the pure-PyTorch path, which gives the same values."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("hayate.kernels")
+
+
+def _cpu_fingerprint() -> str:
+    """Built with -march=native, a kernel is only valid on the CPU that built it."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha256(f"{flags}|{torch.__version__}".encode()).hexdigest()[:12]
+
+
+@functools.cache
+def ggml_gemv():
+    """The compiled GGUF-block kernels (gemv, dequantize), built once per machine."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        source = Path(__file__).with_name("ggml_gemv.cpp")
+        return load(name=f"hayate_ggml_{_cpu_fingerprint()}", sources=[str(source)], verbose=False,
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:  # no compiler, no ninja, a build error: fall back, loudly
+        log.warning("native GGUF kernels unavailable (%s); using the PyTorch path", error)
+        return None
