@@ -24,11 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(run)
     chat = commands.add_parser("chat", help="interactive chat in the terminal")
     _add_generation_options(chat)
+    from hayate.bench.command import add_bench_parser
     from hayate.plan.report import add_plan_parser
     from hayate.serve import add_serve_parser
 
     add_serve_parser(commands)
     add_plan_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -102,11 +104,13 @@ def command_run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from hayate.bench.command import command_bench
     from hayate.chat import command_chat
     from hayate.plan.report import command_plan
     from hayate.serve import command_serve
 
-    commands = {"run": command_run, "chat": command_chat, "serve": command_serve, "plan": command_plan}
+    commands = {"run": command_run, "chat": command_chat, "serve": command_serve, "plan": command_plan,
+                "bench": command_bench}
     try:
         return commands[args.command](args)
     except (ValueError, OSError, CliError) as error:

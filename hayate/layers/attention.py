@@ -19,6 +19,8 @@ class AttentionMetadata:
     # When every sequence decodes one token: rows padded to the longest, and which are real.
     padded_key_rows: torch.Tensor | None = None   # [sequences, longest]
     padding_mask: torch.Tensor | None = None      # [sequences, 1, 1, longest] bool
+    # A lone decoding sequence whose blocks are consecutive: its keys are cache rows a..b.
+    key_range: tuple[int, int] | None = None
 
     @property
     def decode_only(self) -> bool:
@@ -31,7 +33,10 @@ class AttentionMetadata:
                     for table, start, length in zip(block_tables, context_lens, query_lens)]
         slot_mapping = torch.cat([rows[start:] for rows, start in zip(key_rows, context_lens)])
         meta = cls(list(context_lens), list(query_lens), slot_mapping, key_rows)
-        if all(length == 1 for length in query_lens):
+        if len(query_lens) == 1 and query_lens[0] == 1 and _consecutive(block_tables[0], key_rows[0].shape[0], block_size):
+            meta.padded_key_rows = key_rows[0][None]   # marks the step as decode-only
+            meta.key_range = (int(key_rows[0][0]), int(key_rows[0][-1]) + 1)
+        elif all(length == 1 for length in query_lens):
             lengths = torch.tensor([rows.shape[0] for rows in key_rows])
             meta.padding_mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None])[:, None, None, :]
             # Padding reads row 0 of the cache; the mask gives it no weight.
@@ -50,6 +55,11 @@ class AttentionMetadata:
     def last_token_indices(self) -> torch.Tensor:
         """[sequences] index of each sequence's last new token in the flat batch."""
         return torch.tensor(self.query_lens).cumsum(0) - 1
+
+
+def _consecutive(block_table: list[int], num_tokens: int, block_size: int) -> bool:
+    used = block_table[: -(-num_tokens // block_size)]
+    return all(b == a + 1 for a, b in zip(used, used[1:]))
 
 
 def _rows(block_table: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
@@ -88,8 +98,11 @@ class Attention(nn.Module):
     def _attend_decodes(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query per sequence: every sequence at once, keys padded to the longest."""
         batch, width = meta.padded_key_rows.shape
-        keys = self.k_cache.index_select(0, meta.padded_key_rows.reshape(-1))
-        values = self.v_cache.index_select(0, meta.padded_key_rows.reshape(-1))
+        if meta.key_range is not None:   # no gather: the cache rows themselves, as a view
+            keys, values = (cache[meta.key_range[0]:meta.key_range[1]] for cache in (self.k_cache, self.v_cache))
+        else:
+            keys = self.k_cache.index_select(0, meta.padded_key_rows.reshape(-1))
+            values = self.v_cache.index_select(0, meta.padded_key_rows.reshape(-1))
         keys = keys.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
         values = values.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.padding_mask,

@@ -12,13 +12,14 @@ from torch import nn
 from hayate.layers.attention import Attention, AttentionMetadata
 from hayate.layers.quant import PackedWeight
 from hayate.layers.norm import RMSNorm
-from hayate.layers.rotary import RotaryEmbedding
+from hayate.layers.fuse import fuse_linears
+from hayate.layers.rotary import RotaryEmbedding, apply_rotary
 from hayate.models.config import ModelConfig
 from hayate.models.weights import WeightValue, load_named_weights
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         bias = config.attention_bias
@@ -28,18 +29,28 @@ class LlamaAttention(nn.Module):
         # Qwen2 puts a bias on q/k/v only; Llama's attention_bias covers o_proj too.
         self.o_proj = nn.Linear(heads * head_dim, config.hidden_size,
                                 bias=bias and config.model_type != "qwen2")
-        self.rotary = [rotary]  # shared, kept out of this module's parameters
         self.attn = Attention(heads, kv_heads, head_dim)
         self.shape = (heads, kv_heads, head_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        self.qkv_proj: nn.Module | None = None   # q, k, v stacked, made by fuse()
+
+    def fuse(self) -> None:
+        """Stack q/k/v into one projection when their formats allow (after loading)."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
         heads, kv_heads, head_dim = self.shape
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, heads, head_dim)
-        k = self.k_proj(x).view(tokens, kv_heads, head_dim)
-        v = self.v_proj(x).view(tokens, kv_heads, head_dim)
-        q, k = self.rotary[0](positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k = apply_rotary(rope, q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim))
+        return self.o_proj(self.attn(q, k, v.view(tokens, kv_heads, head_dim), meta))
 
 
 class LlamaMLP(nn.Module):
@@ -49,21 +60,33 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inner, bias=bias)
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self.gate_up_proj: nn.Module | None = None   # gate and up stacked, made by fuse()
+
+    def fuse(self) -> None:
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary)
+        self.self_attn = LlamaAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -72,14 +95,14 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions)
         for layer in self.layers:
-            x = layer(x, positions, meta)
+            x = layer(x, rope, meta)
         return self.norm(x)
 
 
@@ -108,3 +131,6 @@ class LlamaForCausalLM(nn.Module):
                         and not isinstance(value, PackedWeight))
 
         load_named_weights(self, filter(wanted, weights), skip=("rotary_emb.inv_freq",))
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()

@@ -1,0 +1,132 @@
+"""hayate bench: the command line. hayate runs first in this process, then each peer in its
+own, one after the other, so that no two engines compete for the cores."""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from hayate.bench.offline import (BenchPlan, PlanFloor, build_prompt, measure_hayate, plan_floor, plan_lengths,
+                                  stderr_progress)
+from hayate.bench.peers import DEFAULT_LLAMA_PYTHON, environment_problem, measure_peer, parse_selection, peer_job
+from hayate.bench.report import HAYATE, BenchReport, notes, results_table, write_json
+from hayate.bench.timings import EngineResult, failed, summarize
+from hayate.config import WEIGHT_MODES
+
+DEFAULT_PROMPT_LENGTHS = "32,512,2048"
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"prompt lengths must be positive, got {text!r}")
+    return lengths
+
+
+def add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="single-stream speed: time to first token, decode tokens/s, "
+                                              "inter-token latency; optionally against llama.cpp and transformers")
+    bench.add_argument("--model", help="a .gguf file or a Hugging Face folder (default: the default model)")
+    bench.add_argument("--threads", type=int, help="CPU threads for every engine (default: all cores)")
+    bench.add_argument("--weights", choices=WEIGHT_MODES, default="auto", help="hayate's weight mode")
+    bench.add_argument("--prompt-lengths", type=_lengths, default=_lengths(DEFAULT_PROMPT_LENGTHS),
+                       help=f"prompt tokens for time to first token (default {DEFAULT_PROMPT_LENGTHS})")
+    bench.add_argument("--decode-tokens", type=int, default=256, help="tokens decoded after the first (256)")
+    bench.add_argument("--repeats", type=int, default=3, help="runs of each measurement; medians reported (3)")
+    bench.add_argument("--compare", default="", help="peers on the same file and threads: llama.cpp,transformers")
+    bench.add_argument("--json", type=Path, help="write every figure (and each ITL sample) here")
+    bench.add_argument("--plot", type=Path, help="write a PNG: tokens/s bars and ITL distributions")
+    bench.add_argument("--full-transformers", action="store_true",
+                       help="transformers at every prompt length and all decode tokens "
+                            "(default: prompts up to 512 tokens, 64 decode tokens)")
+    bench.add_argument("--llama-python", type=Path, default=DEFAULT_LLAMA_PYTHON,
+                       help="the Python that has llama-cpp-python (default: .venv-bench, made by `make bench-env`)")
+    bench.add_argument("--peer-timeout", type=float, default=1800, help="seconds allowed per peer (1800)")
+
+
+def run_hayate(args: argparse.Namespace) -> tuple[EngineResult, BenchPlan, PlanFloor, dict]:
+    """Measure hayate, probe the floor, and build the peers' job from hayate's prompts."""
+    from hayate.llm import LLM
+
+    start = time.perf_counter()
+    llm = LLM(args.model, threads=args.threads, weights=args.weights, show_progress=True)
+    load_s = time.perf_counter() - start
+    plan = plan_lengths(args.prompt_lengths, args.decode_tokens, args.repeats, llm.engine.max_model_len)
+    result = summarize(HAYATE, measure_hayate(llm, plan))
+    result.load_s = load_s
+    stderr_progress("bench: probing this CPU for the plan's floor")
+    floor = plan_floor(llm, args.threads, plan)
+    job = {"model": str(llm.model_path), "threads": args.threads or os.cpu_count() or 1,
+           "n_ctx": llm.engine.max_model_len, "decode_tokens": plan.decode_tokens, "repeats": plan.repeats,
+           "prompts": {str(n): build_prompt(llm.tokenizer, n) for n in plan.prompt_lengths},
+           "decode_prompt": build_prompt(llm.tokenizer, plan.decode_prompt_length)}
+    return result, plan, floor, job
+
+
+def run_peers(names: list[str], job: dict, args: argparse.Namespace) -> list[EngineResult]:
+    results = []
+    for name in names:
+        problem = environment_problem(name, Path(job["model"]), args.llama_python)
+        if problem:
+            stderr_progress(f"bench: {name} skipped: {problem}")
+            results.append(failed(name, problem, status="skipped"))
+            continue
+        stderr_progress(f"bench: {name}: loading and measuring in its own process")
+        peer = peer_job(name, job, args.llama_python, args.full_transformers)
+        results.append(measure_peer(peer, args.peer_timeout, echo=stderr_progress))
+    return results
+
+
+def warn_if_busy() -> float:
+    """Other work on the cores makes every figure noisy, the multi-threaded ones most."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        stderr_progress(f"bench: warning: load average {load:.1f} on {os.cpu_count()} cores before the run: "
+                        "other processes are busy, figures will be noisy")
+    return load
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Fail before the (long) run, not after it."""
+    for path in (args.json, args.plot):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise ValueError(f"cannot write {path}: no such folder {path.resolve().parent}")
+    if args.plot and importlib.util.find_spec("PIL") is None:
+        raise ValueError("--plot needs Pillow, which is not installed: pip install pillow")
+
+
+def show(report: BenchReport, args: argparse.Namespace) -> None:
+    console = Console(width=None if sys.stdout.isatty() else 140)   # piped: don't squeeze to 80 columns
+    console.print(results_table(report))
+    for line in notes(report):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if args.json:
+        write_json(report, args.json)
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        from hayate.bench.plot import draw_png   # Pillow only when a plot is asked for
+
+        draw_png(report.engines, args.plot, f"{Path(report.model).name}, {report.threads} threads")
+        console.print(f"wrote {args.plot}")
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    peer_names = parse_selection(args.compare)
+    if args.decode_tokens < 1 or args.repeats < 1:
+        raise ValueError("--decode-tokens and --repeats must be at least 1")
+    check_outputs(args)
+    load_average = warn_if_busy()
+    hayate, plan, floor, job = run_hayate(args)
+    gc.collect()    # hayate's model is no longer referenced: free its memory for the peers
+    engines = [hayate, *run_peers(peer_names, job, args)]
+    show(BenchReport(job["model"], job["threads"], args.weights, plan, engines, floor, load_average), args)
+    return 0
