@@ -189,6 +189,8 @@ torch::Tensor dequantize(torch::Tensor w, int64_t ggml_type, int64_t K) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "GGUF-block matrix-vector product with fp32 activations");
-  m.def("dequantize", &dequantize, "GGUF blocks to fp32");
+  // The GIL is released while a kernel runs, so a server's event loop keeps going meanwhile.
+  m.def("gemv", &gemv, "GGUF-block matrix-vector product with fp32 activations",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize", &dequantize, "GGUF blocks to fp32", py::call_guard<py::gil_scoped_release>());
 }
