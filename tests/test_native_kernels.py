@@ -8,16 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hayate.kernels import ggml_gemv
-from hayate.layers.linear import MAX_NATIVE_ROWS, PackedLinear
+from hayate.kernels import native_kernels
+from hayate.kernels import MAX_NATIVE_ROWS
+from hayate.layers.linear import PackedLinear
+from hayate.layers.norm import RMSNorm
 from hayate.layers.quant import PackedWeight, QType
+from hayate.layers.rotary import RotaryEmbedding, apply_rotary
 
 NATIVE = [QType.Q4_0, QType.Q4_1, QType.Q8_0]
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    module = ggml_gemv()
+    module = native_kernels()
     if module is None:
         pytest.skip("no C++ toolchain to build the native kernels")
     return module
@@ -64,6 +67,32 @@ def test_rows_of_a_batch_equal_rows_alone(kernels):
     together = kernels.gemv(x, weight.data, int(QType.Q4_1))
     alone = torch.cat([kernels.gemv(x[i:i + 1], weight.data, int(QType.Q4_1)) for i in range(9)])
     assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("rows", [1, 3, MAX_NATIVE_ROWS])
+def test_rms_norm_matches_torch(kernels, rows):
+    x, weight = torch.randn(rows, 576) * 3, torch.randn(576)
+    expected = F.rms_norm(x, (576,), weight, 1e-5)
+    assert torch.allclose(kernels.rms_norm(x, weight, 1e-5), expected, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(RMSNorm(576, 1e-5).requires_grad_(False)(x), F.rms_norm(x, (576,), None, 1e-5),
+                          rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_rope_in_place_matches_torch(kernels, tokens):
+    rotary = RotaryEmbedding(64, 128, 10000.0)
+    tables = rotary.tables(torch.arange(40, 40 + tokens))
+    q, k = torch.randn(tokens, 9, 64), torch.randn(tokens, 3, 64)
+    cos, sin = tables
+    expected_q = q * cos + torch.cat((-q[..., 32:], q[..., :32]), -1) * sin
+    expected_k = k * cos + torch.cat((-k[..., 32:], k[..., :32]), -1) * sin
+    native_q, native_k = apply_rotary(tables, q.clone(), k.clone())          # the native path
+    strided_q, strided_k = apply_rotary(tables, q.transpose(0, 1).contiguous().transpose(0, 1),
+                                        k.transpose(0, 1).contiguous().transpose(0, 1))  # torch's path
+    for actual in (native_q, strided_q):
+        assert torch.allclose(actual, expected_q, atol=1e-6)
+    for actual in (native_k, strided_k):
+        assert torch.allclose(actual, expected_k, atol=1e-6)
 
 
 def test_bad_inputs_raise(kernels):

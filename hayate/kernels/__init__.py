@@ -1,6 +1,7 @@
-"""Native kernels, compiled on first use with PyTorch's C++ extension builder and cached.
+"""Native kernels (GGUF-block GEMV and dequantization, and the small per-token operators
+RMSNorm and RoPE), compiled on first use with PyTorch's C++ extension builder and cached.
 
-`ggml_gemv()` returns the compiled module, or None (with a warning saying why) where it
+`native_kernels()` returns the compiled module, or None (with a warning saying why) where it
 cannot be built: callers then keep the pure-PyTorch path, which gives the same values."""
 from __future__ import annotations
 
@@ -25,14 +26,26 @@ def _cpu_fingerprint() -> str:
 
 
 @functools.cache
-def ggml_gemv():
-    """The compiled GGUF-block kernels (gemv, dequantize), built once per machine."""
+def native_kernels():
+    """The compiled kernels (gemv, dequantize, rms_norm, rope_), built once per machine."""
     try:
         from torch.utils.cpp_extension import load
 
-        source = Path(__file__).with_name("ggml_gemv.cpp")
+        source = Path(__file__).with_name("native.cpp")
         return load(name=f"hayate_ggml_{_cpu_fingerprint()}", sources=[str(source)], verbose=False,
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a build error: fall back, loudly
         log.warning("native GGUF kernels unavailable (%s); using the PyTorch path", error)
         return None
+
+
+# A decode step's few rows: past this many (prefill), PyTorch's parallel operators win.
+MAX_NATIVE_ROWS = 16
+
+
+def kernels_for_rows(x: torch.Tensor, num_rows: int):
+    """The native kernels when `x` is float32 on the CPU and the work is a decode step's few
+    rows (at most MAX_NATIVE_ROWS), else None."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or num_rows > MAX_NATIVE_ROWS:
+        return None
+    return native_kernels()

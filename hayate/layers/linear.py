@@ -5,13 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hayate.kernels import ggml_gemv
+from hayate.kernels import kernels_for_rows, native_kernels
 from hayate.layers.quant import PackedWeight, QType, dequantize
 
 # Types the native kernel reads directly (fp32 activations and accumulation).
 NATIVE_TYPES = frozenset({QType.Q4_0, QType.Q4_1, QType.Q8_0})
-# Past this many rows (prefill) a dequantized fp32 matmul is faster than the row kernel.
-MAX_NATIVE_ROWS = 16
 
 
 class PackedLinear(nn.Module):
@@ -35,20 +33,16 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., in_features] -> [..., out_features]
         rows = x.reshape(-1, self.in_features)
-        kernels = self._native_kernels(x)
-        if kernels is None or rows.shape[0] > MAX_NATIVE_ROWS:
+        kernels = kernels_for_rows(x, rows.shape[0]) if self.ggml_type in NATIVE_TYPES else None
+        if kernels is None:
             # Prefill (many rows) and other types: dequantize once, then one matmul.
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.dequantized(kernels).to(x.dtype), bias)
+            native = native_kernels() if self.ggml_type in NATIVE_TYPES and x.device.type == "cpu" else None
+            return F.linear(x, self.dequantized(native).to(x.dtype), bias)
         out = kernels.gemv(rows, self.packed, self.ggml_type)
         if self.bias is not None:
             out += self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
-
-    def _native_kernels(self, x: torch.Tensor):
-        if self.ggml_type in NATIVE_TYPES and x.dtype == torch.float32 and x.device.type == "cpu":
-            return ggml_gemv()
-        return None
 
     def dequantized(self, kernels=None) -> torch.Tensor:
         """The weight in fp32 [out, in]: the same values either way, the native one faster."""

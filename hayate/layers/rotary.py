@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hayate.kernels import kernels_for_rows
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """[head_dim // 2] inverse frequencies, scaled as the config asks."""
@@ -56,7 +58,14 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(tables: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-    """q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim] -> rotated q, k."""
+    """q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim] -> rotated q, k (for a
+    decode step's few contiguous rows, rotated in place by the native kernel)."""
+    kernels = kernels_for_rows(q, q.shape[0])
+    if kernels is not None and q.is_contiguous() and k.is_contiguous():
+        cos, sin = (t.squeeze(1) for t in tables)
+        kernels.rope_(q, cos, sin)
+        kernels.rope_(k, cos, sin)
+        return q, k
     cos, sin = (t.to(q.dtype) for t in tables)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hayate.config import EngineConfig
-from hayate.kernels import ggml_gemv
+from hayate.kernels import native_kernels
 from hayate.layers.fast_linear import convert_to_fast
 from hayate.layers.linear import NATIVE_TYPES
 from hayate.loading.chat_template import ChatTemplate
@@ -115,7 +115,7 @@ def _packing(mode: str, dequantized_nbytes: int) -> tuple[bool, frozenset[int] |
     if dequantized_nbytes > psutil.virtual_memory().total // 4:
         return True, None   # fp32 would crowd memory: everything stays packed
     # Types the native kernel reads stay packed (exact and faster); the rest become fp32.
-    return ggml_gemv() is not None, NATIVE_TYPES
+    return native_kernels() is not None, NATIVE_TYPES
 
 
 def _tokenizer(source: GGUFModelFile | SafetensorsFolder, path: Path) -> Tokenizer:

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -188,9 +189,58 @@ torch::Tensor dequantize(torch::Tensor w, int64_t ggml_type, int64_t K) {
   return out;
 }
 
+// RMSNorm of a few rows (decode): one pass to sum squares, one to scale. For so little work
+// a plain loop beats the dispatch and threading of a general operator.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32, "rms_norm takes float32");
+  x = x.contiguous();
+  const int64_t H = x.size(-1), M = x.numel() / H;
+  TORCH_CHECK(weight.numel() == H, "weight size does not match the hidden size");
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.contiguous().data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = xp + m * H;
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t h = 0; h < H; ++h) squares += row[h] * row[h];
+    const float scale = 1.f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) op[m * H + h] = wp[h] * (row[h] * scale);
+  }
+  return out;
+}
+
+// Rotary embedding, half-split layout, in place: x [tokens, heads, D], cos/sin [tokens, D].
+void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 3, "rope_ takes contiguous float32 [T, H, D]");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* c = cp + t * D;
+    const float* s = sp + t * D;
+    for (int64_t h = 0; h < H; ++h) {
+      float* v = xp + (t * H + h) * D;
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i + half] + a * s[i + half];
+      }
+    }
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs, so a server's event loop keeps going meanwhile.
   m.def("gemv", &gemv, "GGUF-block matrix-vector product with fp32 activations",
         py::call_guard<py::gil_scoped_release>());
   m.def("dequantize", &dequantize, "GGUF blocks to fp32", py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, "RMSNorm of a few float32 rows", py::call_guard<py::gil_scoped_release>());
+  m.def("rope_", &rope_, "rotary embedding in place (half-split)", py::call_guard<py::gil_scoped_release>());
 }
