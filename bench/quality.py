@@ -9,19 +9,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from hayate.bench.prompts import OPEN_PROMPTS, PARITY_PROMPTS
 from hayate.llm import LLM
 from hayate.sampling import SamplingParams
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a Python function that reverses a string.",
-    "Explain in two sentences why the sky is blue.",
-    "Translate 'good morning, my friend' into Spanish.",
-    "List three prime numbers greater than 20.",
-    "Give me a short poem about the sea.",
-    "What are the health benefits of drinking water?",
-    "Summarize the plot of Romeo and Juliet in one sentence.",
-]
+PROMPTS = PARITY_PROMPTS + OPEN_PROMPTS
 
 
 def agreeing_prefix(a: list[int], b: list[int]) -> int:

@@ -5,17 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hayate.bench.prompts import PARITY_PROMPTS
 from hayate.llm import LLM
 from hayate.loading.loader import default_model_path
 from hayate.sampling import SamplingParams
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a Python function that reverses a string.",
-    "Explain in two sentences why the sky is blue.",
-    "Translate 'good morning, my friend' into Spanish.",
-    "List three prime numbers greater than 20.",
-]
+PROMPTS = PARITY_PROMPTS
 NEW_TOKENS = 24
 
 
