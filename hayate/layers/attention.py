@@ -16,15 +16,12 @@ class AttentionMetadata:
     query_lens: list[int]            # new tokens of each sequence in this step
     slot_mapping: torch.Tensor       # [tokens] cache row to write each new token's key/value to
     key_rows: list[torch.Tensor]     # per sequence: [context + new] cache rows of its keys, in order
-    # When every sequence decodes one token: rows padded to the longest, and which are real.
+    decode_only: bool = False        # every sequence runs exactly one new token
+    # Decode-only steps: the keys' rows padded to the longest sequence, and which are real;
+    # or, for a lone sequence on consecutive blocks, the cache rows a..b themselves.
     padded_key_rows: torch.Tensor | None = None   # [sequences, longest]
     padding_mask: torch.Tensor | None = None      # [sequences, 1, 1, longest] bool
-    # A lone decoding sequence whose blocks are consecutive: its keys are cache rows a..b.
     key_range: tuple[int, int] | None = None
-
-    @property
-    def decode_only(self) -> bool:
-        return self.padded_key_rows is not None
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
@@ -32,11 +29,13 @@ class AttentionMetadata:
         key_rows = [_rows(table, start + length, block_size)
                     for table, start, length in zip(block_tables, context_lens, query_lens)]
         slot_mapping = torch.cat([rows[start:] for rows, start in zip(key_rows, context_lens)])
-        meta = cls(list(context_lens), list(query_lens), slot_mapping, key_rows)
-        if len(query_lens) == 1 and query_lens[0] == 1 and _consecutive(block_tables[0], key_rows[0].shape[0], block_size):
-            meta.padded_key_rows = key_rows[0][None]   # marks the step as decode-only
+        meta = cls(list(context_lens), list(query_lens), slot_mapping, key_rows,
+                   decode_only=all(length == 1 for length in query_lens))
+        if not meta.decode_only:
+            return meta
+        if len(key_rows) == 1 and _consecutive(block_tables[0], key_rows[0].shape[0], block_size):
             meta.key_range = (int(key_rows[0][0]), int(key_rows[0][-1]) + 1)
-        elif all(length == 1 for length in query_lens):
+        else:
             lengths = torch.tensor([rows.shape[0] for rows in key_rows])
             meta.padding_mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None])[:, None, None, :]
             # Padding reads row 0 of the cache; the mask gives it no weight.
@@ -97,10 +96,12 @@ class Attention(nn.Module):
 
     def _attend_decodes(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query per sequence: every sequence at once, keys padded to the longest."""
-        batch, width = meta.padded_key_rows.shape
+        batch = len(meta.query_lens)
         if meta.key_range is not None:   # no gather: the cache rows themselves, as a view
             keys, values = (cache[meta.key_range[0]:meta.key_range[1]] for cache in (self.k_cache, self.v_cache))
+            width = meta.key_range[1] - meta.key_range[0]
         else:
+            width = meta.padded_key_rows.shape[1]
             keys = self.k_cache.index_select(0, meta.padded_key_rows.reshape(-1))
             values = self.v_cache.index_select(0, meta.padded_key_rows.reshape(-1))
         keys = keys.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)

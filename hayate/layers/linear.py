@@ -1,4 +1,5 @@
-"""PackedLinear: a linear layer that keeps its weight in GGUF form to save memory."""
+"""PackedLinear: a linear layer that keeps its weight in GGUF form: fewer bytes to hold and,
+through the native kernels, fewer bytes to read per token."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,9 @@ NATIVE_TYPES = frozenset({QType.Q4_0, QType.Q4_1, QType.Q8_0})
 
 
 class PackedLinear(nn.Module):
-    """A linear layer whose weight stays in its GGUF packed form and is dequantized per forward."""
+    """A linear layer whose weight stays in its GGUF packed form: a decode step's few rows
+    are multiplied by the blocks directly (native kernels, Q4_0 / Q4_1 / Q8_0); otherwise the
+    weight is dequantized for the forward."""
 
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None):
         super().__init__()
@@ -33,12 +36,12 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., in_features] -> [..., out_features]
         rows = x.reshape(-1, self.in_features)
-        kernels = kernels_for_rows(x, rows.shape[0]) if self.ggml_type in NATIVE_TYPES else None
+        native = self.ggml_type in NATIVE_TYPES and x.device.type == "cpu"
+        kernels = kernels_for_rows(x, rows.shape[0]) if native else None
         if kernels is None:
             # Prefill (many rows) and other types: dequantize once, then one matmul.
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            native = native_kernels() if self.ggml_type in NATIVE_TYPES and x.device.type == "cpu" else None
-            return F.linear(x, self.dequantized(native).to(x.dtype), bias)
+            return F.linear(x, self.dequantized(native_kernels() if native else None).to(x.dtype), bias)
         out = kernels.gemv(rows, self.packed, self.ggml_type)
         if self.bias is not None:
             out += self.bias
