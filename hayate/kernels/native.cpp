@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -156,11 +157,18 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, int64_t ggml_type) {
   TORCH_CHECK(M <= kMaxRows, "at most ", kMaxRows, " activation rows, got ", M);
   TORCH_CHECK(K % kBlock == 0, "in_features must be a multiple of 32");
   TORCH_CHECK(w.size(1) == K / kBlock * block_bytes, "weight bytes do not match in_features");
-  // Per-block sums of x, shared by every output row (Q4's offsets multiply them).
-  auto x_sums = x.view({M, K / kBlock, kBlock}).sum(-1).contiguous();
-  auto out = torch::empty({M, N}, x.options());
+  // Per-block sums of x, shared by every output row (Q4's offsets multiply them); a plain
+  // loop, as an operator call here would cost more than the sums.
+  const int64_t blocks = K / kBlock;
   const float* xp = x.data_ptr<float>();
-  const float* sp = x_sums.data_ptr<float>();
+  std::vector<float> x_sums(M * blocks);
+  for (int64_t i = 0; i < M * blocks; ++i) {
+    float sum = 0.f;
+    for (int j = 0; j < kBlock; ++j) sum += xp[i * kBlock + j];
+    x_sums[i] = sum;
+  }
+  auto out = torch::empty({M, N}, x.options());
+  const float* sp = x_sums.data();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {

@@ -35,7 +35,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., in_features] -> [..., out_features]
-        rows = x.reshape(-1, self.in_features)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         native = self.ggml_type in NATIVE_TYPES and x.device.type == "cpu"
         kernels = kernels_for_rows(x, rows.shape[0]) if native else None
         if kernels is None:
@@ -45,7 +45,7 @@ class PackedLinear(nn.Module):
         out = kernels.gemv(rows, self.packed, self.ggml_type)
         if self.bias is not None:
             out += self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized(self, kernels=None) -> torch.Tensor:
         """The weight in fp32 [out, in]: the same values either way, the native one faster."""
