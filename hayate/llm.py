@@ -44,7 +44,7 @@ class LLM:
         self.config = config or EngineConfig(model=model, **settings)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        loaded = load_model(self.config)
+        self.loaded = loaded = load_model(self.config)
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.model_path = loaded.path

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from hayate.cli import main
+from hayate.layers.linear import PackedLinear
 from hayate.llm import LLM
 from hayate.plan.cost import decode_cost, group_rows, prefill_cost
+from hayate.plan.dispatch import build_twin, dispatch_seconds, twin_config
 from hayate.plan.hardware import HardwareProfile, probe_cpu
+from test_gguf import QType, export_hf_model, tiny_model
 from tiny_models import make_tiny_model
 
 
@@ -45,3 +48,15 @@ def test_plan_command_prints_floor(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path), "--hardware", "h200"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s decode" in out and "time to first token" in out and "lm_head" in out
+
+
+def test_dispatch_twin_keeps_layers_heads_and_format(tmp_path):
+    path = export_hf_model(tmp_path / "m.gguf", tiny_model("llama"), "llama", QType.Q4_1)
+    real = LLM(str(path)).loaded
+    twin = build_twin(real)
+    config = twin_config(real.config)
+    assert config.num_hidden_layers == real.config.num_hidden_layers
+    assert config.num_attention_heads == real.config.num_attention_heads
+    assert isinstance(twin.model.layers[0].mlp.gate_up_proj, PackedLinear)
+    assert twin.model.layers[0].mlp.gate_up_proj.ggml_type == QType.Q4_1
+    assert dispatch_seconds(real, context=8, steps=3) > 0

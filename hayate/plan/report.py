@@ -11,6 +11,7 @@ from rich.table import Table
 from hayate.config import WEIGHT_MODES, EngineConfig
 from hayate.loading.loader import load_model
 from hayate.plan.cost import StepCost, decode_cost, group_rows, prefill_cost
+from hayate.plan.dispatch import dispatch_seconds
 from hayate.plan.hardware import HardwareProfile, datasheet_profiles, probe_cpu
 
 PROMPT_LENGTHS = (32, 512, 2048)
@@ -21,16 +22,19 @@ class Prediction:
     decode_tokens_per_second: float
     decode_step_seconds: float
     time_to_first_token: dict[int, float]   # prompt length -> seconds
+    dispatch_seconds: float = 0.0            # the part of a decode step that is fixed cost
 
 
-def predict(model, config, hardware: HardwareProfile, context: int, prefill_chunk: int) -> Prediction:
+def predict(model, config, hardware: HardwareProfile, context: int, prefill_chunk: int,
+            dispatch_seconds: float = 0.0) -> Prediction:
+    """The roofline of each step, plus the fixed per-step cost when it was measured."""
     step = decode_cost(model, config, batch=1, context=context)
-    seconds = hardware.floor_seconds(step.bytes, step.flops)
+    seconds = hardware.floor_seconds(step.bytes, step.flops) + dispatch_seconds
     ttft = {}
     for length in PROMPT_LENGTHS:
         prefill = prefill_cost(model, config, length, prefill_chunk)
         ttft[length] = hardware.floor_seconds(prefill.bytes, prefill.flops)
-    return Prediction(1 / seconds, seconds, ttft)
+    return Prediction(1 / seconds, seconds, ttft, dispatch_seconds)
 
 
 def cost_table(cost: StepCost, hardware: HardwareProfile) -> Table:
@@ -66,9 +70,16 @@ def command_plan(args: argparse.Namespace) -> int:
     console.print(f"{loaded.path.name}: {loaded.config.model_type}, {loaded.config.num_hidden_layers} layers; "
                   f"{hardware.name}: {hardware.bandwidth / 1e9:.1f} GB/s read, {hardware.flops / 1e9:.0f} GFLOP/s")
     console.print(cost_table(decode_cost(loaded.model, loaded.config, 1, args.context), hardware))
-    prediction = predict(loaded.model, loaded.config, hardware, args.context, config.prefill_chunk)
-    console.print(f"floor: {prediction.decode_tokens_per_second:.0f} tokens/s decode at batch 1 "
-                  f"({prediction.decode_step_seconds * 1e3:.2f} ms a token)")
+    floor = predict(loaded.model, loaded.config, hardware, args.context, config.prefill_chunk)
+    console.print(f"floor: {floor.decode_tokens_per_second:.0f} tokens/s decode at batch 1 "
+                  f"({floor.decode_step_seconds * 1e3:.2f} ms a token: bytes and FLOPs only)")
+    if args.hardware == "probe":
+        dispatch = dispatch_seconds(loaded, args.context)
+        prediction = predict(loaded.model, loaded.config, hardware, args.context, config.prefill_chunk, dispatch)
+        console.print(f"predicted: {prediction.decode_tokens_per_second:.0f} tokens/s decode at batch 1 "
+                      f"({prediction.decode_step_seconds * 1e3:.2f} ms a token, of which {dispatch * 1e3:.2f} ms "
+                      f"fixed per-step cost, measured on a shrunken twin of the model)")
+    prediction = floor
     for length, seconds in prediction.time_to_first_token.items():
         console.print(f"floor: time to first token for a {length}-token prompt: {seconds * 1e3:.1f} ms")
     return 0

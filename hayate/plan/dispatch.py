@@ -1,0 +1,86 @@
+"""The fixed cost a decode step pays on top of its bytes and FLOPs: operator dispatch,
+module calls, scheduling, sampling and detokenizing.
+
+At batch 1 a small model's step is hundreds of tiny calls whose cost does not depend on the
+weights' size. The plan measures it on a twin of the model: the same layers, heads and
+weight format, with every matrix shrunk until its bytes and FLOPs are negligible, run
+through the real engine. What the twin's step takes is what the real step pays beyond the
+roofline."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from hayate.config import EngineConfig
+from hayate.layers.linear import PackedLinear
+from hayate.layers.quant import PackedWeight, QType
+from hayate.loading.loader import LoadedModel
+from hayate.models.config import ModelConfig
+from hayate.models.registry import build_model
+from hayate.sampling import SamplingParams
+
+TWIN_HEAD_DIM = 32
+TWIN_VOCAB = 256
+
+
+def twin_config(config: ModelConfig) -> ModelConfig:
+    """Same layers and heads, head_dim 32, a 256-token vocabulary: almost no bytes."""
+    hidden = config.num_attention_heads * TWIN_HEAD_DIM
+    return dataclasses.replace(config, hidden_size=hidden, intermediate_size=hidden, head_dim=TWIN_HEAD_DIM,
+                               vocab_size=TWIN_VOCAB, rope_scaling=None)
+
+
+def build_twin(loaded: LoadedModel) -> nn.Module:
+    """The twin with random weights, its linear layers in the real model's format."""
+    config = twin_config(loaded.config)
+    twin = build_model(config, max_positions=loaded.max_model_len).eval()
+    packed_type = _packed_type(loaded.model)
+    if packed_type is not None:
+        targets = [(n, m) for n, m in twin.named_modules() if isinstance(m, nn.Linear)]
+        for name, linear in targets:
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, child, _random_packed(linear, packed_type))
+    for layer in twin.model.layers:
+        layer.self_attn.fuse()
+        layer.mlp.fuse()
+    return twin
+
+
+def _packed_type(model: nn.Module) -> int | None:
+    types = [m.ggml_type for m in model.modules() if isinstance(m, PackedLinear)]
+    return max(set(types), key=types.count) if types else None
+
+
+def _random_packed(linear: nn.Linear, ggml_type: int) -> PackedLinear:
+    shape = (linear.out_features, linear.in_features)
+    values = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    try:
+        blocks = gguf.quants.quantize(values, QType(ggml_type))
+    except NotImplementedError:   # a type gguf cannot encode: time the fp32 path instead
+        return linear
+    return PackedLinear(PackedWeight(torch.from_numpy(blocks.reshape(shape[0], -1).copy()), ggml_type, shape),
+                        linear.bias)
+
+
+def dispatch_seconds(loaded: LoadedModel, context: int, steps: int = 24) -> float:
+    """Median time of one decode step of the twin, at `context` cached tokens."""
+    from hayate.engine.engine import Engine
+
+    twin = dataclasses.replace(loaded, model=build_twin(loaded), config=twin_config(loaded.config))
+    engine = Engine(twin, EngineConfig(kv_cache_tokens=max(loaded.max_model_len, 16)))
+    prompt = [i % TWIN_VOCAB for i in range(max(1, min(context, loaded.max_model_len - steps - 2)))]
+    engine.add_request("twin", prompt, SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True))
+    engine.step()   # the prompt
+    engine.step()   # one warm-up decode
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
