@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from hayate.kernels import native_kernels
 from hayate.kernels import MAX_NATIVE_ROWS
-from hayate.layers.linear import PackedLinear
+from hayate.layers.linear import PackedLinear, share_workspace
 from hayate.layers.norm import RMSNorm
 from hayate.layers.quant import PackedWeight, QType
 from hayate.layers.rotary import RotaryEmbedding, apply_rotary
@@ -58,6 +58,17 @@ def test_packed_linear_matches_dequantized_linear(kernels, qtype, tokens):
     x = torch.randn(tokens, weight.shape[1])
     expected = F.linear(x, weight.dequantize(), bias)
     assert torch.allclose(PackedLinear(weight, bias)(x), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_shared_dequantization_workspace_changes_nothing(kernels):
+    """Prefill-sized inputs dequantize into one shared buffer, layer after layer."""
+    first, second = PackedLinear(packed(QType.Q4_1, 96, 256, seed=1)), PackedLinear(packed(QType.Q8_0, 64, 96, seed=2))
+    model = torch.nn.Sequential(first, second)
+    x = torch.randn(MAX_NATIVE_ROWS + 3, 256)
+    expected = model(x)
+    share_workspace(model)
+    assert first.workspace is second.workspace is not None
+    assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
 
 
 def test_rows_of_a_batch_equal_rows_alone(kernels):

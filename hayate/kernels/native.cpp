@@ -183,14 +183,22 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, int64_t ggml_type) {
   return out;
 }
 
-// w [N, K / 32 * block_bytes] uint8 -> fp32 [N, K], computed as w = d * q + offset.
-torch::Tensor dequantize(torch::Tensor w, int64_t ggml_type, int64_t K) {
+// w [N, K / 32 * block_bytes] uint8 -> fp32 [N, K], computed as w = d * q + offset, into
+// `out` when given (a reused workspace: no fresh pages to fault in for every prefill chunk).
+torch::Tensor dequantize(torch::Tensor w, int64_t ggml_type, int64_t K, c10::optional<torch::Tensor> into) {
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be a 2-D uint8 tensor");
   const int64_t block_bytes = block_bytes_of(ggml_type);
   w = w.contiguous();
   const int64_t N = w.size(0);
   TORCH_CHECK(K % kBlock == 0 && w.size(1) == K / kBlock * block_bytes, "weight bytes do not match K");
-  auto out = torch::empty({N, K}, torch::kFloat32);
+  torch::Tensor out;
+  if (into.has_value()) {
+    out = *into;
+    TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == N * K,
+                "out must be a contiguous float32 tensor of N * K elements");
+  } else {
+    out = torch::empty({N, K}, torch::kFloat32);
+  }
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
@@ -252,7 +260,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs, so a server's event loop keeps going meanwhile.
   m.def("gemv", &gemv, "GGUF-block matrix-vector product with fp32 activations",
         py::call_guard<py::gil_scoped_release>());
-  m.def("dequantize", &dequantize, "GGUF blocks to fp32", py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize", &dequantize, "GGUF blocks to fp32", py::arg("w"), py::arg("ggml_type"), py::arg("K"),
+        py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "RMSNorm of a few float32 rows", py::call_guard<py::gil_scoped_release>());
   m.def("rope_", &rope_, "rotary embedding in place (half-split)", py::call_guard<py::gil_scoped_release>());
 }

@@ -13,6 +13,27 @@ from hayate.layers.quant import PackedWeight, QType, dequantize
 NATIVE_TYPES = frozenset({QType.Q4_0, QType.Q4_1, QType.Q8_0})
 
 
+class DequantWorkspace:
+    """One fp32 scratch buffer that packed layers dequantize into, one after the other
+    (prefill): allocated once and reused, so no chunk pays for fresh pages."""
+
+    def __init__(self):
+        self.buffer = torch.empty(0)
+
+    def take(self, numel: int) -> torch.Tensor:
+        if self.buffer.numel() < numel:
+            self.buffer = torch.empty(numel)
+        return self.buffer[:numel]
+
+
+def share_workspace(model: nn.Module) -> None:
+    """Give every packed layer of the model the same dequantization workspace."""
+    workspace = DequantWorkspace()
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            module.workspace = workspace
+
+
 class PackedLinear(nn.Module):
     """A linear layer whose weight stays in its GGUF packed form: a decode step's few rows
     are multiplied by the blocks directly (native kernels, Q4_0 / Q4_1 / Q8_0); otherwise the
@@ -28,6 +49,7 @@ class PackedLinear(nn.Module):
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias, requires_grad=False)
         self.register_parameter("bias", bias)
+        self.workspace: DequantWorkspace | None = None   # set by share_workspace()
 
     @property
     def weight(self) -> PackedWeight:
@@ -50,7 +72,9 @@ class PackedLinear(nn.Module):
     def dequantized(self, kernels=None) -> torch.Tensor:
         """The weight in fp32 [out, in]: the same values either way, the native one faster."""
         if kernels is not None:
-            return kernels.dequantize(self.packed, self.ggml_type, self.in_features)
+            into = None if self.workspace is None else self.workspace.take(self.out_features * self.in_features)
+            weight = kernels.dequantize(self.packed, self.ggml_type, self.in_features, into)
+            return weight.view(self.out_features, self.in_features)
         return dequantize(self.packed, self.ggml_type, (self.out_features, self.in_features))
 
     def extra_repr(self) -> str:

@@ -13,6 +13,7 @@ from hayate.layers.attention import Attention, AttentionMetadata
 from hayate.layers.quant import PackedWeight
 from hayate.layers.norm import RMSNorm
 from hayate.layers.fuse import fuse_linears
+from hayate.layers.linear import share_workspace
 from hayate.layers.rotary import RotaryEmbedding, apply_rotary
 from hayate.models.config import ModelConfig
 from hayate.models.weights import WeightValue, load_named_weights
@@ -134,3 +135,4 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        share_workspace(self)
