@@ -96,3 +96,26 @@ def test_stop_string_truncates_text(model_folder):
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[full.text[cut:cut + 2]])
     result = llm.generate(prompts(1)[0], params)
     assert result.finish_reason == "stop" and result.text == full.text[:cut]
+
+
+def test_async_engine_stream_and_early_exit(model_folder):
+    import asyncio
+
+    from hayate.engine.async_engine import AsyncEngine
+
+    llm = LLM(model_folder, max_num_seqs=2)
+    engine = AsyncEngine(llm.engine)
+    engine.start()
+
+    async def run():
+        tokens = [t async for o in engine.generate("a", prompts(1)[0], GREEDY) for t in o.token_ids]
+        async for _ in engine.generate("b", prompts(2)[1], SamplingParams(max_tokens=200, ignore_eos=True)):
+            break   # leaving early aborts the request
+        await asyncio.sleep(0.2)
+        return tokens
+
+    try:
+        assert asyncio.run(run()) == alone(model_folder, prompts(1))[0]
+        assert engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0
+    finally:
+        engine.shutdown()

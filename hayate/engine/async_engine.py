@@ -6,7 +6,6 @@ on a model step."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
@@ -54,7 +53,6 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ids = itertools.count()
         self.error: BaseException | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -74,9 +72,6 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     # ---- requests ----------------------------------------------------------------------
-    def new_request_id(self, prefix: str = "req") -> str:
-        return f"{prefix}-{next(self._ids)}"
-
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request can never run (safe from any thread)."""
         self.engine.validate_request(prompt_token_ids, params)
@@ -85,7 +80,7 @@ class AsyncEngine:
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine makes them. Leaving the iteration early
         (client gone, task cancelled) aborts the request and frees its KV space."""
-        outputs = self._outputs(request_id, self._submit(request_id, prompt_token_ids, params))
+        outputs = self.submit(request_id, prompt_token_ids, params)
         try:
             async for output in outputs:
                 yield output
