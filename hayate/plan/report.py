@@ -22,19 +22,17 @@ class Prediction:
     decode_tokens_per_second: float
     decode_step_seconds: float
     time_to_first_token: dict[int, float]   # prompt length -> seconds
-    dispatch_seconds: float = 0.0            # the part of a decode step that is fixed cost
 
 
-def predict(model, config, hardware: HardwareProfile, context: int, prefill_chunk: int,
-            dispatch_seconds: float = 0.0) -> Prediction:
-    """The roofline of each step, plus the fixed per-step cost when it was measured."""
+def predict(model, config, hardware: HardwareProfile, context: int, prefill_chunk: int) -> Prediction:
+    """The roofline of a decode step and of prefill at PROMPT_LENGTHS."""
     step = decode_cost(model, config, batch=1, context=context)
-    seconds = hardware.floor_seconds(step.bytes, step.flops) + dispatch_seconds
+    seconds = hardware.floor_seconds(step.bytes, step.flops)
     ttft = {}
     for length in PROMPT_LENGTHS:
         prefill = prefill_cost(model, config, length, prefill_chunk)
         ttft[length] = hardware.floor_seconds(prefill.bytes, prefill.flops)
-    return Prediction(1 / seconds, seconds, ttft, dispatch_seconds)
+    return Prediction(1 / seconds, seconds, ttft)
 
 
 def cost_table(cost: StepCost, hardware: HardwareProfile) -> Table:
@@ -75,11 +73,9 @@ def command_plan(args: argparse.Namespace) -> int:
                   f"({floor.decode_step_seconds * 1e3:.2f} ms a token: bytes and FLOPs only)")
     if args.hardware == "probe":
         dispatch = dispatch_seconds(loaded, args.context)
-        prediction = predict(loaded.model, loaded.config, hardware, args.context, config.prefill_chunk, dispatch)
-        console.print(f"predicted: {prediction.decode_tokens_per_second:.0f} tokens/s decode at batch 1 "
-                      f"({prediction.decode_step_seconds * 1e3:.2f} ms a token, of which {dispatch * 1e3:.2f} ms "
-                      f"fixed per-step cost, measured on a shrunken twin of the model)")
-    prediction = floor
-    for length, seconds in prediction.time_to_first_token.items():
+        step = floor.decode_step_seconds + dispatch
+        console.print(f"predicted: {1 / step:.0f} tokens/s decode at batch 1 ({step * 1e3:.2f} ms a token, of which "
+                      f"{dispatch * 1e3:.2f} ms fixed per-step cost, measured on a shrunken twin of the model)")
+    for length, seconds in floor.time_to_first_token.items():
         console.print(f"floor: time to first token for a {length}-token prompt: {seconds * 1e3:.1f} ms")
     return 0
