@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hayate.cli import engine_config, sampling_params, stream_to_stdout, summary_line
+from hayate.cli import engine_config, sampling_params, stream_to_stdout, summary_line, user_message
+from hayate.multimodal.image import ImageLimits, MediaError
 
-HELP = "commands: /reset (forget the conversation), /exit (leave); Ctrl-C stops an answer"
+HELP = ("commands: /image PATH (attach an image to your next message), /reset (forget the "
+        "conversation), /exit (leave); Ctrl-C stops an answer")
 
 
 def command_chat(args: argparse.Namespace) -> int:
@@ -16,6 +18,7 @@ def command_chat(args: argparse.Namespace) -> int:
     llm = LLM(config=engine_config(args))
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
+    images: list = []   # attached with /image, sent with the next message
     print(f"hayate chat with {llm.model_path.name}. {HELP}", file=sys.stderr)
     while True:
         user = _read_line()
@@ -23,13 +26,36 @@ def command_chat(args: argparse.Namespace) -> int:
             return 0
         if user.strip() == "/reset":
             history.clear()
+            images.clear()
             print("(conversation reset)", file=sys.stderr)
+            continue
+        if user.strip().startswith("/image"):
+            _attach(user.strip()[len("/image"):].strip(), images)
             continue
         if not user.strip():
             continue
-        history.append({"role": "user", "content": user})
-        answer = _answer(llm, system + history, params)
-        history.append({"role": "assistant", "content": answer})
+        turn = user_message(user, images)
+        images = []
+        try:
+            answer = _answer(llm, system + history + [turn], params)
+        except (ValueError, OSError) as error:   # e.g. a text-only model given an image
+            print(f"hayate: error: {error}", file=sys.stderr)
+            continue
+        history += [turn, {"role": "assistant", "content": answer}]
+
+
+def _attach(path: str, images: list) -> None:
+    from hayate.multimodal.media import load_image_file
+
+    if not path:
+        print("usage: /image PATH", file=sys.stderr)
+        return
+    try:
+        images.append(load_image_file(path, ImageLimits()))
+    except MediaError as error:
+        print(f"hayate: error: {error}", file=sys.stderr)
+        return
+    print(f"(image {len(images)} attached: {path})", file=sys.stderr)
 
 
 def _read_line() -> str | None:

@@ -6,7 +6,7 @@ import sys
 from typing import Iterator
 
 from hayate.config import WEIGHT_MODES, EngineConfig
-from hayate.engine.request import RequestOutput
+from hayate.engine.request import ImageTimings, RequestOutput
 from hayate.sampling import SamplingParams
 
 EXIT_USAGE = 2
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="answer one prompt, streamed")
     run.add_argument("prompt", help="the user message")
+    run.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image to ask about (repeatable; vision models only)")
     _add_generation_options(run)
     chat = commands.add_parser("chat", help="interactive chat in the terminal")
     _add_generation_options(chat)
@@ -86,16 +88,36 @@ def summary_line(output: RequestOutput) -> str:
              f"time to first token {ttft * 1000:.0f} ms" if ttft is not None else "no token",
              f"{output.num_output_tokens} tokens at {rate:.1f} tokens/s" if rate else f"{output.num_output_tokens} tokens",
              f"total {total:.2f} s", f"({output.finish_reason})"]
+    if timings.images is not None:
+        parts.insert(1, image_summary(timings.images))
     return " | ".join(parts)
+
+
+def image_summary(images: ImageTimings) -> str:
+    cached = f", {images.encoder_cache_hits} from cache" if images.encoder_cache_hits else ""
+    return (f"{images.num_images} image{'s' if images.num_images != 1 else ''}: preprocess "
+            f"{images.preprocess * 1000:.0f} ms, encode {images.encode * 1000:.0f} ms{cached}")
+
+
+def user_message(text: str, images: list) -> dict:
+    """A user turn: the images (decoded), then the text, as vision chat examples put them."""
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*({"type": "image", "image": image} for image in images),
+                                        {"type": "text", "text": text}]}
 
 
 def command_run(args: argparse.Namespace) -> int:
     from hayate.llm import LLM
 
+    from hayate.multimodal.image import ImageLimits
+    from hayate.multimodal.media import load_image_file
+
     params = sampling_params(args)
+    images = [load_image_file(path, ImageLimits()) for path in args.image]   # before the slow load
     llm = LLM(config=engine_config(args))
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-        [{"role": "user", "content": args.prompt}]
+        [user_message(args.prompt, images)]
     last = stream_to_stdout(llm.stream_chat(messages, params))
     if last is not None:
         print(summary_line(last), file=sys.stderr)

@@ -20,6 +20,7 @@ class EngineConfig:
     # | int4-bf16: packed int4 kernels with bf16 activations (fast, lossy) | auto: fp32 or packed
     weights: str = "auto"
     show_progress: bool = False       # progress bar while loading
+    encoder_cache_mb: int = 256       # image embeddings kept by content hash (vision models)
 
     def __post_init__(self) -> None:
         if self.threads is not None and not 1 <= self.threads <= 4 * (os.cpu_count() or 1):
@@ -34,5 +35,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 16:
             raise ValueError(f"kv_cache_tokens must be >= 16, got {self.kv_cache_tokens}")
+        if self.encoder_cache_mb < 0:
+            raise ValueError(f"encoder_cache_mb must be >= 0, got {self.encoder_cache_mb}")
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

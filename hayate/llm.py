@@ -13,6 +13,8 @@ from hayate.engine.engine import Engine
 from hayate.engine.request import RequestOutput, RequestTimings, TokenLogprob
 from hayate.loading.chat_template import ChatTemplate, default_chat_template
 from hayate.loading.loader import load_model
+from hayate.multimodal.features import PromptImages
+from hayate.multimodal.prompt import ChatPrompt, encode_chat
 from hayate.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -46,6 +48,7 @@ class LLM:
             torch.set_num_threads(self.config.threads)
         self.loaded = loaded = load_model(self.config)
         self.tokenizer = loaded.tokenizer
+        self.processor = loaded.processor
         self.model_config = loaded.config
         self.model_path = loaded.path
         self.chat_template = loaded.chat_template or ChatTemplate(
@@ -57,14 +60,19 @@ class LLM:
         gc.collect()
         gc.freeze()
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
-        # The template writes its own special tokens (BOS included), so none are added here.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def prepare_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> ChatPrompt:
+        """Token ids and processed images of a conversation; image parts are
+        {"type": "image", "image": DecodedImage} (see hayate.multimodal.media)."""
+        return encode_chat(messages, self.chat_template, self.tokenizer, self.processor,
+                           add_generation_prompt=add_generation_prompt)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.prepare_chat(messages, add_generation_prompt).token_ids
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               images: PromptImages | None = None) -> Iterator[RequestOutput]:
         """Outputs of one request as they come; closing the iterator early aborts it."""
-        request_id = self._submit(prompt, params)
+        request_id = self._submit(prompt, params, images)
         yield from self._drain(request_id)
 
     def generate(self, prompts: Prompt | Seq[Prompt],
@@ -77,15 +85,17 @@ class LLM:
         return results[0] if single else results
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> GenerationResult:
-        return self.generate(self.encode_chat(messages), params)
+        prompt = self.prepare_chat(messages)
+        return self._collect([self._submit(prompt.token_ids, params, prompt.images)])[0]
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        return self.stream(self.encode_chat(messages), params)
+        prompt = self.prepare_chat(messages)   # errors raise here, before any iteration
+        return self.stream(prompt.token_ids, params, prompt.images)
 
-    def _submit(self, prompt: Prompt, params: SamplingParams | None) -> str:
+    def _submit(self, prompt: Prompt, params: SamplingParams | None, images: PromptImages | None = None) -> str:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         request_id = f"req-{next(self._ids)}"
-        self.engine.add_request(request_id, token_ids, params or SamplingParams())
+        self.engine.add_request(request_id, token_ids, params or SamplingParams(), images)
         return request_id
 
     def _drain(self, request_id: str) -> Iterator[RequestOutput]:

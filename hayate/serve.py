@@ -39,6 +39,16 @@ def add_serve_parser(commands) -> None:
                        help="KV-cache capacity shared by all requests, in tokens (default: by memory)")
     serve.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
                        help="how GGUF weights are kept (see `hayate run --help`; default auto)")
+    serve.add_argument("--allowed-media-dir", type=Path,
+                       help="local image paths (file:// or absolute) may be read from under this folder only")
+    serve.add_argument("--allow-remote-media", action="store_true",
+                       help="fetch http(s) image URLs (never loopback, private or metadata addresses)")
+    serve.add_argument("--max-image-mb", type=float, default=20.0, help="bytes per image, in MB (default 20)")
+    serve.add_argument("--max-image-megapixels", type=float, default=33.0,
+                       help="pixels per image, in millions (default 33)")
+    serve.add_argument("--max-images", type=int, default=5, help="images per request (default 5)")
+    serve.add_argument("--encoder-cache-mb", type=int, default=256,
+                       help="image embeddings kept by content hash, so a repeated image is encoded once (default 256)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="on SIGTERM, seconds in-flight requests get to finish before being aborted")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -50,10 +60,10 @@ def command_serve(args: argparse.Namespace) -> int:
     from hayate.server import ServerSettings, create_app
 
     _check_options(args)
-    settings = ServerSettings(api_keys=api_keys(args), max_n=args.max_n)
+    settings = ServerSettings(api_keys=api_keys(args), max_n=args.max_n, media=media_policy(args))
     config = EngineConfig(model=args.model, threads=args.threads, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_batch, kv_cache_tokens=args.kv_cache_tokens,
-                          weights=args.weights)
+                          weights=args.weights, encoder_cache_mb=args.encoder_cache_mb)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     failures: list[str] = []
 
@@ -74,6 +84,20 @@ def command_serve(args: argparse.Namespace) -> int:
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     keys = list(args.api_key) + ([os.environ[API_KEY_ENV]] if os.environ.get(API_KEY_ENV) else [])
     return tuple(dict.fromkeys(keys))
+
+
+def media_policy(args: argparse.Namespace):
+    from hayate.multimodal.image import ImageLimits
+    from hayate.multimodal.media import MediaPolicy
+
+    if args.allowed_media_dir is not None and not args.allowed_media_dir.is_dir():
+        raise ValueError(f"--allowed-media-dir {args.allowed_media_dir} is not a folder")
+    if args.max_image_mb <= 0 or args.max_image_megapixels <= 0 or args.max_images < 0:
+        raise ValueError("--max-image-mb and --max-image-megapixels must be > 0, --max-images >= 0")
+    limits = ImageLimits(max_bytes=int(args.max_image_mb * 1024 * 1024),
+                         max_pixels=int(args.max_image_megapixels * 1_000_000), max_images=args.max_images)
+    return MediaPolicy(limits=limits, allowed_media_dir=args.allowed_media_dir,
+                       allow_remote_media=args.allow_remote_media)
 
 
 def _check_options(args: argparse.Namespace) -> None:

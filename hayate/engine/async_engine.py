@@ -14,6 +14,7 @@ from typing import AsyncIterator
 
 from hayate.engine.engine import Engine
 from hayate.engine.request import EngineStats, RequestOutput
+from hayate.multimodal.features import PromptImages
 from hayate.sampling import SamplingParams
 
 log = logging.getLogger("hayate.engine")
@@ -32,6 +33,7 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    images: PromptImages | None
     stream: asyncio.Queue
     loop: asyncio.AbstractEventLoop
 
@@ -72,27 +74,32 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     # ---- requests ----------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError if the request can never run (safe from any thread)."""
-        self.engine.validate_request(prompt_token_ids, params)
+    @property
+    def accepts_images(self) -> bool:
+        return self.engine.accepts_images
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams,
+                 images: PromptImages | None = None) -> None:
+        """Raise ValueError if the request can never run (safe from any thread)."""
+        self.engine.validate_request(prompt_token_ids, params, images)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       images: PromptImages | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine makes them. Leaving the iteration early
         (client gone, task cancelled) aborts the request and frees its KV space."""
-        outputs = self.submit(request_id, prompt_token_ids, params)
+        outputs = self.submit(request_id, prompt_token_ids, params, images)
         try:
             async for output in outputs:
                 yield output
         finally:
             await outputs.aclose()   # so an early exit reaches _outputs' abort at once
 
-    def submit(self, request_id: str, prompt_token_ids: list[int],
-               params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               images: PromptImages | None = None) -> AsyncIterator[RequestOutput]:
         """Queue the request now (QueueFullError, EngineDeadError and ValueError raise here,
         so a server can still answer with an error status) and return its outputs. The caller
         must iterate them to the end or call abort(): an iterator never started cannot abort."""
-        stream = self._submit(request_id, prompt_token_ids, params)
+        stream = self._submit(request_id, prompt_token_ids, params, images)
         return self._outputs(request_id, stream)
 
     async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
@@ -111,16 +118,18 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
-    def _submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+    def _submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                images: PromptImages | None) -> asyncio.Queue:
         if not self.is_alive:
             raise EngineDeadError(f"the engine is not running ({self.error or 'stopped'})")
-        self.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params, images)
         with self._lock:
             if self._pending_adds + self.stats().num_waiting >= self.max_queue:
                 raise QueueFullError(f"{self.max_queue} requests are already waiting")
             self._pending_adds += 1
         stream: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, stream, asyncio.get_running_loop()))
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, images, stream,
+                                asyncio.get_running_loop()))
         return stream
 
     def stats(self) -> EngineStats:
@@ -159,7 +168,8 @@ class AsyncEngine:
         with self._lock:
             self._pending_adds -= 1
         try:
-            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
+                                    command.images)
         except ValueError as error:
             self._send(command, error)
             return

@@ -8,6 +8,7 @@ import psutil
 from hayate.config import EngineConfig
 from hayate.engine.block_manager import BlockManager
 from hayate.engine.kv_cache import KVCache
+from hayate.engine.images import RequestImages
 from hayate.engine.model_runner import ModelRunner
 from hayate.engine.request import EngineStats, RequestOutput, RequestStatus, RequestTimings, TokenLogprob
 from hayate.engine.scheduler import Scheduler
@@ -15,6 +16,7 @@ from hayate.engine.sequence import Sequence
 from hayate.layers.sampler import SampleResult, SamplingState
 from hayate.loading.loader import LoadedModel
 from hayate.loading.tokenizer import IncrementalDetokenizer
+from hayate.multimodal.features import PromptImages
 from hayate.sampling import SamplingParams, StopStringMatcher
 
 
@@ -23,13 +25,26 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         blocks = BlockManager(_kv_cache_blocks(config, loaded), config.block_size)
-        self.runner = ModelRunner(loaded.model, loaded.config, blocks.num_blocks, config.block_size)
+        self.runner = ModelRunner(loaded.model, loaded.config, blocks.num_blocks, config.block_size,
+                                  encoder_cache_bytes=config.encoder_cache_mb * 1024 * 1024)
+        self.image_token_id: int | None = getattr(loaded.model, "image_token_id", None)
         self.scheduler = Scheduler(blocks, config.max_num_seqs, token_budget=config.prefill_chunk)
         self.sequences: dict[str, Sequence] = {}
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    @property
+    def accepts_images(self) -> bool:
+        return self.image_token_id is not None
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                         images: PromptImages | None = None) -> None:
         """Raise ValueError if this request can never run here (reads only constants)."""
+        if images and not self.accepts_images:
+            raise ValueError("this model does not accept images")
+        if images:
+            RequestImages.create(images, prompt_token_ids, self.image_token_id)   # raises on a mismatch
+        elif self.accepts_images and self.image_token_id in prompt_token_ids:
+            raise ValueError("the prompt contains image tokens but no images")
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -39,18 +54,23 @@ class Engine:
             raise ValueError("the prompt contains token ids outside the vocabulary")
         params.check_vocab(self.runner.model.config.vocab_size)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises ValueError (before any work) if it cannot run."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    images: PromptImages | None = None) -> None:
+        """Queue a request (a vision model's with its processed images, whose tokens the prompt
+        already holds); raises ValueError (before any work) if it cannot run."""
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.validate_request(prompt_token_ids, params)
+        self.validate_request(prompt_token_ids, params, images)
+        request_images = RequestImages.create(images, prompt_token_ids, self.image_token_id) if images else None
         sequence = Sequence(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             sampling=SamplingState.create(params, list(prompt_token_ids)),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
             stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
-            timings=RequestTimings(arrival=time.perf_counter()))
+            timings=RequestTimings(arrival=time.perf_counter(),
+                                   images=request_images.timings if request_images else None),
+            images=request_images)
         self.sequences[request_id] = sequence
         self.scheduler.add(sequence)
 
@@ -114,6 +134,7 @@ class Engine:
     def _finish(self, sequence: Sequence, reason: str) -> None:
         sequence.status, sequence.finish_reason = RequestStatus.FINISHED, reason
         sequence.timings.finished = time.perf_counter()
+        sequence.images = None   # the embeddings may be large; the timings keep their record
         self.scheduler.finish(sequence)
         self.sequences.pop(sequence.request_id, None)
 

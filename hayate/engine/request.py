@@ -12,12 +12,22 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass
+class ImageTimings:
+    """Where an image request's time went before its first token (seconds)."""
+    num_images: int
+    preprocess: float              # decoding and processing, before the engine saw the request
+    encode: float = 0.0            # the vision encoder, for the images the cache lacked
+    encoder_cache_hits: int = 0    # images whose embeddings came from the encoder cache
+
+
+@dataclass
 class RequestTimings:
     """Wall-clock instants (time.perf_counter) of one request's life."""
     arrival: float
     first_scheduled: float | None = None
     first_token: float | None = None
     finished: float | None = None
+    images: ImageTimings | None = None     # set for requests with images
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hayate.engine.images import RequestImages
 from hayate.engine.request import RequestStatus, RequestTimings
 from hayate.layers.sampler import SamplingState
 from hayate.loading.tokenizer import IncrementalDetokenizer
@@ -22,6 +23,7 @@ class Sequence:
     num_computed_tokens: int = 0          # tokens whose keys/values are in the KV cache
     finish_reason: str | None = None
     emitted_text: list[str] = field(default_factory=list)
+    images: RequestImages | None = None   # a vision model's images, spliced in at prefill
 
     @property
     def output_token_ids(self) -> list[int]:

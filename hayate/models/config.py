@@ -1,4 +1,5 @@
-"""ModelConfig: the architecture settings of a text model, read from a Hugging Face config."""
+"""ModelConfig: the architecture settings of a model's text part, read from a Hugging Face
+config (a vision-language model's text_config, with its top level's architecture name)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,12 +26,15 @@ class ModelConfig:
     sliding_window: int | None = None   # attention window; contexts are capped to it
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    text_model_type: str = ""           # the text part's own model_type ("llama" in a VLM; "": model_type)
+    image_token_id: int | None = None   # the placeholder a VLM's image embeddings replace
+    # The whole config.json, for settings only one architecture reads (a VLM's vision_config).
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Build from a config.json dict; raises ValueError naming what is missing."""
-        hf = dict(hf.get("text_config") or {}, **{k: v for k, v in hf.items() if k != "text_config"}) \
-            if "text_config" in hf and "hidden_size" not in hf else hf
+        original, hf = hf, _text_settings(hf)
         missing = [k for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
                                "num_hidden_layers", "num_attention_heads") if k not in hf]
         if missing:
@@ -39,6 +43,7 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         model_type = str(hf["model_type"])
+        text_model_type = str(hf.get("text_model_type", model_type))
         return cls(
             model_type=model_type,
             vocab_size=int(hf["vocab_size"]),
@@ -53,12 +58,38 @@ class ModelConfig:
             rope_scaling=_rope_scaling(hf),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            attention_bias=bool(hf.get("attention_bias", text_model_type == "qwen2")),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            text_model_type=text_model_type,
+            image_token_id=_image_token_id(original),
+            hf_config=dict(original),
         )
+
+
+# transformers' LlamaConfig defaults, for keys a VLM's (partial) text_config leaves out.
+_TEXT_DEFAULTS = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048)
+
+
+def _text_settings(hf: dict[str, Any]) -> dict[str, Any]:
+    """A flat dict of text-model settings. A VLM's come from its text_config (gaps filled from
+    the top level, then from Llama's defaults); the top level names the architecture."""
+    if "text_config" not in hf or "hidden_size" in hf:
+        return hf
+    top = {key: value for key, value in hf.items() if key not in ("model_type", "text_config", "vision_config")}
+    text = {**_TEXT_DEFAULTS, **top, **(hf["text_config"] or {})}
+    # transformers ties the head when either level asks for it (LLaVA saved it in text_config).
+    tied = bool(top.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+    return dict(text, model_type=hf.get("model_type"), text_model_type=text["model_type"],
+                tie_word_embeddings=tied)
+
+
+def _image_token_id(hf: dict[str, Any]) -> int | None:
+    token = hf.get("image_token_id", hf.get("image_token_index"))
+    return None if token is None else int(token)
 
 
 def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:

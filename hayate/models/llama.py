@@ -29,7 +29,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
         # Qwen2 puts a bias on q/k/v only; Llama's attention_bias covers o_proj too.
         self.o_proj = nn.Linear(heads * head_dim, config.hidden_size,
-                                bias=bias and config.model_type != "qwen2")
+                                bias=bias and (config.text_model_type or config.model_type) != "qwen2")
         self.attn = Attention(heads, kv_heads, head_dim)
         self.shape = (heads, kv_heads, head_dim)
 
@@ -99,8 +99,10 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        # A VLM passes the embeddings itself, image rows already in place.
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = self.rotary.tables(positions)
         for layer in self.layers:
             x = layer(x, rope, meta)
@@ -116,23 +118,34 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [tokens] -> hidden states [tokens, hidden]."""
-        return self.model(input_ids, positions, meta)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [tokens] (or inputs_embeds [tokens, hidden] in place of the
+        ids' embeddings) -> hidden states [tokens, hidden]."""
+        return self.model(input_ids, positions, meta, inputs_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [sequences, hidden] (last positions only) -> logits [sequences, vocab] fp32."""
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, WeightValue]]) -> None:
-        def wanted(item: tuple[str, WeightValue]) -> bool:
-            # A tied head shares the embedding; only a packed copy of it (faster to read) replaces it.
-            name, value = item
-            return not (self.config.tie_word_embeddings and name == "lm_head.weight"
-                        and not isinstance(value, PackedWeight))
+        load_named_weights(self, without_tied_head(self.config, weights), skip=("rotary_emb.inv_freq",))
+        finish_loading(self, self.model)
 
-        load_named_weights(self, filter(wanted, weights), skip=("rotary_emb.inv_freq",))
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-        share_workspace(self)
+
+def without_tied_head(config: ModelConfig, weights: Iterable[tuple[str, WeightValue]],
+                      head: str = "lm_head.weight") -> Iterable[tuple[str, WeightValue]]:
+    """The weights less a tied head: it shares the embedding, and only a packed copy of it
+    (faster to read) replaces it."""
+    for name, value in weights:
+        if not (config.tie_word_embeddings and name == head and not isinstance(value, PackedWeight)):
+            yield name, value
+
+
+def finish_loading(model: nn.Module, text_model: LlamaModel) -> None:
+    """After the weights are in: fuse each layer's q/k/v and gate/up, and give the model's
+    packed layers one shared dequantization workspace."""
+    for layer in text_model.layers:
+        layer.self_attn.fuse()
+        layer.mlp.fuse()
+    share_workspace(model)

@@ -4,12 +4,16 @@ from __future__ import annotations
 from torch import nn
 
 from hayate.models.config import ModelConfig
+from hayate.models.idefics3 import Idefics3ForConditionalGeneration
 from hayate.models.llama import LlamaForCausalLM
+from hayate.models.llava import LlavaForConditionalGeneration
 
 _MODEL_TYPES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "idefics3": Idefics3ForConditionalGeneration,   # SmolVLM
+    "llava": LlavaForConditionalGeneration,
 }
 
 

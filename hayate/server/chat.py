@@ -13,7 +13,10 @@ from hayate.engine.request import RequestOutput
 from hayate.loading.chat_template import ChatTemplateError
 from hayate.server.errors import ERROR_RESPONSES, APIError
 from hayate.server.generation import ChoiceRun, ChoiceState, choice_specs
-from hayate.server.protocol import ChatCompletionRequest, ChatMessage
+from hayate.multimodal.image import ImageLimits, MediaError, check_image_count
+from hayate.multimodal.media import MediaPolicy, load_image_url
+from hayate.multimodal.prompt import ChatPrompt, encode_chat
+from hayate.server.protocol import ChatCompletionRequest, ChatMessage, ContentPart
 from hayate.server.logprobs import chat_logprobs
 from hayate.server.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                      ChatCompletionChunk, ChatDelta, ResponseMeta, XGroq, json_response)
@@ -30,9 +33,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  state: ServerState = Depends(server_state)) -> Response:
     model = state.require_model(body.model)
     check_chat_request(body, state.settings)
-    prompt_ids = await asyncio.to_thread(encode_messages, model, body.messages)
+    prompt = await asyncio.to_thread(encode_messages, model, body.messages, state.settings.media)
+    prompt_ids = prompt.token_ids
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    specs = choice_specs(body, model, [prompt_ids], logprobs, prompt_param="messages")
+    specs = choice_specs(body, model, [prompt_ids], logprobs, prompt_param="messages", images=prompt.images)
     meta = ResponseMeta.new("chatcmpl", model.name)
     run = ChoiceRun(model, state.metrics, meta.id, specs)
     return await respond(request, run, body.stream, lambda: chat_chunks(run, meta, body, model),
@@ -53,19 +57,35 @@ def check_chat_request(body: ChatCompletionRequest, settings: ServerSettings) ->
         raise APIError(400, "response_format other than text is not supported yet", param="response_format")
 
 
-def encode_messages(model: ServedModel, messages: list[ChatMessage]) -> list[int]:
-    """Prompt token ids for the conversation, ending with the assistant's turn."""
+def encode_messages(model: ServedModel, messages: list[ChatMessage], media: MediaPolicy) -> ChatPrompt:
+    """Prompt token ids for the conversation, ending with the assistant's turn, and its images
+    (fetched and decoded here, within the media policy's limits)."""
+    _check_image_parts(model, messages, media.limits)
     conversation = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": _message_text(m, index)} for index, m in enumerate(messages)]
+                     "content": _message_content(m, index, media)} for index, m in enumerate(messages)]
     try:
-        text = model.chat_template.render(conversation, add_generation_prompt=True)
+        return encode_chat(conversation, model.chat_template, model.tokenizer, model.processor)
     except ChatTemplateError as error:
         raise APIError(400, str(error), param="messages") from None
-    # The template writes its own special tokens (BOS included).
-    return model.tokenizer.encode(text, add_special_tokens=False)
+    except MediaError as error:
+        raise APIError(error.status, str(error), param="messages", code="invalid_image") from None
 
 
-def _message_text(message: ChatMessage, index: int) -> str:
+def _check_image_parts(model: ServedModel, messages: list[ChatMessage], limits: ImageLimits) -> None:
+    """Cheap refusals before any image is fetched or decoded."""
+    parts = [(index, part_index) for index, m in enumerate(messages) if isinstance(m.content, list)
+             for part_index, part in enumerate(m.content) if part.type in IMAGE_PART_TYPES]
+    if parts and model.processor is None:
+        index, part_index = parts[0]
+        raise APIError(400, "this model does not accept images", param=f"messages[{index}].content[{part_index}]",
+                       code="image_not_supported")
+    try:
+        check_image_count(len(parts), limits)
+    except MediaError as error:
+        raise APIError(error.status, str(error), param="messages", code="too_many_images") from None
+
+
+def _message_content(message: ChatMessage, index: int, media: MediaPolicy) -> str | list[dict]:
     if message.tool_calls:
         raise APIError(400, "tool calls are not supported yet", param=f"messages[{index}].tool_calls")
     if isinstance(message.content, str):
@@ -74,15 +94,30 @@ def _message_text(message: ChatMessage, index: int) -> str:
         if message.role == "assistant":
             return ""
         raise APIError(400, f"a {message.role} message needs content", param=f"messages[{index}].content")
-    texts = []
-    for part_index, part in enumerate(message.content):
-        param = f"messages[{index}].content[{part_index}]"
-        if part.type in IMAGE_PART_TYPES:
-            raise APIError(400, "this model does not accept images", param=param, code="image_not_supported")
-        if part.type != "text" or part.text is None:
-            raise APIError(400, f"content parts must be text parts, got type {part.type!r}", param=param)
-        texts.append(part.text)
-    return "\n".join(texts)
+    return [_part(part, f"messages[{index}].content[{part_index}]", media)
+            for part_index, part in enumerate(message.content)]
+
+
+def _part(part: ContentPart, param: str, media: MediaPolicy) -> dict:
+    if part.type in IMAGE_PART_TYPES:
+        url = image_part_url(part)
+        if url is None:
+            raise APIError(400, 'an image part needs "image_url": {"url": ...}', param=param)
+        try:
+            return {"type": "image", "image": load_image_url(url, media)}
+        except MediaError as error:
+            raise APIError(error.status, str(error), param=param, code="invalid_image") from None
+    if part.type != "text" or part.text is None:
+        raise APIError(400, f"content parts must be text or image_url parts, got type {part.type!r}", param=param)
+    return {"type": "text", "text": part.text}
+
+
+def image_part_url(part: ContentPart) -> str | None:
+    """OpenAI chat writes {"image_url": {"url": ...}}; its Responses API {"image_url": "..."}."""
+    value = (part.model_extra or {}).get("image_url")
+    if isinstance(value, dict):
+        value = value.get("url")
+    return value if isinstance(value, str) and value else None
 
 
 def chat_completion(run: ChoiceRun, meta: ResponseMeta, body: ChatCompletionRequest,

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from hayate.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from hayate.engine.request import RequestOutput, TokenLogprob
+from hayate.engine.request import ImageTimings, RequestOutput, TokenLogprob
+from hayate.multimodal.features import PromptImages
 from hayate.sampling import SamplingParams
 from hayate.server.errors import RETRY_AFTER_S, SERVER_ERROR, APIError
 from hayate.server.metrics import RequestTracker, ServerMetrics
 from hayate.server.protocol import SamplingFields
-from hayate.server.responses import Usage
+from hayate.server.responses import ImageUsage, Usage
 from hayate.server.state import ServedModel
 
 
@@ -22,10 +23,11 @@ class ChoiceSpec:
     prompt_index: int           # which prompt it answers (completions may send several)
     prompt_ids: list[int]
     params: SamplingParams
+    images: PromptImages | None = None
 
 
 def choice_specs(body: SamplingFields, model: ServedModel, prompts: list[list[int]],
-                 logprobs: int | None, prompt_param: str) -> list[ChoiceSpec]:
+                 logprobs: int | None, prompt_param: str, images: PromptImages | None = None) -> list[ChoiceSpec]:
     """n choices per prompt, each checked against the context and the engine; 400 if not."""
     specs = []
     for prompt_index, prompt_ids in enumerate(prompts):
@@ -33,10 +35,10 @@ def choice_specs(body: SamplingFields, model: ServedModel, prompts: list[list[in
         for choice in range(body.n):
             params = _params(body, max_tokens, logprobs, choice)
             try:
-                model.engine.validate(prompt_ids, params)
+                model.engine.validate(prompt_ids, params, images)
             except ValueError as error:
                 raise APIError(400, str(error), param=_named_param(error, body) or prompt_param) from None
-            specs.append(ChoiceSpec(len(specs), prompt_index, prompt_ids, params))
+            specs.append(ChoiceSpec(len(specs), prompt_index, prompt_ids, params, images))
     return specs
 
 
@@ -104,7 +106,7 @@ class ChoiceRun:
         try:
             for spec in specs:
                 request_id = f"{response_id}-{spec.index}"
-                outputs = self.engine.submit(request_id, spec.prompt_ids, spec.params)
+                outputs = self.engine.submit(request_id, spec.prompt_ids, spec.params, spec.images)
                 self.choices.append(ChoiceState(spec, request_id, outputs, metrics.track(len(spec.prompt_ids))))
         except Exception as error:
             self.abort()
@@ -154,7 +156,17 @@ class ChoiceRun:
         return Usage(prompt_tokens=sum(prompts.values()), completion_tokens=completion_tokens,
                      total_tokens=sum(prompts.values()) + completion_tokens,
                      queue_time=scheduled - arrival, prompt_time=prompt_time,
-                     completion_time=completion_time, total_time=prompt_time + completion_time)
+                     completion_time=completion_time, total_time=prompt_time + completion_time,
+                     image_usage=_image_usage([t.images for t in timings if t.images is not None]))
+
+
+def _image_usage(images: list[ImageTimings]) -> ImageUsage | None:
+    """The choices share one prompt's images: count them once; add up the encoder's work."""
+    if not images:
+        return None
+    return ImageUsage(images=images[0].num_images, preprocess_time=images[0].preprocess,
+                      encode_time=sum(i.encode for i in images),
+                      encoder_cache_hits=sum(i.encoder_cache_hits for i in images))
 
 
 async def _pump(choice: ChoiceState, queue: asyncio.Queue) -> None:

@@ -40,6 +40,14 @@ def json_response(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
+class ImageUsage(BaseModel):
+    """hayate's breakdown of the time a request's images took before the first token."""
+    images: int
+    preprocess_time: float = Field(description="seconds fetching, decoding and processing the images")
+    encode_time: float = Field(description="seconds in the vision encoder")
+    encoder_cache_hits: int = Field(description="images whose embeddings came from the encoder cache")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -48,6 +56,7 @@ class Usage(BaseModel):
     prompt_time: float = Field(description="seconds reading the prompt (prefill)")
     completion_time: float = Field(description="seconds generating, after the first token")
     total_time: float = Field(description="prompt_time + completion_time, as GroqCloud counts it")
+    image_usage: ImageUsage | None = Field(None, exclude_if=_is_none)
 
 
 class XGroq(BaseModel):

@@ -10,6 +10,8 @@ from fastapi import Request
 from hayate.engine.async_engine import AsyncEngine
 from hayate.engine.request import EngineStats
 from hayate.loading.chat_template import ChatTemplate
+from hayate.multimodal.media import MediaPolicy
+from hayate.multimodal.processor import ImageProcessor
 from hayate.server.errors import RETRY_AFTER_S, SERVER_ERROR, APIError
 from hayate.server.metrics import ServerMetrics
 
@@ -20,7 +22,8 @@ MiB = 1024 * 1024
 class ServerSettings:
     api_keys: tuple[str, ...] = ()           # empty: no authentication
     max_n: int = 8                           # most choices per request
-    max_body_bytes: int = 8 * MiB
+    max_body_bytes: int = 32 * MiB           # room for one 20 MB image sent as base64
+    media: MediaPolicy = field(default_factory=MediaPolicy)   # where images may come from, limits
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):
@@ -37,6 +40,7 @@ class ServedModel:
     name: str
     engine: AsyncEngine
     chat_template: ChatTemplate
+    processor: ImageProcessor | None = None     # set for vision models
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -44,7 +48,7 @@ class ServedModel:
         """Serve a loaded hayate.llm.LLM: start an AsyncEngine loop around its engine."""
         engine = AsyncEngine(llm.engine, max_queue=max_queue)
         engine.start()
-        return cls(model_name(llm.model_path), engine, llm.chat_template)
+        return cls(model_name(llm.model_path), engine, llm.chat_template, llm.processor)
 
     @property
     def tokenizer(self):

@@ -1,0 +1,1 @@
+"""Vision encoders of the vision-language models: SigLIP (Idefics3 / SmolVLM) and CLIP (LLaVA)."""

@@ -1,0 +1,71 @@
+"""Chat messages, possibly holding images, to prompt token ids plus processed images.
+
+Messages are dicts as chat templates take them. A part {"type": "image", "image": DecodedImage}
+carries an image already decoded at the edge (CLI or server); the template sees it as
+{"type": "image"} and writes the model's marker, which the processor then expands into the
+image's tokens."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hayate.loading.chat_template import ChatTemplate
+from hayate.loading.tokenizer import Tokenizer
+from hayate.multimodal.features import PromptImages
+from hayate.multimodal.image import DecodedImage, MediaError
+
+if TYPE_CHECKING:
+    from hayate.multimodal.processor import ImageProcessor
+
+
+@dataclass
+class ChatPrompt:
+    token_ids: list[int]
+    images: PromptImages | None   # None for a text-only conversation
+
+
+def message_images(messages: list[dict]) -> list[DecodedImage]:
+    """The decoded images of a conversation, in order."""
+    return [part["image"] for message in messages if isinstance(message.get("content"), list)
+            for part in message["content"] if part.get("type") == "image"]
+
+
+def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer,
+                processor: ImageProcessor | None, add_generation_prompt: bool = True) -> ChatPrompt:
+    """Raises MediaError (an image the model cannot take) and ChatTemplateError."""
+    images = message_images(messages)
+    if images and processor is None:
+        raise MediaError("this model does not accept images")
+    begin = time.perf_counter()
+    features = [processor.process(image.image, image.content_hash) for image in images]
+    conversation = [_template_message(message, vision=processor is not None) for message in messages]
+    text = template.render(conversation, add_generation_prompt=add_generation_prompt)
+    if processor is not None:
+        text = _expand(processor, text, features)
+    # The template writes its own special tokens (BOS included).
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    if not features:
+        return ChatPrompt(token_ids, None)
+    return ChatPrompt(token_ids, PromptImages(features, preprocess_s=time.perf_counter() - begin))
+
+
+def _expand(processor: ImageProcessor, text: str, features: list) -> str:
+    try:
+        return processor.expand_prompt(text, features)
+    except ValueError as error:
+        # e.g. the user typed the marker, or the template does not write one for images
+        raise MediaError(f"the images do not match the prompt: {error}") from None
+
+
+def _template_message(message: dict, vision: bool) -> dict:
+    """Vision templates read content as a list of parts; text templates as one string."""
+    content = message.get("content")
+    if vision:
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            content = [{"type": "image"} if part.get("type") == "image" else part for part in content]
+    elif isinstance(content, list):
+        content = "\n".join(part.get("text", "") for part in content)
+    return {**message, "content": content}
