@@ -21,6 +21,7 @@ class EngineConfig:
     weights: str = "auto"
     show_progress: bool = False       # progress bar while loading
     encoder_cache_mb: int = 256       # image embeddings kept by content hash (vision models)
+    planned_decode: bool = True       # decode steps as one native call where the model allows
 
     def __post_init__(self) -> None:
         if self.threads is not None and not 1 <= self.threads <= 4 * (os.cpu_count() or 1):

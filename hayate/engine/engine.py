@@ -26,7 +26,8 @@ class Engine:
         self.max_model_len = loaded.max_model_len
         blocks = BlockManager(_kv_cache_blocks(config, loaded), config.block_size)
         self.runner = ModelRunner(loaded.model, loaded.config, blocks.num_blocks, config.block_size,
-                                  encoder_cache_bytes=config.encoder_cache_mb * 1024 * 1024)
+                                  encoder_cache_bytes=config.encoder_cache_mb * 1024 * 1024,
+                                  planned_decode=config.planned_decode)
         self.image_token_id: int | None = getattr(loaded.model, "image_token_id", None)
         self.scheduler = Scheduler(blocks, config.max_num_seqs, token_budget=config.prefill_chunk)
         self.sequences: dict[str, Sequence] = {}

@@ -47,6 +47,11 @@ class ImageEmbedder:
     def __init__(self, model: nn.Module, cache: EncoderCache):
         self.model, self.cache = model, cache
 
+    @staticmethod
+    def touches(sequences: list[ScheduledSequence]) -> bool:
+        """Whether any scheduled token is an image token."""
+        return any(_images(s) is not None and _overlaps(_images(s), s.start, s.num_tokens) for s in sequences)
+
     def inputs_embeds(self, sequences: list[ScheduledSequence], input_ids: torch.Tensor) -> torch.Tensor | None:
         """Input embeddings for the step, or None when no scheduled token is an image token."""
         spans = [(offset, s) for offset, s in _offsets(sequences)

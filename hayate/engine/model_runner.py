@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hayate.engine.decode_plan import PlannedDecode
 from hayate.engine.images import ImageEmbedder
 from hayate.engine.kv_cache import KVCache
-from hayate.engine.scheduler import SchedulerOutput
+from hayate.engine.scheduler import ScheduledSequence, SchedulerOutput
 from hayate.layers.attention import AttentionMetadata
 from hayate.layers.sampler import SampleResult, Sampler
 from hayate.models.config import ModelConfig
@@ -15,18 +16,37 @@ from hayate.multimodal.encoder_cache import EncoderCache
 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 encoder_cache_bytes: int = 0):
+                 encoder_cache_bytes: int = 0, planned_decode: bool = True):
         self.model = model
         self.kv_cache = KVCache(config, num_blocks, block_size)
         self.kv_cache.bind(model)
         self.sampler = Sampler()
         self.images = ImageEmbedder(model, EncoderCache(encoder_cache_bytes))
+        self.plan = PlannedDecode.build(model, self.kv_cache) if planned_decode else None
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> tuple[list[int], SampleResult | None]:
         """Run the batch; return the indices (into batch.sequences) that produced a token,
         and the sampled tokens for them, in that order."""
         sequences = batch.sequences
+        # Only sequences whose every token is now cached sample the next one.
+        sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
+        if self._planned(sequences):
+            logits = self.plan.run([s.request.token_ids(s.start, 1)[0] for s in sequences],
+                                   [s.start for s in sequences], [s.request.block_table for s in sequences])
+            logits = logits if len(sampling) == len(sequences) else logits[sampling]
+        else:
+            logits = self._eager_logits(sequences, sampling)
+        if not sampling:
+            return [], None
+        return sampling, self.sampler(logits, [sequences[i].request.sampling for i in sampling])
+
+    def _planned(self, sequences: list[ScheduledSequence]) -> bool:
+        """Plain decodes (one token each, none of them an image's) that the plan takes."""
+        return (self.plan is not None and len(sequences) <= self.plan.max_batch
+                and all(s.num_tokens == 1 for s in sequences) and not self.images.touches(sequences))
+
+    def _eager_logits(self, sequences: list[ScheduledSequence], sampling: list[int]) -> torch.Tensor | None:
         meta = AttentionMetadata.build(
             [s.request.block_table for s in sequences], [s.start for s in sequences],
             [s.num_tokens for s in sequences], self.kv_cache.block_size)
@@ -36,10 +56,6 @@ class ModelRunner:
             hidden = self.model(input_ids, meta.positions(), meta)
         else:
             hidden = self.model(input_ids, meta.positions(), meta, inputs_embeds=embeds)
-        # Only sequences whose every token is now cached sample the next one.
-        sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
         if not sampling:
-            return [], None
-        last = meta.last_token_indices()[sampling]
-        logits = self.model.compute_logits(hidden[last])
-        return sampling, self.sampler(logits, [sequences[i].request.sampling for i in sampling])
+            return None
+        return self.model.compute_logits(hidden[meta.last_token_indices()[sampling]])

@@ -16,23 +16,28 @@ import torch
 log = logging.getLogger("hayate.kernels")
 
 
-def _cpu_fingerprint() -> str:
-    """Built with -march=native, a kernel is only valid on the CPU that built it."""
+SOURCES = ("native.cpp", "decode.cpp", "ggml_blocks.h")
+
+
+def _build_fingerprint() -> str:
+    """Built with -march=native, a kernel is only valid on the CPU that built it; the sources'
+    text is part of the name too, so an edited header always rebuilds."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    return hashlib.sha256(f"{flags}|{torch.__version__}".encode()).hexdigest()[:12]
+    sources = b"".join(Path(__file__).with_name(name).read_bytes() for name in SOURCES)
+    return hashlib.sha256(f"{flags}|{torch.__version__}".encode() + sources).hexdigest()[:12]
 
 
 @functools.cache
 def native_kernels():
-    """The compiled kernels (gemv, dequantize, rms_norm, rope_), built once per machine."""
+    """The compiled kernels (gemv, dequantize, rms_norm, rope_, DecodePlan), built once per machine."""
     try:
         from torch.utils.cpp_extension import load
 
-        source = Path(__file__).with_name("native.cpp")
-        return load(name=f"hayate_ggml_{_cpu_fingerprint()}", sources=[str(source)], verbose=False,
+        sources = [str(Path(__file__).with_name(name)) for name in SOURCES if name.endswith(".cpp")]
+        return load(name=f"hayate_ggml_{_build_fingerprint()}", sources=sources, verbose=False,
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a build error: fall back, loudly
         log.warning("native GGUF kernels unavailable (%s); using the PyTorch path", error)

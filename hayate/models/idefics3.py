@@ -61,6 +61,8 @@ class Idefics3Model(nn.Module):
 
 
 class Idefics3ForConditionalGeneration(nn.Module):
+    VISION_MODULES = ("model.vision_model", "model.connector")   # run per image, not per token
+
     def __init__(self, config: ModelConfig, max_positions: int | None = None):
         super().__init__()
         if config.image_token_id is None:

@@ -71,6 +71,8 @@ class LlavaMultiModalProjector(nn.Module):
 
 
 class LlavaForConditionalGeneration(nn.Module):
+    VISION_MODULES = ("vision_tower", "multi_modal_projector")   # run per image, not per token
+
     def __init__(self, config: ModelConfig, max_positions: int | None = None):
         super().__init__()
         if config.image_token_id is None:

@@ -40,9 +40,12 @@ def module_bytes(module: nn.Module) -> int:
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Every leaf module that multiplies by a weight matrix (nn.Linear or a packed twin)."""
+    """Every leaf module of the text model that multiplies by a weight matrix (nn.Linear or a
+    packed twin); a vision model's encoder runs once per image, not per token."""
+    vision = tuple(f"{name}." for name in getattr(model, "VISION_MODULES", ()))
     return {name: m for name, m in model.named_modules()
-            if hasattr(m, "in_features") and hasattr(m, "out_features") and not list(m.children())}
+            if hasattr(m, "in_features") and hasattr(m, "out_features") and not list(m.children())
+            and not name.startswith(vision)}
 
 
 def _attention_cost(config: ModelConfig, queries: int, keys: int, kv_bytes: int) -> CostRow:

@@ -1,0 +1,67 @@
+"""The decode step planned once at start-up: a Llama-family model whose projections are all
+natively readable GGUF blocks runs a whole decode step (embedding to logits) as one native
+call over weights, KV cache and buffers fixed at construction (hayate/kernels/decode.cpp).
+
+Other models, and steps that are not plain decodes (prefill chunks, image tokens, more
+sequences than the kernel takes), run the eager model: the plan's slow twin, which the tests
+compare it with."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hayate.engine.kv_cache import KVCache
+from hayate.kernels import MAX_NATIVE_ROWS, native_kernels
+from hayate.layers.linear import NATIVE_TYPES, PackedLinear
+from hayate.models.llama import LlamaForCausalLM
+
+
+class PlannedDecode:
+    """Runs decode steps of up to MAX_NATIVE_ROWS sequences (one new token each)."""
+
+    def __init__(self, plan, block_size: int):
+        self._plan, self.block_size = plan, block_size
+        self.max_batch = MAX_NATIVE_ROWS
+
+    @classmethod
+    def build(cls, model: nn.Module, kv_cache: KVCache) -> "PlannedDecode | None":
+        """The plan for this model, or None where its layers are not all native-packed."""
+        kernels = native_kernels()
+        if kernels is None or not _plannable(model):
+            return None
+        config, text = model.config, model.model
+        plan = kernels.DecodePlan(
+            heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+            eps=text.norm.eps, embedding=text.embed_tokens.weight, cos=text.rotary.cos, sin=text.rotary.sin,
+            final_norm=text.norm.weight, kv_cache=kv_cache.storage, block_size=kv_cache.block_size)
+        for layer in text.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                           *_matrix(attention.qkv_proj), *_matrix(attention.o_proj),
+                           *_matrix(mlp.gate_up_proj), *_matrix(mlp.down_proj))
+        plan.set_head(model.lm_head.packed, model.lm_head.ggml_type)
+        return cls(plan, kv_cache.block_size)
+
+    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits [sequences, vocab] of each sequence's new token (at `positions`), whose key
+        and value it writes into the cache blocks of `block_tables`."""
+        width = max(-(-(position + 1) // self.block_size) for position in positions)
+        tables = torch.tensor([table[:width] + [0] * (width - len(table[:width])) for table in block_tables],
+                              dtype=torch.int32)
+        return self._plan.run(torch.tensor(token_ids), torch.tensor(positions), tables)
+
+
+def _matrix(linear: PackedLinear) -> tuple:
+    return linear.packed, linear.ggml_type, linear.bias
+
+
+def _plannable(model: nn.Module) -> bool:
+    if type(model) is not LlamaForCausalLM or not isinstance(model.lm_head, PackedLinear):
+        return False
+    text = model.model
+    if text.embed_tokens.weight.dtype != torch.float32 or text.embed_tokens.weight.device.type != "cpu":
+        return False
+    eps = {text.norm.eps} | {n.eps for layer in text.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
+    linears = [model.lm_head] + [m for layer in text.layers for m in (
+        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    return len(eps) == 1 and all(isinstance(m, PackedLinear) and m.ggml_type in NATIVE_TYPES for m in linears)

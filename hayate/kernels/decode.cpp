@@ -1,0 +1,219 @@
+// A Llama-family decode step planned once at start-up and run as one native call: the
+// embedding lookup, every layer (RMSNorm, fused QKV, RoPE, the KV-cache write, attention over
+// the paged cache, the output projection, the SwiGLU MLP, residuals), the final norm and the
+// vocabulary projection, for up to kMaxRows sequences of one new token each.
+//
+// Weights, the KV cache and all scratch buffers are fixed at construction; a step allocates
+// only its logits. The arithmetic is the operators' own (gemv_into, rms_norm_rows,
+// rope_heads); attention is a direct softmax over each sequence's cached keys.
+#include "ggml_blocks.h"
+
+#include <limits>
+
+namespace {
+
+struct PackedMatrix {
+  torch::Tensor blocks;  // uint8 [N, K / 32 * block_bytes]
+  int64_t type = 0, N = 0, K = 0;
+  torch::Tensor bias;    // float32 [N], or undefined
+
+  PackedMatrix() = default;
+  PackedMatrix(torch::Tensor w, int64_t ggml_type, int64_t in_features, c10::optional<torch::Tensor> b)
+      : blocks(w.contiguous()), type(ggml_type), N(w.size(0)), K(in_features) {
+    TORCH_CHECK(blocks.dtype() == torch::kUInt8 && blocks.dim() == 2, "packed weights must be 2-D uint8");
+    TORCH_CHECK(K % kBlock == 0 && blocks.size(1) == K / kBlock * block_bytes_of(type), "weight bytes do not match K");
+    if (b.has_value()) {
+      bias = b->contiguous();
+      TORCH_CHECK(bias.dtype() == torch::kFloat32 && bias.numel() == N, "bias must be float32 [out_features]");
+    }
+  }
+
+  // out [M, N] = x [M, K] W^T (+ bias)
+  void apply(const float* x, int64_t M, float* x_sums, float* out) const {
+    gemv_into(x, M, K, blocks.data_ptr<uint8_t>(), N, type, x_sums, out);
+    if (bias.defined()) {
+      const float* b = bias.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) out[m * N + n] += b[n];
+    }
+  }
+};
+
+struct Layer {
+  torch::Tensor input_norm, post_norm;  // float32 [hidden]
+  PackedMatrix qkv, o, gate_up, down;
+};
+
+class DecodePlan {
+ public:
+  DecodePlan(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, torch::Tensor embedding,
+             torch::Tensor cos, torch::Tensor sin, torch::Tensor final_norm, torch::Tensor kv_cache,
+             int64_t block_size)
+      : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)),
+        embedding_(embedding.contiguous()), cos_(cos.contiguous()), sin_(sin.contiguous()),
+        final_norm_(final_norm.contiguous()), kv_cache_(kv_cache), block_size_(block_size) {
+    TORCH_CHECK(embedding_.dtype() == torch::kFloat32 && embedding_.dim() == 2, "embedding must be float32 [vocab, hidden]");
+    TORCH_CHECK(kv_cache_.dtype() == torch::kFloat32 && kv_cache_.is_contiguous() && kv_cache_.dim() == 5,
+                "the KV cache must be contiguous float32 [layers, 2, rows, kv_heads, head_dim]");
+    TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "heads must group evenly onto kv_heads");
+    hidden_ = embedding_.size(1);
+  }
+
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, torch::Tensor qkv, int64_t qkv_type,
+                 c10::optional<torch::Tensor> qkv_bias, torch::Tensor o, int64_t o_type,
+                 c10::optional<torch::Tensor> o_bias, torch::Tensor gate_up, int64_t gate_up_type,
+                 c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down, int64_t down_type,
+                 c10::optional<torch::Tensor> down_bias) {
+    Layer layer;
+    layer.input_norm = input_norm.contiguous();
+    layer.post_norm = post_norm.contiguous();
+    layer.qkv = PackedMatrix(qkv, qkv_type, hidden_, qkv_bias);
+    layer.o = PackedMatrix(o, o_type, heads_ * head_dim_, o_bias);
+    layer.gate_up = PackedMatrix(gate_up, gate_up_type, hidden_, gate_up_bias);
+    layer.down = PackedMatrix(down, down_type, layer.gate_up.N / 2, down_bias);
+    TORCH_CHECK(layer.qkv.N == (heads_ + 2 * kv_heads_) * head_dim_, "fused qkv has the wrong width");
+    TORCH_CHECK(layer.o.N == hidden_ && layer.down.N == hidden_, "projections must return the hidden size");
+    layers_.push_back(std::move(layer));
+  }
+
+  void set_head(torch::Tensor lm_head, int64_t ggml_type) {
+    head_ = PackedMatrix(lm_head, ggml_type, hidden_, c10::nullopt);
+  }
+
+  // token_ids, positions [B] int64; block_tables [B, width] int32 (each sequence's KV blocks).
+  // Returns the logits [B, vocab] of the B new tokens, after writing their keys and values.
+  torch::Tensor run(torch::Tensor token_ids, torch::Tensor positions, torch::Tensor block_tables) {
+    const int64_t B = token_ids.numel();
+    TORCH_CHECK(B >= 1 && B <= kMaxRows, "a planned decode step takes 1 to ", kMaxRows, " sequences");
+    TORCH_CHECK(layers_.size() == static_cast<size_t>(kv_cache_.size(0)) && head_.N > 0, "the plan is incomplete");
+    TORCH_CHECK(positions.numel() == B && block_tables.size(0) == B && block_tables.dtype() == torch::kInt32,
+                "positions [B] and int32 block_tables [B, width] must match token_ids");
+    const int64_t* ids = token_ids.contiguous().data_ptr<int64_t>();
+    positions = positions.contiguous();
+    block_tables = block_tables.contiguous();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(ids[b] >= 0 && ids[b] < embedding_.size(0), "token id out of range");
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < cos_.size(0), "position out of range");
+      TORCH_CHECK(pos[b] / block_size_ < block_tables.size(1), "block table too short for the position");
+    }
+    reserve(B);
+    float* x = x_.data();
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(x + b * hidden_, embedding_.data_ptr<float>() + ids[b] * hidden_, hidden_ * sizeof(float));
+    for (size_t l = 0; l < layers_.size(); ++l) layer(l, B, pos, block_tables);
+    rms_norm_rows(x, final_norm_.data_ptr<float>(), h_.data(), B, hidden_, eps_);
+    auto logits = torch::empty({B, head_.N}, torch::kFloat32);
+    head_.apply(h_.data(), B, sums_.data(), logits.data_ptr<float>());
+    return logits;
+  }
+
+ private:
+  void reserve(int64_t B) {
+    const Layer& first = layers_.front();
+    const int64_t widest = std::max({hidden_, first.gate_up.N / 2, heads_ * head_dim_});
+    x_.resize(B * hidden_);
+    h_.resize(B * hidden_);
+    qkv_.resize(B * first.qkv.N);
+    attn_.resize(B * heads_ * head_dim_);
+    gate_up_.resize(B * first.gate_up.N);
+    act_.resize(B * first.gate_up.N / 2);
+    out_.resize(B * hidden_);
+    sums_.resize(B * widest / kBlock);
+    scores_.resize(B * heads_ * cos_.size(0));
+  }
+
+  void layer(size_t index, int64_t B, const int64_t* pos, const torch::Tensor& tables) {
+    const Layer& L = layers_[index];
+    float* x = x_.data();
+    rms_norm_rows(x, L.input_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
+    L.qkv.apply(h_.data(), B, sums_.data(), qkv_.data());
+    write_and_attend(index, B, pos, tables);
+    L.o.apply(attn_.data(), B, sums_.data(), out_.data());
+    for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
+    rms_norm_rows(x, L.post_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
+    L.gate_up.apply(h_.data(), B, sums_.data(), gate_up_.data());
+    const int64_t inner = L.gate_up.N / 2;
+    for (int64_t b = 0; b < B; ++b) {
+      const float* gate = gate_up_.data() + b * 2 * inner;
+      float* act = act_.data() + b * inner;
+      for (int64_t i = 0; i < inner; ++i) act[i] = gate[i] / (1.f + std::exp(-gate[i])) * gate[inner + i];
+    }
+    L.down.apply(act_.data(), B, sums_.data(), out_.data());
+    for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
+  }
+
+  int64_t cache_row(const torch::Tensor& tables, int64_t b, int64_t position) const {
+    const int32_t* table = tables.data_ptr<int32_t>() + b * tables.size(1);
+    return static_cast<int64_t>(table[position / block_size_]) * block_size_ + position % block_size_;
+  }
+
+  // RoPE on the new q and k, k and v into the cache, then each head's softmax over its keys.
+  void write_and_attend(size_t index, int64_t B, const int64_t* pos, const torch::Tensor& tables) {
+    const int64_t D = head_dim_, width = (heads_ + 2 * kv_heads_) * D, rows = kv_cache_.size(2);
+    float* k_cache = kv_cache_.data_ptr<float>() + index * 2 * rows * kv_heads_ * D;
+    float* v_cache = k_cache + rows * kv_heads_ * D;
+    for (int64_t b = 0; b < B; ++b) {
+      float* q = qkv_.data() + b * width;
+      const float* c = cos_.data_ptr<float>() + pos[b] * D;
+      const float* s = sin_.data_ptr<float>() + pos[b] * D;
+      rope_heads(q, heads_ + kv_heads_, D, c, s);  // q's heads, then k's, are consecutive
+      const int64_t row = cache_row(tables, b, pos[b]);
+      std::memcpy(k_cache + row * kv_heads_ * D, q + heads_ * D, kv_heads_ * D * sizeof(float));
+      std::memcpy(v_cache + row * kv_heads_ * D, q + (heads_ + kv_heads_) * D, kv_heads_ * D * sizeof(float));
+    }
+    at::parallel_for(0, B * heads_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) attend_head(item, pos, tables, k_cache, v_cache);
+    });
+  }
+
+  void attend_head(int64_t item, const int64_t* pos, const torch::Tensor& tables, const float* k_cache,
+                   const float* v_cache) {
+    const int64_t D = head_dim_, b = item / heads_, head = item % heads_;
+    const int64_t kv = head / (heads_ / kv_heads_), keys = pos[b] + 1;
+    const float* q = qkv_.data() + b * (heads_ + 2 * kv_heads_) * D + head * D;
+    float* scores = scores_.data() + item * cos_.size(0);
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    float highest = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < keys; ++t) {
+      const float* k = k_cache + (cache_row(tables, b, t) * kv_heads_ + kv) * D;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < D; ++i) dot += q[i] * k[i];
+      scores[t] = dot * scale;
+      highest = std::max(highest, scores[t]);
+    }
+    float total = 0.f;
+    for (int64_t t = 0; t < keys; ++t) total += (scores[t] = std::exp(scores[t] - highest));
+    float* out = attn_.data() + b * heads_ * D + head * D;
+    std::fill(out, out + D, 0.f);
+    for (int64_t t = 0; t < keys; ++t) {
+      const float* v = v_cache + (cache_row(tables, b, t) * kv_heads_ + kv) * D;
+      const float weight = scores[t] / total;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) out[i] += weight * v[i];
+    }
+  }
+
+  int64_t heads_, kv_heads_, head_dim_, hidden_ = 0;
+  float eps_;
+  torch::Tensor embedding_, cos_, sin_, final_norm_, kv_cache_;
+  int64_t block_size_;
+  std::vector<Layer> layers_;
+  PackedMatrix head_;
+  std::vector<float> x_, h_, qkv_, attn_, gate_up_, act_, out_, sums_, scores_;
+};
+
+}  // namespace
+
+void register_decode_plan(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<DecodePlan>(m, "DecodePlan", "a Llama-family decode step, planned once, run as one call")
+      .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                    torch::Tensor, int64_t>(),
+           py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("embedding"),
+           py::arg("cos"), py::arg("sin"), py::arg("final_norm"), py::arg("kv_cache"), py::arg("block_size"))
+      .def("add_layer", &DecodePlan::add_layer)
+      .def("set_head", &DecodePlan::set_head)
+      .def("run", &DecodePlan::run, py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,196 @@
+// GGUF blocks (Q4_0, Q4_1, Q8_0) read directly by fp32 kernels, shared by the operator
+// wrappers (native.cpp) and the planned decode step (decode.cpp).
+//
+// out[m, n] = sum_b ( d[n,b] * sum_j x[m, 32b+j] * q[n,b,j]  +  m[n,b] * sum_j x[m, 32b+j] )
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);  // one instruction; the portable conversion below is ~10
+#else
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
+}
+
+// Dequantize one block into 32 floats (q values and the block's scale / offset).
+template <int kType>
+inline void block_values(const uint8_t* block, float* q, float* d, float* offset) {
+  *d = half_to_float(block);
+  if (kType == 8) {
+    const int8_t* qs = reinterpret_cast<const int8_t*>(block + 2);
+    for (int j = 0; j < 32; ++j) q[j] = static_cast<float>(qs[j]);
+    *offset = 0.f;
+  } else {
+    const uint8_t* qs = block + (kType == 2 ? 2 : 4);
+    for (int j = 0; j < 16; ++j) {
+      q[j] = static_cast<float>(qs[j] & 0x0F);
+      q[j + 16] = static_cast<float>(qs[j] >> 4);
+    }
+    // Q4_0: w = d (q - 8); Q4_1: w = d q + m.
+    *offset = kType == 2 ? -8.f * *d : half_to_float(block + 2);
+  }
+}
+
+constexpr int64_t kMaxRows = 16;  // activation rows handled per pass over the weights
+
+#if defined(__AVX512F__)
+// The block's 32 q values as two vectors of 16 floats (elements 0..15 and 16..31).
+template <int kType>
+inline void block_vectors(const uint8_t* block, __m512* lo, __m512* hi) {
+  if (kType == 8) {
+    const __m128i* qs = reinterpret_cast<const __m128i*>(block + 2);
+    *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs)));
+    *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs + 1)));
+  } else {
+    const __m512i bytes = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (kType == 2 ? 2 : 4))));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+  }
+}
+#endif
+
+// Output rows n_begin..n_end for up to kMaxRows activation rows: each block is unpacked
+// once and used for every activation row, so a batch costs little more than one row.
+// Per-block products are scaled by d in vector registers and reduced once per row.
+template <int kType, int kRows>
+void rows_fixed(const float* x, const float* x_sums, const uint8_t* w, float* out, int64_t M, int64_t N,
+                int64_t K, int64_t block_bytes, int64_t n_begin, int64_t n_end);
+
+// Single-row decode is the hot case: give it a loop whose row count is a constant.
+template <int kType>
+void rows(const float* x, const float* x_sums, const uint8_t* w, float* out, int64_t M, int64_t N,
+          int64_t K, int64_t block_bytes, int64_t n_begin, int64_t n_end) {
+  if (M == 1) rows_fixed<kType, 1>(x, x_sums, w, out, 1, N, K, block_bytes, n_begin, n_end);
+  else rows_fixed<kType, 0>(x, x_sums, w, out, M, N, K, block_bytes, n_begin, n_end);
+}
+
+// kRows: the row count when known at compile time (1), else 0 and M is used.
+template <int kType, int kRows>
+void rows_fixed(const float* x, const float* x_sums, const uint8_t* w, float* out, int64_t M_, int64_t N,
+                int64_t K, int64_t block_bytes, int64_t n_begin, int64_t n_end) {
+  const int64_t M = kRows > 0 ? kRows : M_;
+  const int64_t blocks = K / kBlock;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = w + n * blocks * block_bytes;
+    float offsets[kMaxRows] = {0.f};
+#if defined(__AVX512F__)
+    __m512 acc[kMaxRows];
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* block = row + b * block_bytes;
+      __m512 lo, hi;
+      block_vectors<kType>(block, &lo, &hi);
+      const float d = half_to_float(block);
+      const float offset = kType == 8 ? 0.f : (kType == 2 ? -8.f * d : half_to_float(block + 2));
+      const __m512 dv = _mm512_set1_ps(d);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xb = x + m * K + b * kBlock;
+        const __m512 dot = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 16), hi, _mm512_mul_ps(_mm512_loadu_ps(xb), lo));
+        acc[m] = _mm512_fmadd_ps(dv, dot, acc[m]);
+        offsets[m] += offset * x_sums[m * blocks + b];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) out[m * N + n] = _mm512_reduce_add_ps(acc[m]) + offsets[m];
+#else
+    float acc[kMaxRows] = {0.f};
+    float q[kBlock];
+    for (int64_t b = 0; b < blocks; ++b) {
+      float d, offset;
+      block_values<kType>(row + b * block_bytes, q, &d, &offset);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xb = x + m * K + b * kBlock;
+        float dot = 0.f;
+        for (int j = 0; j < kBlock; ++j) dot += xb[j] * q[j];
+        acc[m] += d * dot;
+        offsets[m] += offset * x_sums[m * blocks + b];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) out[m * N + n] = acc[m] + offsets[m];
+#endif
+  }
+}
+
+// Dequantize rows n_begin..n_end into fp32 [N, K].
+template <int kType>
+void dequantize_rows(const uint8_t* w, float* out, int64_t K, int64_t block_bytes, int64_t n_begin,
+                     int64_t n_end) {
+  const int64_t blocks = K / kBlock;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      float q[kBlock], d, offset;
+      block_values<kType>(w + (n * blocks + b) * block_bytes, q, &d, &offset);
+      float* dst = out + n * K + b * kBlock;
+#pragma omp simd
+      for (int j = 0; j < kBlock; ++j) dst[j] = d * q[j] + offset;
+    }
+  }
+}
+
+
+inline int64_t block_bytes_of(int64_t ggml_type) {
+  TORCH_CHECK(ggml_type == 2 || ggml_type == 3 || ggml_type == 8, "unsupported GGML type ", ggml_type);
+  return ggml_type == 2 ? 18 : (ggml_type == 3 ? 20 : 34);
+}
+
+// out [M, N] = x [M, K] times the packed weight w [N, K / 32 * block_bytes] (M <= kMaxRows),
+// output rows split over the intra-op threads. x_sums: scratch of M * K / 32 floats.
+inline void gemv_into(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t ggml_type,
+                      float* x_sums, float* out) {
+  const int64_t block_bytes = block_bytes_of(ggml_type);
+  // Per-block sums of x, shared by every output row (Q4's offsets multiply them).
+  for (int64_t i = 0; i < M * (K / kBlock); ++i) {
+    float sum = 0.f;
+    for (int j = 0; j < kBlock; ++j) sum += x[i * kBlock + j];
+    x_sums[i] = sum;
+  }
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    if (ggml_type == 8) rows<8>(x, x_sums, w, out, M, N, K, block_bytes, begin, end);
+    else if (ggml_type == 2) rows<2>(x, x_sums, w, out, M, N, K, block_bytes, begin, end);
+    else rows<3>(x, x_sums, w, out, M, N, K, block_bytes, begin, end);
+  });
+}
+
+// RMSNorm of M rows of H floats: one pass to sum squares, one to scale.
+inline void rms_norm_rows(const float* x, const float* weight, float* out, int64_t M, int64_t H, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * H;
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t h = 0; h < H; ++h) squares += row[h] * row[h];
+    const float scale = 1.f / std::sqrt(squares / static_cast<float>(H) + eps);
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) out[m * H + h] = weight[h] * (row[h] * scale);
+  }
+}
+
+// Rotary embedding, half-split layout, in place on `heads` vectors of D floats at v
+// (consecutive), with this token's cos/sin [D].
+inline void rope_heads(float* v, int64_t heads, int64_t D, const float* c, const float* s) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h, v += D) {
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * c[i] - b * s[i];
+      v[i + half] = b * c[i + half] + a * s[i + half];
+    }
+  }
+}
+
+}  // namespace

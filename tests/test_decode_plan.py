@@ -1,0 +1,93 @@
+"""The planned decode step (one native call per step, hayate/kernels/decode.cpp) against its
+slow twin, the eager model, on tiny GGUF models of every natively read type: the same logits
+to fp32 rounding, the same greedy tokens, alone and batched over scattered KV blocks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hayate.kernels import native_kernels
+from hayate.llm import LLM
+from hayate.sampling import SamplingParams
+from test_gguf import QType, export_hf_model, tiny_model
+
+pytestmark = pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
+PARAMS = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=5)
+PROMPTS = [[3, 17, 5, 60, 21, 8, 44, 9], [7, 7, 1], list(range(10, 47)), [99]]
+CASES = [("llama", QType.Q4_1, {}), ("qwen2", QType.Q4_0, {}), ("llama", QType.Q8_0, {}),
+         ("llama", QType.Q4_1, {"tie_word_embeddings": True})]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda case: f"{case[0]}-{case[1].name}-{len(case[2])}")
+def gguf_path(request, tmp_path_factory):
+    arch, qtype, overrides = request.param
+    path = tmp_path_factory.mktemp("plan") / f"{arch}.gguf"
+    return str(export_hf_model(path, tiny_model(arch, **overrides), arch, qtype))
+
+
+def planned_and_eager(path: str, **settings) -> tuple[LLM, LLM]:
+    planned, eager = LLM(path, **settings), LLM(path, planned_decode=False, **settings)
+    assert planned.engine.runner.plan is not None and eager.engine.runner.plan is None
+    return planned, eager
+
+
+def count_runs(llm: LLM) -> list[int]:
+    calls = []
+    run = llm.engine.runner.plan.run
+
+    def counted(*args):
+        calls.append(len(args[0]))
+        return run(*args)
+
+    llm.engine.runner.plan.run = counted
+    return calls
+
+
+def assert_same(ours, theirs) -> None:
+    assert ours.token_ids == theirs.token_ids
+    for a, b in zip(ours.logprobs, theirs.logprobs):
+        assert abs(a.logprob - b.logprob) < 1e-4
+        assert [i for i, _ in a.top] == [i for i, _ in b.top]
+
+
+def test_planned_steps_equal_eager_steps(gguf_path):
+    planned, eager = planned_and_eager(gguf_path)
+    calls = count_runs(planned)
+    for prompt in PROMPTS:
+        assert_same(planned.generate(prompt, PARAMS), eager.generate(prompt, PARAMS))
+    # every decode step was planned, and so was the one-token prompt's prefill
+    assert len(calls) == len(PROMPTS) * (PARAMS.max_tokens - 1) + sum(len(p) == 1 for p in PROMPTS)
+
+
+def test_batched_over_scattered_blocks(gguf_path):
+    """Small blocks, sequences that start and end at different times: each sequence's keys
+    come from blocks spread through the cache."""
+    planned, eager = planned_and_eager(gguf_path, max_num_seqs=4, block_size=4)
+    calls = count_runs(planned)
+    for ours, theirs in zip(planned.generate(PROMPTS, PARAMS), eager.generate(PROMPTS, PARAMS)):
+        assert_same(ours, theirs)
+    assert max(calls) == len(PROMPTS)
+
+
+def test_one_token_prefill_chunks_go_through_the_plan(gguf_path):
+    """With a one-token budget every prompt token is a plan step that only writes its key
+    and value; the answer must not change."""
+    planned, eager = planned_and_eager(gguf_path, prefill_chunk=1)
+    calls = count_runs(planned)
+    assert_same(planned.generate(PROMPTS[0], PARAMS), eager.generate(PROMPTS[0], PARAMS))
+    assert len(calls) >= len(PROMPTS[0]) + PARAMS.max_tokens - 2
+
+
+def test_no_plan_for_fp32_weights(gguf_path):
+    assert LLM(gguf_path, weights="fp32").engine.runner.plan is None
+
+
+def test_bad_steps_are_refused(gguf_path):
+    plan = LLM(gguf_path).engine.runner.plan
+    with pytest.raises(RuntimeError, match="position out of range"):
+        plan.run([1], [100000], [[0]])
+    with pytest.raises(RuntimeError, match="token id out of range"):
+        plan.run([10 ** 6], [0], [[0]])
+    with pytest.raises(RuntimeError, match="1 to 16 sequences"):
+        plan._plan.run(torch.zeros(17, dtype=torch.long), torch.zeros(17, dtype=torch.long),
+                       torch.zeros(17, 1, dtype=torch.int32))
