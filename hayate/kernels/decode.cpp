@@ -6,9 +6,8 @@
 // Weights, the KV cache and all scratch buffers are fixed at construction; a step allocates
 // only its logits. The arithmetic is the operators' own (gemv_into, rms_norm_rows,
 // rope_heads); attention is a direct softmax over each sequence's cached keys.
+#include "decode_attention.h"
 #include "ggml_blocks.h"
-
-#include <limits>
 
 namespace {
 
@@ -51,7 +50,8 @@ class DecodePlan {
              int64_t block_size)
       : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)),
         embedding_(embedding.contiguous()), cos_(cos.contiguous()), sin_(sin.contiguous()),
-        final_norm_(final_norm.contiguous()), kv_cache_(kv_cache), block_size_(block_size) {
+        final_norm_(final_norm.contiguous()), kv_cache_(kv_cache), block_size_(block_size),
+        attention_(heads, kv_heads, head_dim, block_size) {
     TORCH_CHECK(embedding_.dtype() == torch::kFloat32 && embedding_.dim() == 2, "embedding must be float32 [vocab, hidden]");
     TORCH_CHECK(kv_cache_.dtype() == torch::kFloat32 && kv_cache_.is_contiguous() && kv_cache_.dim() == 5,
                 "the KV cache must be contiguous float32 [layers, 2, rows, kv_heads, head_dim]");
@@ -120,7 +120,6 @@ class DecodePlan {
     act_.resize(B * first.gate_up.N / 2);
     out_.resize(B * hidden_);
     sums_.resize(B * widest / kBlock);
-    scores_.resize(B * heads_ * cos_.size(0));
   }
 
   void layer(size_t index, int64_t B, const int64_t* pos, const torch::Tensor& tables) {
@@ -148,7 +147,7 @@ class DecodePlan {
     return static_cast<int64_t>(table[position / block_size_]) * block_size_ + position % block_size_;
   }
 
-  // RoPE on the new q and k, k and v into the cache, then each head's softmax over its keys.
+  // RoPE on the new q and k, k and v into the cache, then attention over each sequence's keys.
   void write_and_attend(size_t index, int64_t B, const int64_t* pos, const torch::Tensor& tables) {
     const int64_t D = head_dim_, width = (heads_ + 2 * kv_heads_) * D, rows = kv_cache_.size(2);
     float* k_cache = kv_cache_.data_ptr<float>() + index * 2 * rows * kv_heads_ * D;
@@ -162,37 +161,8 @@ class DecodePlan {
       std::memcpy(k_cache + row * kv_heads_ * D, q + heads_ * D, kv_heads_ * D * sizeof(float));
       std::memcpy(v_cache + row * kv_heads_ * D, q + (heads_ + kv_heads_) * D, kv_heads_ * D * sizeof(float));
     }
-    at::parallel_for(0, B * heads_, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) attend_head(item, pos, tables, k_cache, v_cache);
-    });
-  }
-
-  void attend_head(int64_t item, const int64_t* pos, const torch::Tensor& tables, const float* k_cache,
-                   const float* v_cache) {
-    const int64_t D = head_dim_, b = item / heads_, head = item % heads_;
-    const int64_t kv = head / (heads_ / kv_heads_), keys = pos[b] + 1;
-    const float* q = qkv_.data() + b * (heads_ + 2 * kv_heads_) * D + head * D;
-    float* scores = scores_.data() + item * cos_.size(0);
-    const float scale = 1.f / std::sqrt(static_cast<float>(D));
-    float highest = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < keys; ++t) {
-      const float* k = k_cache + (cache_row(tables, b, t) * kv_heads_ + kv) * D;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < D; ++i) dot += q[i] * k[i];
-      scores[t] = dot * scale;
-      highest = std::max(highest, scores[t]);
-    }
-    float total = 0.f;
-    for (int64_t t = 0; t < keys; ++t) total += (scores[t] = std::exp(scores[t] - highest));
-    float* out = attn_.data() + b * heads_ * D + head * D;
-    std::fill(out, out + D, 0.f);
-    for (int64_t t = 0; t < keys; ++t) {
-      const float* v = v_cache + (cache_row(tables, b, t) * kv_heads_ + kv) * D;
-      const float weight = scores[t] / total;
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) out[i] += weight * v[i];
-    }
+    attention_.run(qkv_.data(), width, B, pos, tables.data_ptr<int32_t>(), tables.size(1), k_cache, v_cache,
+                   attn_.data());
   }
 
   int64_t heads_, kv_heads_, head_dim_, hidden_ = 0;
@@ -201,7 +171,8 @@ class DecodePlan {
   int64_t block_size_;
   std::vector<Layer> layers_;
   PackedMatrix head_;
-  std::vector<float> x_, h_, qkv_, attn_, gate_up_, act_, out_, sums_, scores_;
+  DecodeAttention attention_;
+  std::vector<float> x_, h_, qkv_, attn_, gate_up_, act_, out_, sums_;
 };
 
 }  // namespace

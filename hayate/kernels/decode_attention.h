@@ -1,0 +1,232 @@
+// Attention of a decode step's new queries over the paged KV cache, split-K ("flash
+// decoding"): each (sequence, kv head, chunk of keys) is one work item, so even one sequence
+// with three kv heads keeps every thread busy; the query heads that share a kv head read its
+// keys and values together; the chunks' partial softmaxes are merged at the end.
+#pragma once
+#include "ggml_blocks.h"
+
+#include <algorithm>
+#include <limits>
+
+namespace {
+
+constexpr int64_t kKeysPerChunk = 32;
+constexpr int64_t kMaxGroup = 16;  // query heads per kv head
+constexpr int64_t kMaxHeadDim = 256;
+
+// e^x for x <= 0 (scores minus their maximum), in place on n floats: Cephes' expf
+// polynomial, within 2 ulp, 16 lanes at a time.
+inline void exp_in_place(float* x, int64_t n) {
+#if defined(__AVX512F__)
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 v = _mm512_max_ps(_mm512_maskz_loadu_ps(lanes, x + i), _mm512_set1_ps(-87.3f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    _mm512_mask_storeu_ps(x + i, lanes, _mm512_scalef_ps(p, k));
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+#endif
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// Scores of one chunk's n keys (cache rows `rows`, kv-head-strided) for the G query heads
+// at q (G x D, consecutive), and the exponentials' weighted sum of its values: the portable
+// loops, and below them AVX-512 ones with the G heads' accumulators in registers.
+inline void chunk_scores(const float* q, int64_t group, const float* k_cache, const int64_t* rows, int64_t n,
+                         int64_t D, float scale, float (*scores)[kKeysPerChunk]) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t g = 0; g < group; ++g) scores[g][t] = dot(q + g * D, k_cache + rows[t] * D, D) * scale;
+}
+
+inline void chunk_values(const float* v_cache, const int64_t* rows, int64_t n, int64_t D, int64_t group,
+                         float (*weights)[kKeysPerChunk], float* acc) {
+  std::fill(acc, acc + group * D, 0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* v = v_cache + rows[t] * D;
+    for (int64_t g = 0; g < group; ++g) {
+      const float w = weights[g][t];
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) acc[g * D + i] += w * v[i];
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+template <int G>
+void chunk_scores_avx(const float* q, const float* k_cache, const int64_t* rows, int64_t n, int64_t D,
+                      float scale, float (*scores)[kKeysPerChunk]) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* k = k_cache + rows[t] * D;
+    if (t + 2 < n) _mm_prefetch(reinterpret_cast<const char*>(k_cache + rows[t + 2] * D), _MM_HINT_T0);
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      const __m512 key = _mm512_loadu_ps(k + i);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + i), key, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) scores[g][t] = _mm512_reduce_add_ps(acc[g]) * scale;
+  }
+}
+
+// S vectors (16 * S floats) of the value rows from `first`, for the G heads.
+template <int G, int S>
+void value_slab_avx(const float* v_cache, const int64_t* rows, int64_t n, int64_t D, int64_t first,
+                    float (*weights)[kKeysPerChunk], float* acc_out) {
+  __m512 acc[G][S];
+  for (int g = 0; g < G; ++g)
+    for (int s = 0; s < S; ++s) acc[g][s] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const float* v = v_cache + rows[t] * D + first;
+    __m512 value[S];
+    for (int s = 0; s < S; ++s) value[s] = _mm512_loadu_ps(v + 16 * s);
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(weights[g][t]);
+      for (int s = 0; s < S; ++s) acc[g][s] = _mm512_fmadd_ps(w, value[s], acc[g][s]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int s = 0; s < S; ++s) _mm512_storeu_ps(acc_out + g * D + first + 16 * s, acc[g][s]);
+}
+
+template <int G>
+void chunk_values_avx(const float* v_cache, const int64_t* rows, int64_t n, int64_t D,
+                      float (*weights)[kKeysPerChunk], float* acc) {
+  int64_t first = 0;
+  for (; first + 64 <= D; first += 64) value_slab_avx<G, 4>(v_cache, rows, n, D, first, weights, acc);
+  for (; first < D; first += 16) value_slab_avx<G, 1>(v_cache, rows, n, D, first, weights, acc);
+}
+
+template <int G>
+bool chunk_avx(const float* q, const float* k_cache, const float* v_cache, const int64_t* rows, int64_t n,
+               int64_t D, float scale, float (*scores)[kKeysPerChunk], float* acc, bool values) {
+  if (values) chunk_values_avx<G>(v_cache, rows, n, D, scores, acc);
+  else chunk_scores_avx<G>(q, k_cache, rows, n, D, scale, scores);
+  return true;
+}
+#endif
+
+// The scores (values = false) or the weighted values (values = true) of one chunk.
+inline void chunk_step(const float* q, int64_t group, const float* k_cache, const float* v_cache,
+                       const int64_t* rows, int64_t n, int64_t D, float scale, float (*scores)[kKeysPerChunk],
+                       float* acc, bool values) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0) {
+    switch (group) {
+      case 1: chunk_avx<1>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
+      case 2: chunk_avx<2>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
+      case 3: chunk_avx<3>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
+      case 4: chunk_avx<4>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
+      case 5: chunk_avx<5>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
+      case 6: chunk_avx<6>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
+      case 8: chunk_avx<8>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
+      default: break;
+    }
+  }
+#endif
+  if (values) chunk_values(v_cache, rows, n, D, group, scores, acc);
+  else chunk_scores(q, group, k_cache, rows, n, D, scale, scores);
+}
+
+class DecodeAttention {
+ public:
+  DecodeAttention(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size)
+      : heads_(heads), kv_heads_(kv_heads), group_(heads / kv_heads), head_dim_(head_dim), block_size_(block_size) {
+    TORCH_CHECK(group_ <= kMaxGroup && head_dim <= kMaxHeadDim, "at most ", kMaxGroup,
+                " query heads per kv head and head_dim ", kMaxHeadDim);
+  }
+
+  // q: the B new tokens' query heads, row b at q + b * q_stride; keys 0..pos[b] of sequence b
+  // in the cache rows its block table (tables + b * table_width) names. out [B, heads * D].
+  void run(const float* q, int64_t q_stride, int64_t B, const int64_t* pos, const int32_t* tables,
+           int64_t table_width, const float* k_cache, const float* v_cache, float* out) {
+    const int64_t chunks = (*std::max_element(pos, pos + B) + 1 + kKeysPerChunk - 1) / kKeysPerChunk;
+    maxima_.resize(B * heads_ * chunks);
+    sums_.resize(B * heads_ * chunks);
+    partial_.resize(B * heads_ * chunks * head_dim_);
+    at::parallel_for(0, B * kv_heads_ * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / (kv_heads_ * chunks), kv = item / chunks % kv_heads_, chunk = item % chunks;
+        chunk_of(q + b * q_stride, b * heads_ + kv * group_, chunks, chunk, pos[b] + 1,
+                 tables + b * table_width, k_cache, v_cache, kv);
+      }
+    });
+    for (int64_t row = 0; row < B * heads_; ++row) merge(row, chunks, out + row * head_dim_);
+  }
+
+ private:
+  // Scores, their exponentials and the weighted values of keys [chunk * C, ..) for the
+  // `group_` query heads of kv head `kv`; `first` is the first head's row in [B * heads].
+  void chunk_of(const float* q, int64_t first, int64_t chunks, int64_t chunk, int64_t keys,
+                const int32_t* table, const float* k_cache, const float* v_cache, int64_t kv) {
+    const int64_t D = head_dim_, begin = chunk * kKeysPerChunk, end = std::min(keys, begin + kKeysPerChunk);
+    if (begin >= end) {
+      for (int64_t g = 0; g < group_; ++g) {
+        maxima_[(first + g) * chunks + chunk] = -std::numeric_limits<float>::infinity();
+        sums_[(first + g) * chunks + chunk] = 0.f;
+      }
+      return;
+    }
+    int64_t rows[kKeysPerChunk];
+    for (int64_t t = begin; t < end; ++t)
+      rows[t - begin] = (static_cast<int64_t>(table[t / block_size_]) * block_size_ + t % block_size_) * kv_heads_ + kv;
+    const int64_t n = end - begin;
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    const float* q0 = q + (first % heads_) * D;
+    float scores[kMaxGroup][kKeysPerChunk];
+    float* acc = partial_.data() + first * chunks * D;   // the group's rows: [group][chunks][D]
+    chunk_step(q0, group_, k_cache, v_cache, rows, n, D, scale, scores, nullptr, false);
+    for (int64_t g = 0; g < group_; ++g) {
+      const float highest = *std::max_element(scores[g], scores[g] + n);
+      for (int64_t t = 0; t < n; ++t) scores[g][t] -= highest;
+      exp_in_place(scores[g], n);
+      float total = 0.f;
+      for (int64_t t = 0; t < n; ++t) total += scores[g][t];
+      maxima_[(first + g) * chunks + chunk] = highest;
+      sums_[(first + g) * chunks + chunk] = total;
+    }
+    float values[kMaxGroup * kMaxHeadDim];
+    chunk_step(q0, group_, k_cache, v_cache, rows, n, D, scale, scores, values, true);
+    for (int64_t g = 0; g < group_; ++g)
+      std::copy(values + g * D, values + (g + 1) * D, acc + (g * chunks + chunk) * D);
+  }
+
+  // One query head: the chunks' partial softmaxes rescaled to their common maximum.
+  void merge(int64_t row, int64_t chunks, float* out) const {
+    const float* m = maxima_.data() + row * chunks;
+    const float highest = *std::max_element(m, m + chunks);
+    float total = 0.f;
+    std::fill(out, out + head_dim_, 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (sums_[row * chunks + c] == 0.f) continue;
+      const float factor = std::exp(m[c] - highest);
+      total += sums_[row * chunks + c] * factor;
+      const float* acc = partial_.data() + (row * chunks + c) * head_dim_;
+#pragma omp simd
+      for (int64_t i = 0; i < head_dim_; ++i) out[i] += factor * acc[i];
+    }
+    const float inverse = 1.f / total;
+    for (int64_t i = 0; i < head_dim_; ++i) out[i] *= inverse;
+  }
+
+  int64_t heads_, kv_heads_, group_, head_dim_, block_size_;
+  std::vector<float> maxima_, sums_, partial_;
+};
+
+}  // namespace
