@@ -11,6 +11,7 @@ from hayate.bench.timings import RawTimings
 from hayate.llm import LLM
 from hayate.plan.cost import prefill_cost
 from hayate.plan.hardware import probe_cpu
+from hayate.plan.dispatch import dispatch_seconds
 from hayate.plan.report import predict
 from hayate.sampling import SamplingParams
 
@@ -98,8 +99,9 @@ class PlanFloor:
     bandwidth_gb_s: float
     matmul_gflops: float
     context: int
-    decode_tokens_per_s: float
-    ttft_ms: dict[int, float]
+    decode_tokens_per_s: float              # the floor
+    ttft_ms: dict[int, float]               # the floor
+    predicted_decode_tokens_per_s: float | None = None   # hayate plan's prediction
 
 
 def plan_floor(llm: LLM, threads: int | None, plan: BenchPlan) -> PlanFloor:
@@ -112,5 +114,6 @@ def plan_floor(llm: LLM, threads: int | None, plan: BenchPlan) -> PlanFloor:
     for length in plan.prompt_lengths:
         cost = prefill_cost(model, config, length, llm.config.prefill_chunk)
         ttft[length] = hardware.floor_seconds(cost.bytes, cost.flops) * 1e3
+    expected = prediction.expected_step_seconds(dispatch_seconds(llm.loaded, context))
     return PlanFloor(hardware.name, hardware.bandwidth / 1e9, hardware.flops / 1e9, context,
-                     prediction.decode_tokens_per_second, ttft)
+                     prediction.decode_tokens_per_second, ttft, 1 / expected)

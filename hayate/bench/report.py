@@ -83,11 +83,15 @@ def notes(report: BenchReport) -> list[str]:
     lines.append(f"plan floor on {floor.hardware}: {floor.bandwidth_gb_s:.1f} GB/s read, "
                  f"{floor.matmul_gflops:.0f} GFLOP/s, decode context {floor.context}")
     if hayate.decode_tokens_per_s:
-        lines.append(f"plan predicted {floor.decode_tokens_per_s:.1f} tok/s, measured "
-                     f"{hayate.decode_tokens_per_s:.1f} ({percent_of_floor_decode(report):.0f}%)")
+        lines.append(f"plan floor {floor.decode_tokens_per_s:.1f} tok/s, measured "
+                     f"{hayate.decode_tokens_per_s:.1f} ({percent_of_floor_decode(report):.0f}% of the floor)")
+    if hayate.decode_tokens_per_s and floor.predicted_decode_tokens_per_s:
+        lines.append(f"plan predicted {floor.predicted_decode_tokens_per_s:.1f} tok/s (kernels' measured rates "
+                     f"+ fixed per-step cost), measured/predicted "
+                     f"{hayate.decode_tokens_per_s / floor.predicted_decode_tokens_per_s:.2f}")
     for length, percent in percent_of_floor_ttft(report).items():
-        lines.append(f"plan predicted TTFT {length} tok {floor.ttft_ms[length]:.1f} ms, measured "
-                     f"{hayate.ttft_ms[length]:.1f} ms ({percent:.0f}%)")
+        lines.append(f"plan floor TTFT {length} tok {floor.ttft_ms[length]:.1f} ms, measured "
+                     f"{hayate.ttft_ms[length]:.1f} ms ({percent:.0f}% of the floor)")
     return lines
 
 

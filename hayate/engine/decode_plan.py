@@ -33,7 +33,8 @@ class PlannedDecode:
         plan = kernels.DecodePlan(
             heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
             eps=text.norm.eps, embedding=text.embed_tokens.weight, cos=text.rotary.cos, sin=text.rotary.sin,
-            final_norm=text.norm.weight, kv_cache=kv_cache.storage, block_size=kv_cache.block_size)
+            final_norm=text.norm.weight, kv_cache=kv_cache.storage, block_size=kv_cache.block_size,
+            threads=torch.get_num_threads())
         for layer in text.layers:
             attention, mlp = layer.self_attn, layer.mlp
             plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,

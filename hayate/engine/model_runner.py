@@ -1,6 +1,8 @@
 """Runs one forward pass over a scheduled batch and samples the next tokens."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -12,6 +14,18 @@ from hayate.layers.attention import AttentionMetadata
 from hayate.layers.sampler import SampleResult, Sampler
 from hayate.models.config import ModelConfig
 from hayate.multimodal.encoder_cache import EncoderCache
+
+
+@contextlib.contextmanager
+def one_thread():
+    """PyTorch operators on one thread: a planned step's sampling is small, and an OpenMP
+    region here would leave OpenMP's workers spinning against the plan's own threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class ModelRunner:
@@ -31,7 +45,8 @@ class ModelRunner:
         sequences = batch.sequences
         # Only sequences whose every token is now cached sample the next one.
         sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
-        if self._planned(sequences):
+        planned = self._planned(sequences)
+        if planned:
             logits = self.plan.run([s.request.token_ids(s.start, 1)[0] for s in sequences],
                                    [s.start for s in sequences], [s.request.block_table for s in sequences])
             logits = logits if len(sampling) == len(sequences) else logits[sampling]
@@ -39,7 +54,8 @@ class ModelRunner:
             logits = self._eager_logits(sequences, sampling)
         if not sampling:
             return [], None
-        return sampling, self.sampler(logits, [sequences[i].request.sampling for i in sampling])
+        with one_thread() if planned else contextlib.nullcontext():
+            return sampling, self.sampler(logits, [sequences[i].request.sampling for i in sampling])
 
     def _planned(self, sequences: list[ScheduledSequence]) -> bool:
         """Plain decodes (one token each, none of them an image's) that the plan takes."""

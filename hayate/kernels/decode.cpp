@@ -8,6 +8,7 @@
 // rope_heads); attention is a direct softmax over each sequence's cached keys.
 #include "decode_attention.h"
 #include "ggml_blocks.h"
+#include "worker_pool.h"
 
 namespace {
 
@@ -28,8 +29,8 @@ struct PackedMatrix {
   }
 
   // out [M, N] = x [M, K] W^T (+ bias)
-  void apply(const float* x, int64_t M, float* x_sums, float* out) const {
-    gemv_into(x, M, K, blocks.data_ptr<uint8_t>(), N, type, x_sums, out);
+  void apply(const float* x, int64_t M, float* x_sums, float* out, WorkerPool& threads) const {
+    gemv_into(x, M, K, blocks.data_ptr<uint8_t>(), N, type, x_sums, out, threads);
     if (bias.defined()) {
       const float* b = bias.data_ptr<float>();
       for (int64_t m = 0; m < M; ++m)
@@ -47,8 +48,8 @@ class DecodePlan {
  public:
   DecodePlan(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, torch::Tensor embedding,
              torch::Tensor cos, torch::Tensor sin, torch::Tensor final_norm, torch::Tensor kv_cache,
-             int64_t block_size)
-      : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)),
+             int64_t block_size, int64_t threads)
+      : threads_(static_cast<int>(threads)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)),
         embedding_(embedding.contiguous()), cos_(cos.contiguous()), sin_(sin.contiguous()),
         final_norm_(final_norm.contiguous()), kv_cache_(kv_cache), block_size_(block_size),
         attention_(heads, kv_heads, head_dim, block_size) {
@@ -104,7 +105,7 @@ class DecodePlan {
     for (size_t l = 0; l < layers_.size(); ++l) layer(l, B, pos, block_tables);
     rms_norm_rows(x, final_norm_.data_ptr<float>(), h_.data(), B, hidden_, eps_);
     auto logits = torch::empty({B, head_.N}, torch::kFloat32);
-    head_.apply(h_.data(), B, sums_.data(), logits.data_ptr<float>());
+    head_.apply(h_.data(), B, sums_.data(), logits.data_ptr<float>(), threads_);
     return logits;
   }
 
@@ -126,19 +127,19 @@ class DecodePlan {
     const Layer& L = layers_[index];
     float* x = x_.data();
     rms_norm_rows(x, L.input_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
-    L.qkv.apply(h_.data(), B, sums_.data(), qkv_.data());
+    L.qkv.apply(h_.data(), B, sums_.data(), qkv_.data(), threads_);
     write_and_attend(index, B, pos, tables);
-    L.o.apply(attn_.data(), B, sums_.data(), out_.data());
+    L.o.apply(attn_.data(), B, sums_.data(), out_.data(), threads_);
     for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
     rms_norm_rows(x, L.post_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
-    L.gate_up.apply(h_.data(), B, sums_.data(), gate_up_.data());
+    L.gate_up.apply(h_.data(), B, sums_.data(), gate_up_.data(), threads_);
     const int64_t inner = L.gate_up.N / 2;
     for (int64_t b = 0; b < B; ++b) {
       const float* gate = gate_up_.data() + b * 2 * inner;
       float* act = act_.data() + b * inner;
       for (int64_t i = 0; i < inner; ++i) act[i] = gate[i] / (1.f + std::exp(-gate[i])) * gate[inner + i];
     }
-    L.down.apply(act_.data(), B, sums_.data(), out_.data());
+    L.down.apply(act_.data(), B, sums_.data(), out_.data(), threads_);
     for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
   }
 
@@ -162,9 +163,10 @@ class DecodePlan {
       std::memcpy(v_cache + row * kv_heads_ * D, q + (heads_ + kv_heads_) * D, kv_heads_ * D * sizeof(float));
     }
     attention_.run(qkv_.data(), width, B, pos, tables.data_ptr<int32_t>(), tables.size(1), k_cache, v_cache,
-                   attn_.data());
+                   attn_.data(), threads_);
   }
 
+  WorkerPool threads_;   // first: started before, and stopped after, everything that uses it
   int64_t heads_, kv_heads_, head_dim_, hidden_ = 0;
   float eps_;
   torch::Tensor embedding_, cos_, sin_, final_norm_, kv_cache_;
@@ -181,9 +183,10 @@ void register_decode_plan(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<DecodePlan>(m, "DecodePlan", "a Llama-family decode step, planned once, run as one call")
       .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                    torch::Tensor, int64_t>(),
+                    torch::Tensor, int64_t, int64_t>(),
            py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("embedding"),
-           py::arg("cos"), py::arg("sin"), py::arg("final_norm"), py::arg("kv_cache"), py::arg("block_size"))
+           py::arg("cos"), py::arg("sin"), py::arg("final_norm"), py::arg("kv_cache"), py::arg("block_size"),
+           py::arg("threads"))
       .def("add_layer", &DecodePlan::add_layer)
       .def("set_head", &DecodePlan::set_head)
       .def("run", &DecodePlan::run, py::call_guard<py::gil_scoped_release>());

@@ -4,6 +4,7 @@
 // keys and values together; the chunks' partial softmaxes are merged at the end.
 #pragma once
 #include "ggml_blocks.h"
+#include "worker_pool.h"
 
 #include <algorithm>
 #include <limits>
@@ -155,12 +156,12 @@ class DecodeAttention {
   // q: the B new tokens' query heads, row b at q + b * q_stride; keys 0..pos[b] of sequence b
   // in the cache rows its block table (tables + b * table_width) names. out [B, heads * D].
   void run(const float* q, int64_t q_stride, int64_t B, const int64_t* pos, const int32_t* tables,
-           int64_t table_width, const float* k_cache, const float* v_cache, float* out) {
+           int64_t table_width, const float* k_cache, const float* v_cache, float* out, WorkerPool& threads) {
     const int64_t chunks = (*std::max_element(pos, pos + B) + 1 + kKeysPerChunk - 1) / kKeysPerChunk;
     maxima_.resize(B * heads_ * chunks);
     sums_.resize(B * heads_ * chunks);
     partial_.resize(B * heads_ * chunks * head_dim_);
-    at::parallel_for(0, B * kv_heads_ * chunks, 1, [&](int64_t begin, int64_t end) {
+    threads.parallel_for(B * kv_heads_ * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / (kv_heads_ * chunks), kv = item / chunks % kv_heads_, chunk = item % chunks;
         chunk_of(q + b * q_stride, b * heads_ + kv * group_, chunks, chunk, pos[b] + 1,

@@ -148,10 +148,18 @@ inline int64_t block_bytes_of(int64_t ggml_type) {
   return ggml_type == 2 ? 18 : (ggml_type == 3 ? 20 : 34);
 }
 
+// Runs fn(begin, end) over [0, n) on PyTorch's intra-op threads.
+struct IntraOpThreads {
+  template <class F>
+  void parallel_for(int64_t n, int64_t grain, const F& fn) const { at::parallel_for(0, n, grain, fn); }
+};
+
 // out [M, N] = x [M, K] times the packed weight w [N, K / 32 * block_bytes] (M <= kMaxRows),
-// output rows split over the intra-op threads. x_sums: scratch of M * K / 32 floats.
-inline void gemv_into(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t ggml_type,
-                      float* x_sums, float* out) {
+// output rows split over `threads` (anything with parallel_for(n, grain, fn)). x_sums:
+// scratch of M * K / 32 floats.
+template <class Threads>
+void gemv_into(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t ggml_type,
+               float* x_sums, float* out, Threads& threads) {
   const int64_t block_bytes = block_bytes_of(ggml_type);
   // Per-block sums of x, shared by every output row (Q4's offsets multiply them).
   for (int64_t i = 0; i < M * (K / kBlock); ++i) {
@@ -159,7 +167,7 @@ inline void gemv_into(const float* x, int64_t M, int64_t K, const uint8_t* w, in
     for (int j = 0; j < kBlock; ++j) sum += x[i * kBlock + j];
     x_sums[i] = sum;
   }
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  threads.parallel_for(N, 16, [&](int64_t begin, int64_t end) {
     if (ggml_type == 8) rows<8>(x, x_sums, w, out, M, N, K, block_bytes, begin, end);
     else if (ggml_type == 2) rows<2>(x, x_sums, w, out, M, N, K, block_bytes, begin, end);
     else rows<3>(x, x_sums, w, out, M, N, K, block_bytes, begin, end);

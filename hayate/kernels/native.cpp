@@ -20,7 +20,9 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, int64_t ggml_type) {
   TORCH_CHECK(w.size(1) == K / kBlock * block_bytes, "weight bytes do not match in_features");
   std::vector<float> x_sums(M * (K / kBlock));
   auto out = torch::empty({M, N}, x.options());
-  gemv_into(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, ggml_type, x_sums.data(), out.data_ptr<float>());
+  IntraOpThreads threads;
+  gemv_into(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, ggml_type, x_sums.data(), out.data_ptr<float>(),
+            threads);
   return out;
 }
 

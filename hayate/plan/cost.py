@@ -17,6 +17,7 @@ class CostRow:
     name: str
     bytes: int       # bytes read and written
     flops: int
+    ggml_type: int | None = None   # GGUF blocks read by a native kernel, else None
 
 
 @dataclass
@@ -60,7 +61,7 @@ def _attention_cost(config: ModelConfig, queries: int, keys: int, kv_bytes: int)
 def decode_cost(model: nn.Module, config: ModelConfig, batch: int, context: int,
                 kv_bytes: int = 4) -> StepCost:
     """One decode step: `batch` sequences, each at `context` cached tokens."""
-    rows = [CostRow(name, module_bytes(m), 2 * batch * m.in_features * m.out_features)
+    rows = [CostRow(name, module_bytes(m), 2 * batch * m.in_features * m.out_features, getattr(m, "ggml_type", None))
             for name, m in _linears(model).items()]
     rows.append(CostRow("embedding rows", batch * config.hidden_size * 4, 0))
     attention = _attention_cost(config, 1, context, kv_bytes)

@@ -3,9 +3,11 @@ plus datasheet figures for common GPUs."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from hayate.kernels import native_kernels
 
 
 @dataclass(frozen=True)
@@ -13,10 +15,19 @@ class HardwareProfile:
     name: str
     bandwidth: float       # bytes/s of memory read
     flops: float           # FLOP/s of the matmul precision the engine runs
+    # bytes/s at which the native kernel reads each GGUF type's blocks, streaming from memory
+    packed_rates: dict[int, float] = field(default_factory=dict, compare=False)
 
     def floor_seconds(self, num_bytes: int, num_flops: int) -> float:
         """Roofline: a step can be no faster than its bytes or its FLOPs allow."""
         return max(num_bytes / self.bandwidth, num_flops / self.flops)
+
+    def kernel_seconds(self, num_bytes: int, num_flops: int, ggml_type: int | None) -> float:
+        """What the engine's kernel takes: packed blocks at the rate measured for their type."""
+        rate = self.packed_rates.get(ggml_type) if ggml_type is not None else None
+        if rate is None:
+            return self.floor_seconds(num_bytes, num_flops)
+        return max(num_bytes / rate, num_flops / self.flops)
 
 
 def datasheet_profiles() -> dict[str, HardwareProfile]:
@@ -31,15 +42,47 @@ def datasheet_profiles() -> dict[str, HardwareProfile]:
 
 
 def probe_cpu(threads: int | None = None, buffer_mb: int = 256, repeats: int = 5) -> HardwareProfile:
-    """Measure read bandwidth (summing a buffer far larger than the caches) and fp32 matmul
-    rate with the given thread count; best of `repeats` to skip warm-up noise."""
+    """Measure read bandwidth (summing a buffer far larger than the caches), fp32 matmul
+    rate, and the native kernel's read rate for each GGUF type it takes, with the given
+    thread count; best of `repeats` to skip warm-up noise."""
     if threads:
         torch.set_num_threads(threads)
     data = torch.ones(buffer_mb * 2**20 // 4)
     bandwidth = data.numel() * 4 / _best_time(lambda: data.sum(), repeats)
     a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
     flops = 2 * 512 * 1024 * 1024 / _best_time(lambda: a @ b, repeats)
-    return HardwareProfile(f"this CPU ({torch.get_num_threads()} threads)", bandwidth, flops)
+    return HardwareProfile(f"this CPU ({torch.get_num_threads()} threads)", bandwidth, flops,
+                           packed_rates=probe_packed_rates(buffer_mb // 2, repeats))
+
+
+# GGUF types the native GEMV reads, with their bytes per block of 32 weights
+NATIVE_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}   # Q4_0, Q4_1, Q8_0
+
+
+def probe_packed_rates(buffer_mb: int = 128, repeats: int = 5) -> dict[int, float]:
+    """bytes/s of the native GEMV at one activation row over a matrix far larger than the
+    caches, for each type it reads: the rate at which a decode step streams packed weights."""
+    kernels = native_kernels()
+    if kernels is None:
+        return {}
+    rates = {}
+    for ggml_type, block_bytes in NATIVE_BLOCK_BYTES.items():
+        in_features = 1024
+        rows = buffer_mb * 2**20 // (in_features // 32 * block_bytes)
+        blocks = _valid_blocks(rows, in_features // 32, block_bytes)
+        x = torch.randn(1, in_features)
+        rates[ggml_type] = blocks.numel() / _best_time(lambda: kernels.gemv(x, blocks, ggml_type), repeats)
+    return rates
+
+
+def _valid_blocks(rows: int, blocks_per_row: int, block_bytes: int) -> torch.Tensor:
+    """Random quantized values under small, finite fp16 scales (no NaN or denormal work)."""
+    data = torch.randint(0, 256, (rows, blocks_per_row, block_bytes), dtype=torch.uint8)
+    scale = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)   # 2 bytes
+    data[:, :, 0:2] = scale
+    if block_bytes == 20:   # Q4_1's minimum
+        data[:, :, 2:4] = scale
+    return data.reshape(rows, blocks_per_row * block_bytes)
 
 
 def _best_time(work, repeats: int) -> float:

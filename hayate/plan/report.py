@@ -19,20 +19,26 @@ PROMPT_LENGTHS = (32, 512, 2048)
 
 @dataclass
 class Prediction:
-    decode_tokens_per_second: float
+    decode_tokens_per_second: float         # the floor: bytes and FLOPs at the probe's rates
     decode_step_seconds: float
-    time_to_first_token: dict[int, float]   # prompt length -> seconds
+    time_to_first_token: dict[int, float]   # prompt length -> seconds (floor)
+    kernel_step_seconds: float              # the step's bytes at the native kernels' measured rates
+
+    def expected_step_seconds(self, fixed_seconds: float) -> float:
+        """The prediction: the kernels streaming the weights, plus the fixed per-step cost."""
+        return self.kernel_step_seconds + fixed_seconds
 
 
 def predict(model, config, hardware: HardwareProfile, context: int, prefill_chunk: int) -> Prediction:
     """The roofline of a decode step and of prefill at PROMPT_LENGTHS."""
     step = decode_cost(model, config, batch=1, context=context)
     seconds = hardware.floor_seconds(step.bytes, step.flops)
+    kernel = sum(hardware.kernel_seconds(row.bytes, row.flops, row.ggml_type) for row in step.rows)
     ttft = {}
     for length in PROMPT_LENGTHS:
         prefill = prefill_cost(model, config, length, prefill_chunk)
         ttft[length] = hardware.floor_seconds(prefill.bytes, prefill.flops)
-    return Prediction(1 / seconds, seconds, ttft)
+    return Prediction(1 / seconds, seconds, ttft, kernel)
 
 
 def cost_table(cost: StepCost, hardware: HardwareProfile) -> Table:
@@ -73,9 +79,10 @@ def command_plan(args: argparse.Namespace) -> int:
                   f"({floor.decode_step_seconds * 1e3:.2f} ms a token: bytes and FLOPs only)")
     if args.hardware == "probe":
         dispatch = dispatch_seconds(loaded, args.context)
-        step = floor.decode_step_seconds + dispatch
-        console.print(f"predicted: {1 / step:.0f} tokens/s decode at batch 1 ({step * 1e3:.2f} ms a token, of which "
-                      f"{dispatch * 1e3:.2f} ms fixed per-step cost, measured on a shrunken twin of the model)")
+        step = floor.expected_step_seconds(dispatch)
+        console.print(f"predicted: {1 / step:.0f} tokens/s decode at batch 1 ({step * 1e3:.2f} ms a token: "
+                      f"{floor.kernel_step_seconds * 1e3:.2f} ms streaming the weights at the kernels' measured "
+                      f"rates, {dispatch * 1e3:.2f} ms fixed per-step cost measured on a shrunken twin of the model)")
     for length, seconds in floor.time_to_first_token.items():
         console.print(f"floor: time to first token for a {length}-token prompt: {seconds * 1e3:.1f} ms")
     return 0
