@@ -201,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=16, help="hayate's --max-batch (default 16)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="llama.cpp's --n_ctx (default 4096)")
     parser.add_argument("--engines", default=",".join(ENGINES), help="which servers to run (default both)")
-    parser.add_argument("--no-hayate-omp-bind", dest="hayate_omp_bind", action="store_false",
-                        help="start hayate without OMP_PROC_BIND=true (llama.cpp always gets it)")
+    parser.add_argument("--hayate-omp-bind", action="store_true",
+                        help="start hayate with OMP_PROC_BIND=true too (llama.cpp always gets it; hayate's "
+                             "decode runs on its own threads, and pinned OpenMP threads slow its prefill)")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for health")
     parser.add_argument("--llama-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
     parser.add_argument("--hayate-bin", default=str(REPO / ".venv" / "bin" / "hayate"))

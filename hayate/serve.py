@@ -118,7 +118,7 @@ def load_model(config: EngineConfig, max_queue: int):
     from hayate.server import ServedModel
 
     log.info("loading %s", config.model or "the default model")
-    return ServedModel.from_llm(LLM(config=config), max_queue)
+    return ServedModel.load(lambda: LLM(config=config), max_queue)
 
 
 @contextlib.contextmanager

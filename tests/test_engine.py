@@ -119,3 +119,27 @@ def test_async_engine_stream_and_early_exit(model_folder):
         assert engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0
     finally:
         engine.shutdown()
+
+
+def test_async_engine_loads_on_its_own_thread(model_folder):
+    import asyncio
+    import threading
+
+    from hayate.engine.async_engine import AsyncEngine
+
+    def build():
+        return LLM(model_folder), threading.current_thread()
+
+    (llm, loader), engine = AsyncEngine.start_with(build, lambda built: built[0].engine)
+    try:
+        assert loader is engine._thread and loader.name == "hayate-engine" and engine.is_alive
+
+        async def run():
+            return [t async for o in engine.generate("a", prompts(1)[0], GREEDY) for t in o.token_ids]
+
+        assert asyncio.run(run()) == alone(model_folder, prompts(1))[0]
+    finally:
+        engine.shutdown()
+    assert not engine.is_alive
+    with pytest.raises(ValueError, match="no such"):
+        AsyncEngine.start_with(lambda: LLM("/no/such/model"), lambda llm: llm.engine)

@@ -60,3 +60,28 @@ def test_dispatch_twin_keeps_layers_heads_and_format(tmp_path):
     assert isinstance(twin.model.layers[0].mlp.gate_up_proj, PackedLinear)
     assert twin.model.layers[0].mlp.gate_up_proj.ggml_type == QType.Q4_1
     assert dispatch_seconds(real, context=8, steps=3) > 0
+
+
+def test_prediction_reads_packed_layers_at_the_kernels_rate(tmp_path):
+    from hayate.plan.report import predict
+
+    path = export_hf_model(tmp_path / "m.gguf", tiny_model("llama"), "llama", QType.Q4_1)
+    llm = LLM(str(path))
+    model, config = llm.engine.runner.model, llm.model_config
+    fast = HardwareProfile("test", bandwidth=1e9, flops=1e12)
+    slow_kernel = HardwareProfile("test", bandwidth=1e9, flops=1e12, packed_rates={int(QType.Q4_1): 1e8})
+    packed_bytes = sum(row.bytes for row in decode_cost(model, config, 1, 8).rows if row.ggml_type == QType.Q4_1)
+    assert packed_bytes > 0
+    a, b = predict(model, config, fast, 8, 512), predict(model, config, slow_kernel, 8, 512)
+    assert abs(a.kernel_step_seconds - a.decode_step_seconds) < 1e-12   # no measured rate: the floor
+    assert abs((b.kernel_step_seconds - a.kernel_step_seconds) - packed_bytes * (1e-8 - 1e-9)) < 1e-9
+    assert b.expected_step_seconds(0.5) == b.kernel_step_seconds + 0.5
+
+
+def test_probe_measures_the_native_kernel_rates():
+    from hayate.kernels import native_kernels
+    from hayate.plan.hardware import probe_packed_rates
+
+    rates = probe_packed_rates(buffer_mb=4, repeats=1)
+    assert set(rates) == ({2, 3, 8} if native_kernels() is not None else set())
+    assert all(rate > 0 for rate in rates.values())

@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, TypeVar
 
 from hayate.engine.engine import Engine
 from hayate.engine.request import EngineStats, RequestOutput
@@ -18,6 +18,7 @@ from hayate.multimodal.features import PromptImages
 from hayate.sampling import SamplingParams
 
 log = logging.getLogger("hayate.engine")
+T = TypeVar("T")
 
 
 class QueueFullError(RuntimeError):
@@ -61,6 +62,35 @@ class AsyncEngine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="hayate-engine", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def start_with(cls, build: Callable[[], T], engine_of: Callable[[T], Engine],
+                   max_queue: int = 256) -> tuple[T, "AsyncEngine"]:
+        """Run build() (loading the model) on the engine thread itself, then the loop there.
+        One thread both loads and steps the model, so the process holds one OpenMP thread
+        team: a second team (one per thread that ran PyTorch operators) makes libgomp
+        throttle its spinning, and prefill runs about 2x slower. Errors of build() raise here."""
+        built: list = []
+        ready = threading.Event()
+
+        def main() -> None:
+            try:
+                value = build()
+                engine = cls(engine_of(value), max_queue)
+                engine._thread = threading.current_thread()
+                built.append((value, engine))
+            except BaseException as error:   # handed to the waiting caller
+                built.append(error)
+                return
+            finally:
+                ready.set()
+            engine._run()
+
+        threading.Thread(target=main, name="hayate-engine", daemon=True).start()
+        ready.wait()
+        if isinstance(built[0], BaseException):
+            raise built[0]
+        return built[0]
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort what is in flight, stop the loop thread and wait for it."""

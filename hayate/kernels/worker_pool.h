@@ -24,6 +24,19 @@ inline void cpu_relax() {
 #endif
 }
 
+// Waits until done() holds: spinning, and every 64 spins yielding the CPU, so that with more
+// runnable threads than CPUs (a server's event loop beside the engine) the thread being
+// waited for gets to run instead of the waiter burning its time slice.
+template <class Done>
+inline bool spin_until(const Done& done, int64_t max_spins) {
+  for (int64_t spins = 0; spins < max_spins; ++spins) {
+    if (done()) return true;
+    if (spins % 64 == 63) std::this_thread::yield();
+    else cpu_relax();
+  }
+  return done();
+}
+
 class WorkerPool {
  public:
   explicit WorkerPool(int threads) {
@@ -65,7 +78,7 @@ class WorkerPool {
       wake_.notify_all();
     }
     task_(0);
-    while (pending_.load(std::memory_order_acquire) > 0) cpu_relax();
+    spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; }, INT64_MAX);
   }
 
  private:
@@ -77,11 +90,8 @@ class WorkerPool {
   void work(int index) {
     uint64_t seen = 0;
     while (true) {
-      uint64_t now = generation_.load(std::memory_order_acquire);
-      for (int spins = 0; now == seen && spins < kSpins; ++spins) {
-        cpu_relax();
-        now = generation_.load(std::memory_order_acquire);
-      }
+      uint64_t now = seen;
+      spin_until([&] { return (now = generation_.load(std::memory_order_acquire)) != seen; }, kSpins);
       if (now == seen) now = sleep_until_new(seen);
       seen = now;
       if (stopping_) return;
@@ -98,7 +108,7 @@ class WorkerPool {
     return generation_.load(std::memory_order_acquire);
   }
 
-  static constexpr int kSpins = 1 << 16;  // ~0.5-2 ms of pauses before sleeping
+  static constexpr int64_t kSpins = 1 << 15;  // about a millisecond of waiting before sleeping
   std::vector<std::thread> workers_;
   std::function<void(int)> task_;
   std::atomic<uint64_t> generation_{0};

@@ -44,6 +44,12 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
+    def load(cls, build_llm, max_queue: int) -> "ServedModel":
+        """Load a hayate.llm.LLM with build_llm() on the engine's own thread, then serve it."""
+        llm, engine = AsyncEngine.start_with(build_llm, lambda llm: llm.engine, max_queue=max_queue)
+        return cls(model_name(llm.model_path), engine, llm.chat_template, llm.processor)
+
+    @classmethod
     def from_llm(cls, llm, max_queue: int) -> "ServedModel":
         """Serve a loaded hayate.llm.LLM: start an AsyncEngine loop around its engine."""
         engine = AsyncEngine(llm.engine, max_queue=max_queue)
