@@ -134,13 +134,16 @@ class DecodePlan {
     rms_norm_rows(x, L.post_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
     L.gate_up.apply(h_.data(), B, sums_.data(), gate_up_.data(), threads_);
     const int64_t inner = L.gate_up.N / 2;
-    for (int64_t b = 0; b < B; ++b) {
-      const float* gate = gate_up_.data() + b * 2 * inner;
-      float* act = act_.data() + b * inner;
-      for (int64_t i = 0; i < inner; ++i) act[i] = gate[i] / (1.f + std::exp(-gate[i])) * gate[inner + i];
-    }
+    for (int64_t b = 0; b < B; ++b) silu_mul(gate_up_.data() + b * 2 * inner, inner, act_.data() + b * inner);
     L.down.apply(act_.data(), B, sums_.data(), out_.data(), threads_);
     for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
+  }
+
+  // act = silu(gate) * up, gate and up the two halves of gate_up [2 * inner]
+  static void silu_mul(const float* gate_up, int64_t inner, float* act) {
+    for (int64_t i = 0; i < inner; ++i) act[i] = -gate_up[i];
+    exp_in_place(act, inner);   // e^-g
+    for (int64_t i = 0; i < inner; ++i) act[i] = gate_up[i] / (1.f + act[i]) * gate_up[inner + i];
   }
 
   int64_t cache_row(const torch::Tensor& tables, int64_t b, int64_t position) const {

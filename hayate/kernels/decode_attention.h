@@ -15,13 +15,14 @@ constexpr int64_t kKeysPerChunk = 32;
 constexpr int64_t kMaxGroup = 16;  // query heads per kv head
 constexpr int64_t kMaxHeadDim = 256;
 
-// e^x for x <= 0 (scores minus their maximum), in place on n floats: Cephes' expf
-// polynomial, within 2 ulp, 16 lanes at a time.
+// e^x in place on n floats (x clamped to [-87.3, 88.7], where float's e^x lives): Cephes'
+// expf polynomial, within 2 ulp, 16 lanes at a time.
 inline void exp_in_place(float* x, int64_t n) {
 #if defined(__AVX512F__)
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
     __m512 v = _mm512_max_ps(_mm512_maskz_loadu_ps(lanes, x + i), _mm512_set1_ps(-87.3f));
+    v = _mm512_min_ps(v, _mm512_set1_ps(88.7f));
     const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
