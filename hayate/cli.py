@@ -95,8 +95,8 @@ def summary_line(output: RequestOutput) -> str:
 
 def image_summary(images: ImageTimings) -> str:
     cached = f", {images.encoder_cache_hits} from cache" if images.encoder_cache_hits else ""
-    return (f"{images.num_images} image{'s' if images.num_images != 1 else ''}: preprocess "
-            f"{images.preprocess * 1000:.0f} ms, encode {images.encode * 1000:.0f} ms{cached}")
+    return (f"{images.num_images} image{'s' if images.num_images != 1 else ''}: decode {images.load * 1000:.0f} ms, "
+            f"preprocess {images.preprocess * 1000:.0f} ms, encode {images.encode * 1000:.0f} ms{cached}")
 
 
 def user_message(text: str, images: list) -> dict:

@@ -73,6 +73,7 @@ def test_openai_client_image_answer_equals_offline_and_cache_hits(client, folder
     assert first.choices[0].message.content == expected
     usage = first.usage.model_extra["image_usage"]
     assert usage["images"] == 1 and usage["encoder_cache_hits"] == 0 and usage["encode_time"] > 0
+    assert usage["decode_time"] > 0 and usage["preprocess_time"] > 0
     again = client.chat.completions.create(model=MODEL, messages=ask(image_part(data_uri(PICTURE))),
                                            max_tokens=12, temperature=0)
     assert again.choices[0].message.content == expected

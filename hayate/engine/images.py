@@ -33,7 +33,7 @@ class RequestImages:
             raise ValueError(f"the prompt holds {len(positions)} image tokens but its {len(images)} "
                              f"image(s) need {expected}")
         return cls(list(images.features), positions,
-                   ImageTimings(num_images=len(images), preprocess=images.preprocess_s))
+                   ImageTimings(num_images=len(images), preprocess=images.preprocess_s, load=images.load_s))
 
     def rows_in(self, start: int, count: int) -> tuple[int, int]:
         """The embedding rows [first, last) whose tokens fall in prompt[start:start + count]."""

@@ -15,7 +15,8 @@ class RequestStatus(enum.Enum):
 class ImageTimings:
     """Where an image request's time went before its first token (seconds)."""
     num_images: int
-    preprocess: float              # decoding and processing, before the engine saw the request
+    preprocess: float              # the processor (resize, tiles, normalisation), before the engine
+    load: float = 0.0              # reading or fetching, and decoding, the images, at the edge
     encode: float = 0.0            # the vision encoder, for the images the cache lacked
     encoder_cache_hits: int = 0    # images whose embeddings came from the encoder cache
 

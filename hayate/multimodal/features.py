@@ -20,7 +20,7 @@ class ImageFeatures:
 class PromptImages:
     """A prompt's images, in the order their markers appear, as the engine receives them."""
     features: list[ImageFeatures]
-    preprocess_s: float = 0.0    # decoding and processing time, spent before the engine saw them
-
+    preprocess_s: float = 0.0    # the processor's time (resize, tiles, normalisation)
+    load_s: float = 0.0          # reading or fetching, and decoding, the images
     def __len__(self) -> int:
         return len(self.features)

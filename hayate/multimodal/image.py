@@ -42,6 +42,7 @@ class DecodedImage:
     content_hash: str    # sha256 hex of the raw bytes (the encoder-cache key)
     format: str          # "PNG" | "JPEG" | "WEBP" | "GIF"
     num_bytes: int
+    load_seconds: float = 0.0   # reading or fetching, and decoding (set by hayate.multimodal.media)
 
 
 def check_image_count(count: int, limits: ImageLimits) -> None:

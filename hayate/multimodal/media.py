@@ -8,7 +8,7 @@ import os
 import socket
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
@@ -44,6 +44,12 @@ class MediaPolicy:
 
 def load_image_url(url: str, policy: MediaPolicy) -> DecodedImage:
     """Resolve one `image_url` from a request. Blocking: the server runs it in a thread."""
+    begin = time.perf_counter()
+    image = _load_url(url, policy)
+    return replace(image, load_seconds=time.perf_counter() - begin)
+
+
+def _load_url(url: str, policy: MediaPolicy) -> DecodedImage:
     if url[:5].lower() == "data:":
         return _load_data_uri(url, policy.limits)
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
@@ -59,7 +65,9 @@ def load_image_url(url: str, policy: MediaPolicy) -> DecodedImage:
 
 def load_image_file(path: str | Path, limits: ImageLimits) -> DecodedImage:
     """An image path the CLI user typed: no folder restriction."""
-    return decode_image(_read_file(Path(path), limits, shown=str(path)), limits)
+    begin = time.perf_counter()
+    image = decode_image(_read_file(Path(path), limits, shown=str(path)), limits)
+    return replace(image, load_seconds=time.perf_counter() - begin)
 
 
 # --- data: URIs ---------------------------------------------------------------------------

@@ -47,7 +47,8 @@ def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokeniz
     token_ids = tokenizer.encode(text, add_special_tokens=False)
     if not features:
         return ChatPrompt(token_ids, None)
-    return ChatPrompt(token_ids, PromptImages(features, preprocess_s=time.perf_counter() - begin))
+    return ChatPrompt(token_ids, PromptImages(features, preprocess_s=time.perf_counter() - begin,
+                                              load_s=sum(image.load_seconds for image in images)))
 
 
 def _expand(processor: ImageProcessor, text: str, features: list) -> str:

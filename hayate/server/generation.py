@@ -164,7 +164,7 @@ def _image_usage(images: list[ImageTimings]) -> ImageUsage | None:
     """The choices share one prompt's images: count them once; add up the encoder's work."""
     if not images:
         return None
-    return ImageUsage(images=images[0].num_images, preprocess_time=images[0].preprocess,
+    return ImageUsage(images=images[0].num_images, decode_time=images[0].load, preprocess_time=images[0].preprocess,
                       encode_time=sum(i.encode for i in images),
                       encoder_cache_hits=sum(i.encoder_cache_hits for i in images))
 

@@ -43,7 +43,8 @@ def json_response(body: BaseModel) -> Response:
 class ImageUsage(BaseModel):
     """hayate's breakdown of the time a request's images took before the first token."""
     images: int
-    preprocess_time: float = Field(description="seconds fetching, decoding and processing the images")
+    decode_time: float = Field(description="seconds reading or fetching, and decoding, the images")
+    preprocess_time: float = Field(description="seconds in the image processor (resize, tiles, normalisation)")
     encode_time: float = Field(description="seconds in the vision encoder")
     encoder_cache_hits: int = Field(description="images whose embeddings came from the encoder cache")
 
