@@ -55,8 +55,9 @@ def test_planned_steps_equal_eager_steps(gguf_path):
     calls = count_runs(planned)
     for prompt in PROMPTS:
         assert_same(planned.generate(prompt, PARAMS), eager.generate(prompt, PARAMS))
-    # every decode step was planned, and so was the one-token prompt's prefill
-    assert len(calls) == len(PROMPTS) * (PARAMS.max_tokens - 1) + sum(len(p) == 1 for p in PROMPTS)
+    # every decode step was planned, and so was the prefill of each prompt of at most 16 tokens
+    assert len(calls) == len(PROMPTS) * (PARAMS.max_tokens - 1) + sum(len(p) <= 16 for p in PROMPTS)
+    assert 8 in calls and 3 in calls   # the short prompts' prefills ran as rows of one step
 
 
 def test_batched_over_scattered_blocks(gguf_path):
@@ -91,3 +92,26 @@ def test_bad_steps_are_refused(gguf_path):
     with pytest.raises(RuntimeError, match="1 to 16 sequences"):
         plan._plan.run(torch.zeros(17, dtype=torch.long), torch.zeros(17, dtype=torch.long),
                        torch.zeros(17, 1, dtype=torch.int32))
+
+
+def test_short_prompt_chunks_run_as_rows_of_one_step(gguf_path):
+    """Prompts of 16 tokens in all are one planned step whose rows sit at consecutive
+    positions of their sequences: each row must see the keys of the rows before it."""
+    planned, eager = planned_and_eager(gguf_path, max_num_seqs=3, block_size=4)
+    calls = count_runs(planned)
+    batch = [list(range(20, 30)), [5, 6, 7, 8, 9], [11]]
+    for ours, theirs in zip(planned.generate(batch, PARAMS), eager.generate(batch, PARAMS)):
+        assert_same(ours, theirs)
+    assert calls[0] == 16   # the three prefills: one planned step of 10 + 5 + 1 rows
+
+
+def test_a_sequence_gets_the_same_numbers_alone_or_batched(gguf_path):
+    """Batch invariance of planned steps: each row's arithmetic is the single row's, bit for
+    bit (one-token prompts, so that every step, prefill included, is a planned one)."""
+    prompts = [[3], [17], [60], [99]]
+    batched = LLM(gguf_path, max_num_seqs=4).generate(prompts, PARAMS)
+    alone = LLM(gguf_path, max_num_seqs=1)
+    for prompt, together in zip(prompts, batched):
+        single = alone.generate(prompt, PARAMS)
+        assert single.token_ids == together.token_ids
+        assert [lp.logprob for lp in single.logprobs] == [lp.logprob for lp in together.logprobs]

@@ -46,21 +46,28 @@ class ModelRunner:
         # Only sequences whose every token is now cached sample the next one.
         sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
         planned = self._planned(sequences)
-        if planned:
-            logits = self.plan.run([s.request.token_ids(s.start, 1)[0] for s in sequences],
-                                   [s.start for s in sequences], [s.request.block_table for s in sequences])
-            logits = logits if len(sampling) == len(sequences) else logits[sampling]
-        else:
-            logits = self._eager_logits(sequences, sampling)
+        logits = self._planned_logits(sequences, sampling) if planned else self._eager_logits(sequences, sampling)
         if not sampling:
             return [], None
         with one_thread() if planned else contextlib.nullcontext():
             return sampling, self.sampler(logits, [sequences[i].request.sampling for i in sampling])
 
     def _planned(self, sequences: list[ScheduledSequence]) -> bool:
-        """Plain decodes (one token each, none of them an image's) that the plan takes."""
-        return (self.plan is not None and len(sequences) <= self.plan.max_batch
-                and all(s.num_tokens == 1 for s in sequences) and not self.images.touches(sequences))
+        """Steps of at most plan.max_batch tokens in all (decodes, and short prompt chunks,
+        whose tokens become rows at consecutive positions), none of them an image's."""
+        return (self.plan is not None and sum(s.num_tokens for s in sequences) <= self.plan.max_batch
+                and not self.images.touches(sequences))
+
+    def _planned_logits(self, sequences: list[ScheduledSequence], sampling: list[int]) -> torch.Tensor:
+        token_ids, positions, tables, last_rows = [], [], [], []
+        for s in sequences:
+            token_ids += s.request.token_ids(s.start, s.num_tokens)
+            positions += range(s.start, s.start + s.num_tokens)
+            tables += [s.request.block_table] * s.num_tokens
+            last_rows.append(len(token_ids) - 1)
+        logits = self.plan.run(token_ids, positions, tables)
+        rows = [last_rows[i] for i in sampling]
+        return logits if rows == list(range(len(token_ids))) else logits[rows]
 
     def _eager_logits(self, sequences: list[ScheduledSequence], sampling: list[int]) -> torch.Tensor | None:
         meta = AttentionMetadata.build(

@@ -72,12 +72,89 @@ template <int kType, int kRows>
 void rows_fixed(const float* x, const float* x_sums, const uint8_t* w, float* out, int64_t M, int64_t N,
                 int64_t K, int64_t block_bytes, int64_t n_begin, int64_t n_end);
 
-// Single-row decode is the hot case: give it a loop whose row count is a constant.
+#if defined(__AVX512F__)
+constexpr int kRowGroup = 8;   // activation rows whose accumulators fit in registers together
+
+// Output row n for kRows (1..8) activation rows at x (row stride K): the row count a constant
+// so the accumulators stay in registers; the offsets of all rows advance as one vector over
+// the block sums, stored [blocks][kRowGroup].
+template <int kType, int kRows>
+void row_group(const float* x, const float* sums_by_block, const uint8_t* row, float* out, int64_t N,
+               int64_t K, int64_t block_bytes, int64_t n) {
+  const int64_t blocks = K / kBlock;
+  __m512 acc[kRows];
+  for (int m = 0; m < kRows; ++m) acc[m] = _mm512_setzero_ps();
+  __m256 offsets = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = row + b * block_bytes;
+    __m512 lo, hi;
+    block_vectors<kType>(block, &lo, &hi);
+    const float d = half_to_float(block);
+    const __m512 dv = _mm512_set1_ps(d);
+    // The single row's arithmetic, exactly: a row's result does not depend on its batch.
+    for (int m = 0; m < kRows; ++m) {
+      const float* xb = x + m * K + b * kBlock;
+      const __m512 dot = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 16), hi, _mm512_mul_ps(_mm512_loadu_ps(xb), lo));
+      acc[m] = _mm512_fmadd_ps(dv, dot, acc[m]);
+    }
+    if (kType != 8) {
+      const float offset = kType == 2 ? -8.f * d : half_to_float(block + 2);
+      offsets = _mm256_fmadd_ps(_mm256_set1_ps(offset), _mm256_loadu_ps(sums_by_block + b * kRowGroup), offsets);
+    }
+  }
+  float row_offsets[kRowGroup];
+  _mm256_storeu_ps(row_offsets, offsets);
+  for (int m = 0; m < kRows; ++m) out[m * N + n] = _mm512_reduce_add_ps(acc[m]) + row_offsets[m];
+}
+
+template <int kType>
+void row_group_of(int64_t rows, const float* x, const float* sums, const uint8_t* row, float* out, int64_t N,
+                  int64_t K, int64_t block_bytes, int64_t n) {
+  switch (rows) {
+    case 1: return row_group<kType, 1>(x, sums, row, out, N, K, block_bytes, n);
+    case 2: return row_group<kType, 2>(x, sums, row, out, N, K, block_bytes, n);
+    case 3: return row_group<kType, 3>(x, sums, row, out, N, K, block_bytes, n);
+    case 4: return row_group<kType, 4>(x, sums, row, out, N, K, block_bytes, n);
+    case 5: return row_group<kType, 5>(x, sums, row, out, N, K, block_bytes, n);
+    case 6: return row_group<kType, 6>(x, sums, row, out, N, K, block_bytes, n);
+    case 7: return row_group<kType, 7>(x, sums, row, out, N, K, block_bytes, n);
+    default: return row_group<kType, 8>(x, sums, row, out, N, K, block_bytes, n);
+  }
+}
+
+// Output rows n_begin..n_end for M (2..16) activation rows, in groups of up to 8: each
+// weight row is read from memory once, and again from cache for the second group.
+template <int kType>
+void rows_many(const float* x, const float* x_sums, const uint8_t* w, float* out, int64_t M, int64_t N,
+               int64_t K, int64_t block_bytes, int64_t n_begin, int64_t n_end) {
+  const int64_t blocks = K / kBlock, groups = (M + kRowGroup - 1) / kRowGroup;
+  thread_local std::vector<float> sums;   // [groups][blocks][kRowGroup]
+  sums.assign(groups * blocks * kRowGroup, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b)
+      sums[((m / kRowGroup) * blocks + b) * kRowGroup + m % kRowGroup] = x_sums[m * blocks + b];
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = w + n * blocks * block_bytes;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t first = g * kRowGroup;
+      row_group_of<kType>(std::min<int64_t>(kRowGroup, M - first), x + first * K,
+                          sums.data() + g * blocks * kRowGroup, row, out + first * N, N, K, block_bytes, n);
+    }
+  }
+}
+#endif
+
+// Single-row decode is the hot case: a loop whose row count is a constant; a few rows (a
+// batch of decodes, a short prompt chunk) get one too.
 template <int kType>
 void rows(const float* x, const float* x_sums, const uint8_t* w, float* out, int64_t M, int64_t N,
           int64_t K, int64_t block_bytes, int64_t n_begin, int64_t n_end) {
-  if (M == 1) rows_fixed<kType, 1>(x, x_sums, w, out, 1, N, K, block_bytes, n_begin, n_end);
-  else rows_fixed<kType, 0>(x, x_sums, w, out, M, N, K, block_bytes, n_begin, n_end);
+  if (M == 1) return rows_fixed<kType, 1>(x, x_sums, w, out, 1, N, K, block_bytes, n_begin, n_end);
+#if defined(__AVX512F__)
+  rows_many<kType>(x, x_sums, w, out, M, N, K, block_bytes, n_begin, n_end);
+#else
+  rows_fixed<kType, 0>(x, x_sums, w, out, M, N, K, block_bytes, n_begin, n_end);
+#endif
 }
 
 // kRows: the row count when known at compile time (1), else 0 and M is used.
