@@ -104,10 +104,6 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     # ---- requests ----------------------------------------------------------------------
-    @property
-    def accepts_images(self) -> bool:
-        return self.engine.accepts_images
-
     def validate(self, prompt_token_ids: list[int], params: SamplingParams,
                  images: PromptImages | None = None) -> None:
         """Raise ValueError if the request can never run (safe from any thread)."""

@@ -1,10 +1,11 @@
 """The decode step planned once at start-up: a Llama-family model whose projections are all
-natively readable GGUF blocks runs a whole decode step (embedding to logits) as one native
-call over weights, KV cache and buffers fixed at construction (hayate/kernels/decode.cpp).
+natively readable GGUF blocks runs a whole step (embedding to logits) as one native call
+over weights, KV cache and buffers fixed at construction (hayate/kernels/decode.cpp).
 
-Other models, and steps that are not plain decodes (prefill chunks, image tokens, more
-sequences than the kernel takes), run the eager model: the plan's slow twin, which the tests
-compare it with."""
+A step is up to MAX_NATIVE_ROWS rows, each a token at its position: decodes, and short
+prompt chunks (a chunk's rows are consecutive positions of one sequence). Other models, and
+bigger steps or steps with image tokens, run the eager model: the plan's slow twin, which
+the tests compare it with."""
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,7 @@ from hayate.models.llama import LlamaForCausalLM
 
 
 class PlannedDecode:
-    """Runs decode steps of up to MAX_NATIVE_ROWS sequences (one new token each)."""
+    """Runs steps of up to MAX_NATIVE_ROWS rows (a token each)."""
 
     def __init__(self, plan, block_size: int):
         self._plan, self.block_size = plan, block_size
@@ -44,8 +45,9 @@ class PlannedDecode:
         return cls(plan, kv_cache.block_size)
 
     def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [sequences, vocab] of each sequence's new token (at `positions`), whose key
-        and value it writes into the cache blocks of `block_tables`."""
+        """Logits [rows, vocab] of each row's token (at `positions`), whose key and value it
+        writes into the cache blocks of its `block_tables` entry; every row's key and value is
+        written before any row attends, so a chunk's rows see each other causally."""
         width = max(-(-(position + 1) // self.block_size) for position in positions)
         tables = torch.tensor([table[:width] + [0] * (width - len(table[:width])) for table in block_tables],
                               dtype=torch.int32)

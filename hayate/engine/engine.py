@@ -40,10 +40,16 @@ class Engine:
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
                          images: PromptImages | None = None) -> None:
         """Raise ValueError if this request can never run here (reads only constants)."""
+        self._checked(prompt_token_ids, params, images)
+
+    def _checked(self, prompt_token_ids: list[int], params: SamplingParams,
+                 images: PromptImages | None) -> RequestImages | None:
+        """validate_request's checks; returns where the prompt's image tokens are, if any."""
+        request_images = None
         if images and not self.accepts_images:
             raise ValueError("this model does not accept images")
         if images:
-            RequestImages.create(images, prompt_token_ids, self.image_token_id)   # raises on a mismatch
+            request_images = RequestImages.create(images, prompt_token_ids, self.image_token_id)
         elif self.accepts_images and self.image_token_id in prompt_token_ids:
             raise ValueError("the prompt contains image tokens but no images")
         if not prompt_token_ids:
@@ -54,6 +60,7 @@ class Engine:
         if max(prompt_token_ids) >= self.runner.model.config.vocab_size or min(prompt_token_ids) < 0:
             raise ValueError("the prompt contains token ids outside the vocabulary")
         params.check_vocab(self.runner.model.config.vocab_size)
+        return request_images
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     images: PromptImages | None = None) -> None:
@@ -61,8 +68,7 @@ class Engine:
         already holds); raises ValueError (before any work) if it cannot run."""
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.validate_request(prompt_token_ids, params, images)
-        request_images = RequestImages.create(images, prompt_token_ids, self.image_token_id) if images else None
+        request_images = self._checked(prompt_token_ids, params, images)
         sequence = Sequence(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),

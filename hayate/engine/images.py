@@ -50,12 +50,11 @@ class ImageEmbedder:
     @staticmethod
     def touches(sequences: list[ScheduledSequence]) -> bool:
         """Whether any scheduled token is an image token."""
-        return any(_images(s) is not None and _overlaps(_images(s), s.start, s.num_tokens) for s in sequences)
+        return any(map(_has_image_tokens, sequences))
 
     def inputs_embeds(self, sequences: list[ScheduledSequence], input_ids: torch.Tensor) -> torch.Tensor | None:
         """Input embeddings for the step, or None when no scheduled token is an image token."""
-        spans = [(offset, s) for offset, s in _offsets(sequences)
-                 if _images(s) is not None and _overlaps(_images(s), s.start, s.num_tokens)]
+        spans = [(offset, s) for offset, s in _offsets(sequences) if _has_image_tokens(s)]
         if not spans:
             return None
         embeds = self.model.embed_input_ids(input_ids)
@@ -89,8 +88,11 @@ def _images(scheduled: ScheduledSequence) -> RequestImages | None:
     return getattr(scheduled.request, "images", None)
 
 
-def _overlaps(images: RequestImages, start: int, count: int) -> bool:
-    first, last = images.rows_in(start, count)
+def _has_image_tokens(scheduled: ScheduledSequence) -> bool:
+    images = _images(scheduled)
+    if images is None:
+        return False
+    first, last = images.rows_in(scheduled.start, scheduled.num_tokens)
     return last > first
 
 

@@ -1,11 +1,12 @@
 // A Llama-family decode step planned once at start-up and run as one native call: the
 // embedding lookup, every layer (RMSNorm, fused QKV, RoPE, the KV-cache write, attention over
 // the paged cache, the output projection, the SwiGLU MLP, residuals), the final norm and the
-// vocabulary projection, for up to kMaxRows sequences of one new token each.
+// vocabulary projection, for up to kMaxRows rows: each a token at its position (decodes, or
+// the consecutive tokens of a short prompt chunk, which see each other causally).
 //
 // Weights, the KV cache and all scratch buffers are fixed at construction; a step allocates
-// only its logits. The arithmetic is the operators' own (gemv_into, rms_norm_rows,
-// rope_heads); attention is a direct softmax over each sequence's cached keys.
+// only its logits, and runs on the plan's own threads. The arithmetic is the operators' own
+// (gemv_into, rms_norm_rows, rope_heads); attention is split-K (decode_attention.h).
 #include "decode_attention.h"
 #include "ggml_blocks.h"
 #include "worker_pool.h"
@@ -81,8 +82,8 @@ class DecodePlan {
     head_ = PackedMatrix(lm_head, ggml_type, hidden_, c10::nullopt);
   }
 
-  // token_ids, positions [B] int64; block_tables [B, width] int32 (each sequence's KV blocks).
-  // Returns the logits [B, vocab] of the B new tokens, after writing their keys and values.
+  // token_ids, positions [B] int64; block_tables [B, width] int32 (each row's sequence's KV
+  // blocks). Returns the logits [B, vocab] of the B rows, after writing their keys and values.
   torch::Tensor run(torch::Tensor token_ids, torch::Tensor positions, torch::Tensor block_tables) {
     const int64_t B = token_ids.numel();
     TORCH_CHECK(B >= 1 && B <= kMaxRows, "a planned decode step takes 1 to ", kMaxRows, " sequences");
