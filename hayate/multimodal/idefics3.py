@@ -89,9 +89,12 @@ class Idefics3Processor:
             tiles, rows, cols = self._split(image)
         else:
             tiles, rows, cols = [self.pixels.resize(image, self.tile_size, self.tile_size)], 0, 0
-        # [tiles, 3, tile_size, tile_size]; every tile is whole, so the mask is all True
+        # [tiles, 3, tile_size, tile_size]; every tile is whole, so the mask is all True. Built
+        # in numpy: a PyTorch operator big enough to go parallel here (a server's worker thread)
+        # would start a second OpenMP team, and libgomp then slows the engine's (see
+        # AsyncEngine.start_with).
         pixel_values = torch.from_numpy(np.stack([self.pixels.to_array(np.asarray(t)) for t in tiles]))
-        mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[2:], dtype=torch.bool)
+        mask = torch.from_numpy(np.ones((pixel_values.shape[0], *pixel_values.shape[2:]), dtype=bool))
         return ImageFeatures(pixel_values=pixel_values, pixel_attention_mask=mask,
                              placeholder=self._placeholder(rows, cols),
                              num_image_tokens=self.image_seq_len * len(tiles), content_hash=content_hash)
