@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 
 WEIGHT_MODES = ("auto", "fp32", "packed", "int4-bf16")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -22,6 +23,8 @@ class EngineConfig:
     show_progress: bool = False       # progress bar while loading
     encoder_cache_mb: int = 256       # image embeddings kept by content hash (vision models)
     planned_decode: bool = True       # decode steps as one native call where the model allows
+    device: str = "cpu"               # "cpu", or "cuda" / "cuda:N": weights dequantized, the eager step
+    dtype: str = "auto"               # weights and activations: auto = float32 on the CPU, bfloat16 on CUDA
 
     def __post_init__(self) -> None:
         if self.threads is not None and not 1 <= self.threads <= 4 * (os.cpu_count() or 1):
@@ -38,5 +41,12 @@ class EngineConfig:
             raise ValueError(f"kv_cache_tokens must be >= 16, got {self.kv_cache_tokens}")
         if self.encoder_cache_mb < 0:
             raise ValueError(f"encoder_cache_mb must be >= 0, got {self.encoder_cache_mb}")
+        if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device != "cpu" and self.weights not in ("auto", "fp32"):
+            raise ValueError(f"weights {self.weights} run on the CPU only; on {self.device} weights are "
+                             "dequantized at load (weights auto or fp32)")
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

@@ -39,6 +39,9 @@ def add_serve_parser(commands) -> None:
                        help="KV-cache capacity shared by all requests, in tokens (default: by memory)")
     serve.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
                        help="how GGUF weights are kept (see `hayate run --help`; default auto)")
+    from hayate.cli import add_device_options
+
+    add_device_options(serve)
     serve.add_argument("--allowed-media-dir", type=Path,
                        help="local image paths (file:// or absolute) may be read from under this folder only")
     serve.add_argument("--allow-remote-media", action="store_true",
@@ -63,7 +66,8 @@ def command_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(api_keys=api_keys(args), max_n=args.max_n, media=media_policy(args))
     config = EngineConfig(model=args.model, threads=args.threads, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_batch, kv_cache_tokens=args.kv_cache_tokens,
-                          weights=args.weights, encoder_cache_mb=args.encoder_cache_mb)
+                          weights=args.weights, encoder_cache_mb=args.encoder_cache_mb,
+                          device=args.device, dtype=args.dtype)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     failures: list[str] = []
 

@@ -72,7 +72,7 @@ class Engine:
         sequence = Sequence(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
-            sampling=SamplingState.create(params, list(prompt_token_ids)),
+            sampling=SamplingState.create(params, list(prompt_token_ids), device=self.runner.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
             stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
             timings=RequestTimings(arrival=time.perf_counter(),
@@ -149,7 +149,7 @@ class Engine:
 def _kv_cache_blocks(config: EngineConfig, loaded: LoadedModel) -> int:
     """Blocks for config.kv_cache_tokens, or by default room for every sequence at full
     length, capped at a fifth of memory but never below one full-length sequence."""
-    per_token = KVCache.bytes_per_token(loaded.config)
+    per_token = KVCache.bytes_per_token(loaded.config, next(loaded.model.parameters()).dtype)
     tokens = config.kv_cache_tokens
     if tokens is None:
         tokens = min(config.max_num_seqs * loaded.max_model_len, psutil.virtual_memory().total // 5 // per_token)

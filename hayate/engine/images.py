@@ -62,7 +62,7 @@ class ImageEmbedder:
             images = _images(scheduled)
             self.encode(images)
             first, last = images.rows_in(scheduled.start, scheduled.num_tokens)
-            rows = torch.tensor(images.positions[first:last]) - scheduled.start + offset
+            rows = torch.tensor(images.positions[first:last], device=embeds.device) - scheduled.start + offset
             embeds[rows] = images.embeddings[first:last].to(embeds.dtype)
         return embeds
 

@@ -32,7 +32,9 @@ class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
                  encoder_cache_bytes: int = 0, planned_decode: bool = True):
         self.model = model
-        self.kv_cache = KVCache(config, num_blocks, block_size)
+        weight = next(model.parameters())
+        self.device = weight.device
+        self.kv_cache = KVCache(config, num_blocks, block_size, dtype=weight.dtype, device=weight.device)
         self.kv_cache.bind(model)
         self.sampler = Sampler()
         self.images = ImageEmbedder(model, EncoderCache(encoder_cache_bytes))
@@ -72,8 +74,9 @@ class ModelRunner:
     def _eager_logits(self, sequences: list[ScheduledSequence], sampling: list[int]) -> torch.Tensor | None:
         meta = AttentionMetadata.build(
             [s.request.block_table for s in sequences], [s.start for s in sequences],
-            [s.num_tokens for s in sequences], self.kv_cache.block_size)
-        input_ids = torch.tensor([t for s in sequences for t in s.request.token_ids(s.start, s.num_tokens)])
+            [s.num_tokens for s in sequences], self.kv_cache.block_size, self.device)
+        input_ids = torch.tensor([t for s in sequences for t in s.request.token_ids(s.start, s.num_tokens)],
+                                 device=self.device)
         embeds = self.images.inputs_embeds(sequences, input_ids)
         if embeds is None:
             hidden = self.model(input_ids, meta.positions(), meta)

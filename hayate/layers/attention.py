@@ -25,8 +25,8 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
-              block_size: int) -> "AttentionMetadata":
-        key_rows = [_rows(table, start + length, block_size)
+              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
+        key_rows = [_rows(table, start + length, block_size, device)
                     for table, start, length in zip(block_tables, context_lens, query_lens)]
         slot_mapping = torch.cat([rows[start:] for rows, start in zip(key_rows, context_lens)])
         meta = cls(list(context_lens), list(query_lens), slot_mapping, key_rows,
@@ -36,8 +36,9 @@ class AttentionMetadata:
         if len(key_rows) == 1 and _consecutive(block_tables[0], key_rows[0].shape[0], block_size):
             meta.key_range = (int(key_rows[0][0]), int(key_rows[0][-1]) + 1)
         else:
-            lengths = torch.tensor([rows.shape[0] for rows in key_rows])
-            meta.padding_mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None])[:, None, None, :]
+            lengths = torch.tensor([rows.shape[0] for rows in key_rows], device=device)
+            longest = max(rows.shape[0] for rows in key_rows)
+            meta.padding_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
             # Padding reads row 0 of the cache; the mask gives it no weight.
             meta.padded_key_rows = torch.nn.utils.rnn.pad_sequence(key_rows, batch_first=True)
         return meta
@@ -48,12 +49,12 @@ class AttentionMetadata:
 
     def positions(self) -> torch.Tensor:
         """[tokens] absolute position of every new token."""
-        return torch.cat([torch.arange(start, start + n)
+        return torch.cat([torch.arange(start, start + n, device=self.slot_mapping.device)
                           for start, n in zip(self.context_lens, self.query_lens)])
 
     def last_token_indices(self) -> torch.Tensor:
         """[sequences] index of each sequence's last new token in the flat batch."""
-        return torch.tensor(self.query_lens).cumsum(0) - 1
+        return torch.tensor(self.query_lens, device=self.slot_mapping.device).cumsum(0) - 1
 
 
 def _consecutive(block_table: list[int], num_tokens: int, block_size: int) -> bool:
@@ -61,9 +62,9 @@ def _consecutive(block_table: list[int], num_tokens: int, block_size: int) -> bo
     return all(b == a + 1 for a, b in zip(used, used[1:]))
 
 
-def _rows(block_table: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
-    positions = torch.arange(num_tokens)
-    return torch.tensor(block_table, dtype=torch.long)[positions // block_size] * block_size \
+def _rows(block_table: list[int], num_tokens: int, block_size: int, device: torch.device | str) -> torch.Tensor:
+    positions = torch.arange(num_tokens, device=device)
+    return torch.tensor(block_table, dtype=torch.long, device=device)[positions // block_size] * block_size \
         + positions % block_size
 
 
@@ -118,7 +119,7 @@ class Attention(nn.Module):
         if query.shape[1] > 1 and start > 0:
             # Query i sits at position start + i and sees keys 0 .. start + i.
             end = rows.shape[0]
-            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+            mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, scale=self.scale,
             is_causal=mask is None and query.shape[1] > 1, enable_gqa=True)

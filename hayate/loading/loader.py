@@ -61,8 +61,11 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model_config = ModelConfig.from_hf(source.hf_config() if isinstance(source, GGUFModelFile) else source.config)
     max_len = _context_length(model_config, config.max_model_len)
     model = _build(model_config, max_len)
+    device, dtype = placement(config)
     if isinstance(source, GGUFModelFile):
-        weights = source.tensors(*_packing(config.weights, source.dequantized_nbytes()))
+        exact_cpu = (device.type, dtype) == ("cpu", torch.float32)   # where the packed kernels run
+        packing = _packing(config.weights, source.dequantized_nbytes()) if exact_cpu else (False, None)
+        weights = source.tensors(*packing)
     else:
         weights = source.tensors()
     with torch.no_grad():
@@ -70,11 +73,24 @@ def load_model(config: EngineConfig) -> LoadedModel:
                                  enabled=config.show_progress))
     if config.weights == "int4-bf16":
         convert_to_fast(model)
+    if (device.type, dtype) != ("cpu", torch.float32):
+        model = model.to(device=device, dtype=dtype)
     tokenizer = _tokenizer(source, path)
     template = tokenizer.chat_template
     chat_template = ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token) if template else None
     processor = None if isinstance(source, GGUFModelFile) else _processor(path, source.config)
     return LoadedModel(model.eval(), model_config, tokenizer, chat_template, path, max_len, processor)
+
+
+def placement(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype the model runs in: float32 on the CPU (exact to the file's
+    weights), bfloat16 on CUDA, unless config.dtype says otherwise."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {config.device} asked for, but PyTorch sees no CUDA device here")
+    if config.dtype != "auto":
+        return device, getattr(torch, config.dtype)
+    return device, torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
 def _context_length(model_config: ModelConfig, requested: int | None) -> int:
