@@ -66,3 +66,12 @@ def test_bfloat16_runs_the_dequantized_eager_path_close_to_float32(folder):
 def test_cuda_matches_the_cpu_reference(folder):
     gpu, cpu = LLM(folder, device="cuda"), LLM(folder)
     assert next(iter(first_token(gpu))) == next(iter(first_token(cpu)))
+
+
+def test_a_folder_too_big_for_float32_runs_in_bfloat16():
+    from hayate.loading.loader import placement
+
+    huge = 10 ** 15
+    assert placement(EngineConfig(), huge) == (torch.device("cpu"), torch.bfloat16)
+    assert placement(EngineConfig(), 10 ** 6) == (torch.device("cpu"), torch.float32)
+    assert placement(EngineConfig(dtype="float32"), huge)[1] == torch.float32

