@@ -20,7 +20,7 @@ from hayate.loading.progress import track
 from hayate.loading.safetensors import SafetensorsFolder
 from hayate.loading.tokenizer import Tokenizer
 from hayate.models.config import ModelConfig
-from hayate.models.registry import build_model
+from hayate.models.registry import build_model, model_class
 from hayate.multimodal.processor import ImageProcessor, load_processor
 
 log = logging.getLogger("hayate.loading")
@@ -62,6 +62,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     source = _open_source(path)
     model_config = ModelConfig.from_hf(source.hf_config() if isinstance(source, GGUFModelFile) else source.config)
     max_len = _context_length(model_config, config.max_model_len)
+    model_class(model_config.model_type)   # an unsupported architecture says so before any weight is read
     fp32_nbytes = source.dequantized_nbytes()
     device, dtype = placement(config, 0 if isinstance(source, GGUFModelFile) else fp32_nbytes)
     model = _build(model_config, max_len, dtype)
