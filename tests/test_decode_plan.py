@@ -89,6 +89,8 @@ def test_bad_steps_are_refused(gguf_path):
         plan.run([1], [100000], [[0]])
     with pytest.raises(RuntimeError, match="token id out of range"):
         plan.run([10 ** 6], [0], [[0]])
+    with pytest.raises(RuntimeError, match="block id outside the KV cache"):
+        plan.run([1], [0], [[10 ** 8]])
     with pytest.raises(RuntimeError, match="1 to 16 sequences"):
         plan._plan.run(torch.zeros(17, dtype=torch.long), torch.zeros(17, dtype=torch.long),
                        torch.zeros(17, 1, dtype=torch.int32))

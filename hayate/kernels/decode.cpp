@@ -98,6 +98,9 @@ class DecodePlan {
       TORCH_CHECK(ids[b] >= 0 && ids[b] < embedding_.size(0), "token id out of range");
       TORCH_CHECK(pos[b] >= 0 && pos[b] < cos_.size(0), "position out of range");
       TORCH_CHECK(pos[b] / block_size_ < block_tables.size(1), "block table too short for the position");
+      const int32_t* table = block_tables.data_ptr<int32_t>() + b * block_tables.size(1);
+      for (int64_t j = 0; j <= pos[b] / block_size_; ++j)   // every block the row reads or writes
+        TORCH_CHECK(table[j] >= 0 && table[j] * block_size_ < kv_cache_.size(2), "block id outside the KV cache");
     }
     reserve(B);
     float* x = x_.data();
