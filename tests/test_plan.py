@@ -85,3 +85,13 @@ def test_probe_measures_the_native_kernel_rates():
     rates = probe_packed_rates(buffer_mb=4, repeats=1)
     assert set(rates) == ({2, 3, 8} if native_kernels() is not None else set())
     assert all(rate > 0 for rate in rates.values())
+
+
+def test_memory_by_format_counts_every_tensor_once(tmp_path):
+    from hayate.plan.cost import memory_by_format, module_bytes
+
+    path = export_hf_model(tmp_path / "m.gguf", tiny_model("llama", tie_word_embeddings=True), "llama", QType.Q4_1)
+    model = LLM(str(path)).engine.runner.model
+    held = memory_by_format(model)
+    assert {"Q4_1", "float32"} <= set(held)
+    assert sum(held.values()) == module_bytes(model)

@@ -42,7 +42,16 @@ class PlannedDecode:
                            *_matrix(attention.qkv_proj), *_matrix(attention.o_proj),
                            *_matrix(mlp.gate_up_proj), *_matrix(mlp.down_proj))
         plan.set_head(model.lm_head.packed, model.lm_head.ggml_type)
-        return cls(plan, kv_cache.block_size)
+        planned = cls(plan, kv_cache.block_size)
+        planned.warm_up()
+        return planned
+
+    def warm_up(self) -> None:
+        """One step of every row at position 0 of block 0 (empty at start-up, and any
+        sequence writes its own keys there before it reads them): buffers sized, threads
+        started, pages touched, before the first request."""
+        rows = self.max_batch
+        self.run([0] * rows, [0] * rows, [[0]] * rows)
 
     def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Logits [rows, vocab] of each row's token (at `positions`), whose key and value it

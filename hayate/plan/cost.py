@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from hayate.layers.quant import QType
 from hayate.models.config import ModelConfig
 
 
@@ -38,6 +39,22 @@ def module_bytes(module: nn.Module) -> int:
     """Bytes held by a module's own tensors (parameters and buffers, each counted once)."""
     tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def memory_by_format(model: nn.Module) -> dict[str, int]:
+    """Bytes the model holds, by the form its weights are kept in: a GGUF type for packed
+    layers, else the tensor dtype (each tensor counted once, tied ones too)."""
+    totals: dict[str, int] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        packed = getattr(module, "packed", None)
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            kind = QType(module.ggml_type).name if tensor is packed else str(tensor.dtype).removeprefix("torch.")
+            totals[kind] = totals.get(kind, 0) + tensor.numel() * tensor.element_size()
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Module]:
