@@ -116,7 +116,6 @@ def user_message(text: str, images: list) -> dict:
 
 def command_run(args: argparse.Namespace) -> int:
     from hayate.llm import LLM
-
     from hayate.multimodal.image import ImageLimits
     from hayate.multimodal.media import load_image_file
 

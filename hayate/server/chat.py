@@ -11,13 +11,13 @@ from fastapi.responses import Response
 
 from hayate.engine.request import RequestOutput
 from hayate.loading.chat_template import ChatTemplateError
-from hayate.server.errors import ERROR_RESPONSES, APIError
-from hayate.server.generation import ChoiceRun, ChoiceState, choice_specs
 from hayate.multimodal.image import ImageLimits, MediaError, check_image_count
 from hayate.multimodal.media import MediaPolicy, load_image_url
 from hayate.multimodal.prompt import ChatPrompt, encode_chat
-from hayate.server.protocol import ChatCompletionRequest, ChatMessage, ContentPart
+from hayate.server.errors import ERROR_RESPONSES, APIError
+from hayate.server.generation import ChoiceRun, ChoiceState, choice_specs
 from hayate.server.logprobs import chat_logprobs
+from hayate.server.protocol import ChatCompletionRequest, ChatMessage, ContentPart
 from hayate.server.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                      ChatCompletionChunk, ChatDelta, ResponseMeta, XGroq, json_response)
 from hayate.server.state import ServedModel, ServerSettings, ServerState, server_state
