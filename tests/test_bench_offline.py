@@ -138,3 +138,15 @@ def test_crashing_peer_is_reported_with_its_last_stderr_line():
         run_peer(fake_peer("print('{\"ttft_s\": 3}')"), timeout_s=60)
     with pytest.raises(PeerFailed, match="after 1 s"):
         run_peer(fake_peer("import time; time.sleep(30)"), timeout_s=1)
+
+
+def test_peers_run_without_hayates_libgomp_setting(monkeypatch):
+    """hayate shortens libgomp's spinning for itself (hayate/__init__.py); a peer it starts
+    gets libgomp's own default, unless the user chose a value."""
+    from hayate.bench.peers import peer_environment
+
+    monkeypatch.setenv("GOMP_SPINCOUNT", "20000")
+    monkeypatch.setenv("HAYATE_SET_GOMP_SPINCOUNT", "1")
+    assert "GOMP_SPINCOUNT" not in peer_environment() and "HAYATE_SET_GOMP_SPINCOUNT" not in peer_environment()
+    monkeypatch.delenv("HAYATE_SET_GOMP_SPINCOUNT")
+    assert peer_environment()["GOMP_SPINCOUNT"] == "20000"

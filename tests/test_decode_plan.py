@@ -1,6 +1,11 @@
 """The planned decode step (one native call per step, hayate/kernels/decode.cpp) against its
 slow twin, the eager model, on tiny GGUF models of every natively read type: the same logits
-to fp32 rounding, the same greedy tokens, alone and batched over scattered KV blocks."""
+to fp32 rounding, the same greedy tokens, alone and batched over scattered KV blocks.
+
+Where the CPU has AVX-512 VNNI the plan's projections use another exact-to-fp32 arithmetic
+than the eager model's (activations as three byte planes, interleaved.h; each kernel is held
+to a float64 reference in test_native_kernels.py). These models' weights are N(0, 1), so
+their logits reach ~25 and a few fp32 ulps per layer grow to ~1e-5 of that."""
 from __future__ import annotations
 
 import pytest
@@ -46,7 +51,7 @@ def count_runs(llm: LLM) -> list[int]:
 def assert_same(ours, theirs) -> None:
     assert ours.token_ids == theirs.token_ids
     for a, b in zip(ours.logprobs, theirs.logprobs):
-        assert abs(a.logprob - b.logprob) < 1e-4
+        assert abs(a.logprob - b.logprob) < 1e-3
         assert [i for i, _ in a.top] == [i for i, _ in b.top]
 
 

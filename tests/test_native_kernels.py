@@ -80,6 +80,78 @@ def test_rows_of_a_batch_equal_rows_alone(kernels):
     assert torch.equal(together, alone)
 
 
+def rearranged(kernels, weight: PackedWeight):
+    if not hasattr(kernels, "InterleavedWeight"):
+        pytest.skip("this CPU has no AVX-512 VNNI: the planned step reads GGUF blocks in place")
+    return kernels.InterleavedWeight(weight.data, weight.ggml_type, weight.shape[1])
+
+
+def interleaved(kernels, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    return rearranged(kernels, weight).apply(x)
+
+
+@pytest.mark.parametrize("qtype", NATIVE)
+def test_rearranged_weight_keeps_every_bit(kernels, qtype):
+    """The planned step's arrangement holds the file's bytes (the last group of 16 rows
+    padded, Q4_0 with its offsets -8 d written out): it gives them back exactly, and dequantizes bit for bit as gguf does."""
+    weight = packed(qtype, rows=100)
+    w = rearranged(kernels, weight)
+    assert torch.equal(w.gguf_blocks(), weight.data)
+    rows, blocks = 112, weight.shape[1] // 32   # 100 rows padded to 7 groups of 16
+    assert w.nbytes() == rows * blocks * (34 if qtype == QType.Q8_0 else 20)   # Q4_0: + its offsets
+    reference = gguf.quants.dequantize(weight.data.numpy(), qtype).reshape(weight.shape)
+    assert torch.equal(w.dequantize(), torch.from_numpy(reference))
+    into = torch.full((weight.shape[0] * weight.shape[1],), float("nan"))
+    assert torch.equal(w.dequantize(into).view(weight.shape), torch.from_numpy(reference))
+
+
+def test_interleaved_packed_linear_matches_its_blocks(kernels):
+    """A packed layer that hands its weight to the plan keeps working for every row count,
+    and holds one copy of it."""
+    weight = packed(QType.Q4_1, rows=100)
+    bias = torch.randn(100)
+    layer, reference = PackedLinear(weight, bias), PackedLinear(weight, bias)
+    if not layer.interleave(kernels):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    assert layer.packed.numel() == 0 and layer.nbytes() >= weight.nbytes()
+    assert torch.equal(layer.weight.data, weight.data)
+    for tokens in (1, 5, MAX_NATIVE_ROWS + 1):
+        x = torch.randn(tokens, weight.shape[1])
+        assert torch.allclose(layer(x), reference(x), rtol=1e-5, atol=1e-4)
+    x = torch.randn(MAX_NATIVE_ROWS + 1, weight.shape[1])
+    assert torch.equal(layer(x), reference(x))   # prefill: the same dequantized weight
+
+
+@pytest.mark.parametrize("qtype", NATIVE)
+@pytest.mark.parametrize("rows", [1, 2, 7, 9, MAX_NATIVE_ROWS])
+def test_interleaved_gemv_is_as_exact_as_fp32(kernels, qtype, rows):
+    """The planned step's kernel (activations as three byte planes, weights rearranged) is
+    held to a float64 product with the dequantized weight, as closely as the fp32 kernel is;
+    an output width that is not a multiple of 16, activations over six decades, a zero block."""
+    weight = packed(qtype, rows=100)
+    x = torch.randn(rows, weight.shape[1]) * torch.rand(rows, weight.shape[1]) ** 6 * 50
+    x[0, 32:64] = 0
+    exact = x.double() @ weight.dequantize().double().T
+    fp32_error = (kernels.gemv(x, weight.data, int(qtype)).double() - exact).abs().max()
+    error = (interleaved(kernels, x, weight).double() - exact).abs().max()
+    assert error <= 4 * fp32_error + 1e-6, (error, fp32_error)
+
+
+def test_interleaved_rows_of_a_batch_equal_rows_alone(kernels):
+    weight = packed(QType.Q4_1)
+    x = torch.randn(MAX_NATIVE_ROWS, weight.shape[1])
+    together = interleaved(kernels, x, weight)
+    alone = torch.cat([interleaved(kernels, x[i:i + 1], weight) for i in range(MAX_NATIVE_ROWS)])
+    assert torch.equal(together, alone)
+
+
+def test_interleaved_gemv_lets_inf_and_nan_through(kernels):
+    weight = packed(QType.Q8_0)
+    x = torch.randn(2, weight.shape[1])
+    x[0, 5], x[1, 40] = float("inf"), float("nan")
+    assert not interleaved(kernels, x, weight).isfinite().any()
+
+
 @pytest.mark.parametrize("rows", [1, 3, MAX_NATIVE_ROWS])
 def test_rms_norm_matches_torch(kernels, rows):
     x, weight = torch.randn(rows, 576) * 3, torch.randn(576)

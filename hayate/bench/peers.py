@@ -74,6 +74,15 @@ def peer_job(name: str, base_job: dict, llama_python: Path, full: bool) -> PeerJ
     return PeerJob(name, [sys.executable, str(WORKER)], env, job)
 
 
+def peer_environment() -> dict[str, str]:
+    """This process's environment without the libgomp setting hayate itself chose (see
+    hayate/__init__.py): a peer runs as its users run it."""
+    env = dict(os.environ)
+    if env.pop("HAYATE_SET_GOMP_SPINCOUNT", None):
+        env.pop("GOMP_SPINCOUNT", None)
+    return env
+
+
 def run_peer(peer: PeerJob, timeout_s: float, echo: Callable[[str], None] | None = None) -> RawTimings:
     """Start the worker in its own process group (killed on timeout or interrupt, so nothing
     is left running) and parse its last JSON line. Its progress lines go to `echo`."""
@@ -82,7 +91,7 @@ def run_peer(peer: PeerJob, timeout_s: float, echo: Callable[[str], None] | None
         json.dump(peer.job, job_file)
         job_file.seek(0)
         process = subprocess.Popen(peer.command, stdin=job_file, stdout=stdout_file, stderr=subprocess.PIPE,
-                                   text=True, env={**os.environ, **peer.env}, start_new_session=True)
+                                   text=True, env={**peer_environment(), **peer.env}, start_new_session=True)
         reader = threading.Thread(target=_follow_stderr, args=(process, peer.name, stderr_tail, echo), daemon=True)
         reader.start()
         try:

@@ -41,7 +41,7 @@ class PlannedDecode:
             plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                            *_matrix(attention.qkv_proj), *_matrix(attention.o_proj),
                            *_matrix(mlp.gate_up_proj), *_matrix(mlp.down_proj))
-        plan.set_head(model.lm_head.packed, model.lm_head.ggml_type)
+        plan.set_head(*_matrix(model.lm_head)[:2])
         planned = cls(plan, kv_cache.block_size)
         planned.warm_up()
         return planned
@@ -64,7 +64,10 @@ class PlannedDecode:
 
 
 def _matrix(linear: PackedLinear) -> tuple:
-    return linear.packed, linear.ggml_type, linear.bias
+    """The layer's weight for the plan: rearranged for the VNNI kernel where the CPU has it
+    (the layer then keeps that arrangement too: one copy, shared), else its GGUF blocks."""
+    weight = linear.interleaved if linear.interleave(native_kernels()) else linear.packed
+    return weight, linear.ggml_type, linear.bias
 
 
 def _plannable(model: nn.Module) -> bool:

@@ -9,29 +9,98 @@
 // (gemv_into, rms_norm_rows, rope_heads); attention is split-K (decode_attention.h).
 #include "decode_attention.h"
 #include "ggml_blocks.h"
+#include "interleaved.h"
 #include "worker_pool.h"
 
 namespace {
 
+#if HAYATE_INTERLEAVED
+// A GGUF weight rearranged for the VNNI kernel: the model's packed layers hold it instead of
+// the file's blocks once a plan is built, and the plan shares it (one copy of the weights).
+struct InterleavedWeight {
+  InterleavedMatrix matrix;
+  InterleavedWeight(const torch::Tensor& w, int64_t ggml_type, int64_t K) : matrix(w, ggml_type, K) {}
+
+  // x [M <= 16, K] -> [M, N], on PyTorch's threads (the eager model's few-row steps)
+  torch::Tensor apply(torch::Tensor x) const {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(0) <= kMaxRows && x.size(1) == matrix.K(),
+                "x must be float32 [M <= 16, in_features]");
+    x = x.contiguous();
+    ActivationPlanes planes;
+    auto out = torch::empty({x.size(0), matrix.N()}, x.options());
+    IntraOpThreads threads;
+    interleaved_gemv(x.data_ptr<float>(), x.size(0), matrix, planes, out.data_ptr<float>(), threads);
+    return out;
+  }
+
+  // fp32 [N, K] (prefill), into `out` when given: bit for bit gguf's dequantization
+  torch::Tensor dequantize(c10::optional<torch::Tensor> into) const {
+    torch::Tensor out = into.has_value() ? *into : torch::empty({matrix.N(), matrix.K()}, torch::kFloat32);
+    TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == matrix.N() * matrix.K(),
+                "out must be a contiguous float32 tensor of N * K elements");
+    float* values = out.data_ptr<float>();
+    at::parallel_for(0, matrix.groups(), 1, [&](int64_t begin, int64_t end) { matrix.dequantize_groups(values, begin, end); });
+    return out;
+  }
+};
+#endif
+
+// Scratch for a projection's input: per-block sums (GGUF-block kernel) or byte planes.
+struct Activations {
+  std::vector<float> sums;
+#if HAYATE_INTERLEAVED
+  ActivationPlanes planes;
+#endif
+};
+
+// A projection's weights: rearranged for the VNNI kernel where the CPU has it (the plan's
+// own copy, interleaved.h), else the GGUF blocks read in place (ggml_blocks.h).
 struct PackedMatrix {
-  torch::Tensor blocks;  // uint8 [N, K / 32 * block_bytes]
   int64_t type = 0, N = 0, K = 0;
   torch::Tensor bias;    // float32 [N], or undefined
+#if HAYATE_INTERLEAVED
+  InterleavedMatrix weights;
+#else
+  torch::Tensor blocks;  // uint8 [N, K / 32 * block_bytes]
+#endif
 
   PackedMatrix() = default;
-  PackedMatrix(torch::Tensor w, int64_t ggml_type, int64_t in_features, c10::optional<torch::Tensor> b)
-      : blocks(w.contiguous()), type(ggml_type), N(w.size(0)), K(in_features) {
-    TORCH_CHECK(blocks.dtype() == torch::kUInt8 && blocks.dim() == 2, "packed weights must be 2-D uint8");
-    TORCH_CHECK(K % kBlock == 0 && blocks.size(1) == K / kBlock * block_bytes_of(type), "weight bytes do not match K");
+  // weight: an InterleavedWeight (shared), or GGUF blocks uint8 [N, K / 32 * block_bytes]
+  // (rearranged into the plan's own copy where the CPU has VNNI, else read in place).
+  PackedMatrix(const pybind11::object& weight, int64_t ggml_type, int64_t in_features, c10::optional<torch::Tensor> b)
+      : type(ggml_type), K(in_features) {
+#if HAYATE_INTERLEAVED
+    if (pybind11::isinstance<InterleavedWeight>(weight)) {
+      weights = weight.cast<const InterleavedWeight&>().matrix;
+      TORCH_CHECK(weights.K() == K && weights.type() == type, "the rearranged weight does not match its layer");
+    } else {
+      weights = InterleavedMatrix(checked_blocks(weight.cast<torch::Tensor>()), type, K);
+    }
+    N = weights.N();
+#else
+    blocks = checked_blocks(weight.cast<torch::Tensor>()).contiguous();
+    N = blocks.size(0);
+#endif
     if (b.has_value()) {
       bias = b->contiguous();
       TORCH_CHECK(bias.dtype() == torch::kFloat32 && bias.numel() == N, "bias must be float32 [out_features]");
     }
   }
 
+  torch::Tensor checked_blocks(const torch::Tensor& w) const {
+    TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "packed weights must be 2-D uint8");
+    TORCH_CHECK(K % kBlock == 0 && w.size(1) == K / kBlock * block_bytes_of(type), "weight bytes do not match K");
+    return w;
+  }
+
   // out [M, N] = x [M, K] W^T (+ bias)
-  void apply(const float* x, int64_t M, float* x_sums, float* out, WorkerPool& threads) const {
-    gemv_into(x, M, K, blocks.data_ptr<uint8_t>(), N, type, x_sums, out, threads);
+  void apply(const float* x, int64_t M, Activations& scratch, float* out, WorkerPool& threads) const {
+#if HAYATE_INTERLEAVED
+    interleaved_gemv(x, M, weights, scratch.planes, out, threads);
+#else
+    scratch.sums.resize(M * K / kBlock);
+    gemv_into(x, M, K, blocks.data_ptr<uint8_t>(), N, type, scratch.sums.data(), out, threads);
+#endif
     if (bias.defined()) {
       const float* b = bias.data_ptr<float>();
       for (int64_t m = 0; m < M; ++m)
@@ -61,10 +130,10 @@ class DecodePlan {
     hidden_ = embedding_.size(1);
   }
 
-  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, torch::Tensor qkv, int64_t qkv_type,
-                 c10::optional<torch::Tensor> qkv_bias, torch::Tensor o, int64_t o_type,
-                 c10::optional<torch::Tensor> o_bias, torch::Tensor gate_up, int64_t gate_up_type,
-                 c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down, int64_t down_type,
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, pybind11::object qkv, int64_t qkv_type,
+                 c10::optional<torch::Tensor> qkv_bias, pybind11::object o, int64_t o_type,
+                 c10::optional<torch::Tensor> o_bias, pybind11::object gate_up, int64_t gate_up_type,
+                 c10::optional<torch::Tensor> gate_up_bias, pybind11::object down, int64_t down_type,
                  c10::optional<torch::Tensor> down_bias) {
     Layer layer;
     layer.input_norm = input_norm.contiguous();
@@ -78,7 +147,7 @@ class DecodePlan {
     layers_.push_back(std::move(layer));
   }
 
-  void set_head(torch::Tensor lm_head, int64_t ggml_type) {
+  void set_head(pybind11::object lm_head, int64_t ggml_type) {
     head_ = PackedMatrix(lm_head, ggml_type, hidden_, c10::nullopt);
   }
 
@@ -109,14 +178,13 @@ class DecodePlan {
     for (size_t l = 0; l < layers_.size(); ++l) layer(l, B, pos, block_tables);
     rms_norm_rows(x, final_norm_.data_ptr<float>(), h_.data(), B, hidden_, eps_);
     auto logits = torch::empty({B, head_.N}, torch::kFloat32);
-    head_.apply(h_.data(), B, sums_.data(), logits.data_ptr<float>(), threads_);
+    head_.apply(h_.data(), B, scratch_, logits.data_ptr<float>(), threads_);
     return logits;
   }
 
  private:
   void reserve(int64_t B) {
     const Layer& first = layers_.front();
-    const int64_t widest = std::max({hidden_, first.gate_up.N / 2, heads_ * head_dim_});
     x_.resize(B * hidden_);
     h_.resize(B * hidden_);
     qkv_.resize(B * first.qkv.N);
@@ -124,22 +192,21 @@ class DecodePlan {
     gate_up_.resize(B * first.gate_up.N);
     act_.resize(B * first.gate_up.N / 2);
     out_.resize(B * hidden_);
-    sums_.resize(B * widest / kBlock);
   }
 
   void layer(size_t index, int64_t B, const int64_t* pos, const torch::Tensor& tables) {
     const Layer& L = layers_[index];
     float* x = x_.data();
     rms_norm_rows(x, L.input_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
-    L.qkv.apply(h_.data(), B, sums_.data(), qkv_.data(), threads_);
+    L.qkv.apply(h_.data(), B, scratch_, qkv_.data(), threads_);
     write_and_attend(index, B, pos, tables);
-    L.o.apply(attn_.data(), B, sums_.data(), out_.data(), threads_);
+    L.o.apply(attn_.data(), B, scratch_, out_.data(), threads_);
     for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
     rms_norm_rows(x, L.post_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
-    L.gate_up.apply(h_.data(), B, sums_.data(), gate_up_.data(), threads_);
+    L.gate_up.apply(h_.data(), B, scratch_, gate_up_.data(), threads_);
     const int64_t inner = L.gate_up.N / 2;
     for (int64_t b = 0; b < B; ++b) silu_mul(gate_up_.data() + b * 2 * inner, inner, act_.data() + b * inner);
-    L.down.apply(act_.data(), B, sums_.data(), out_.data(), threads_);
+    L.down.apply(act_.data(), B, scratch_, out_.data(), threads_);
     for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
   }
 
@@ -181,13 +248,23 @@ class DecodePlan {
   std::vector<Layer> layers_;
   PackedMatrix head_;
   DecodeAttention attention_;
-  std::vector<float> x_, h_, qkv_, attn_, gate_up_, act_, out_, sums_;
+  std::vector<float> x_, h_, qkv_, attn_, gate_up_, act_, out_;
+  Activations scratch_;
 };
 
 }  // namespace
 
 void register_decode_plan(pybind11::module& m) {
   namespace py = pybind11;
+#if HAYATE_INTERLEAVED   // only where the CPU has AVX-512 VNNI
+  py::class_<InterleavedWeight>(m, "InterleavedWeight", "a GGUF weight rearranged for the VNNI kernel")
+      .def(py::init<const torch::Tensor&, int64_t, int64_t>(), py::arg("w"), py::arg("ggml_type"), py::arg("K"))
+      .def("apply", &InterleavedWeight::apply, py::call_guard<py::gil_scoped_release>())
+      .def("dequantize", &InterleavedWeight::dequantize, py::arg("out") = py::none(),
+           py::call_guard<py::gil_scoped_release>())
+      .def("gguf_blocks", [](const InterleavedWeight& w) { return w.matrix.gguf_blocks(); })
+      .def("nbytes", [](const InterleavedWeight& w) { return w.matrix.nbytes(); });
+#endif
   py::class_<DecodePlan>(m, "DecodePlan", "a Llama-family decode step, planned once, run as one call")
       .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                     torch::Tensor, int64_t, int64_t>(),

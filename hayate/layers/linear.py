@@ -50,10 +50,23 @@ class PackedLinear(nn.Module):
             bias = nn.Parameter(bias, requires_grad=False)
         self.register_parameter("bias", bias)
         self.workspace: DequantWorkspace | None = None   # set by share_workspace()
+        self.interleaved = None   # the weight rearranged for the planned step (interleave())
 
     @property
     def weight(self) -> PackedWeight:
-        return PackedWeight(self.packed, self.ggml_type, (self.out_features, self.in_features))
+        data = self.packed if self.interleaved is None else self.interleaved.gguf_blocks()
+        return PackedWeight(data, self.ggml_type, (self.out_features, self.in_features))
+
+    def interleave(self, kernels) -> bool:
+        """Keep the weight rearranged for the planned step's VNNI kernel instead of as the
+        file's blocks (the same bytes, one copy that the plan shares). False where the CPU
+        lacks the kernel or the layer is not on the CPU."""
+        if self.interleaved is None:
+            if not hasattr(kernels, "InterleavedWeight") or self.packed.device.type != "cpu":
+                return False
+            self.interleaved = kernels.InterleavedWeight(self.packed, self.ggml_type, self.in_features)
+            self.packed = torch.empty(0, dtype=torch.uint8)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., in_features] -> [..., out_features]
@@ -64,18 +77,27 @@ class PackedLinear(nn.Module):
             # Prefill (many rows) and other types: dequantize once, then one matmul.
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized(native_kernels() if native else None).to(x.dtype), bias)
-        out = kernels.gemv(rows, self.packed, self.ggml_type)
+        if self.interleaved is not None:
+            out = self.interleaved.apply(rows)
+        else:
+            out = kernels.gemv(rows, self.packed, self.ggml_type)
         if self.bias is not None:
             out += self.bias
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized(self, kernels=None) -> torch.Tensor:
         """The weight in fp32 [out, in]: the same values either way, the native one faster."""
+        into = None if self.workspace is None else self.workspace.take(self.out_features * self.in_features)
+        if self.interleaved is not None:
+            return self.interleaved.dequantize(into).view(self.out_features, self.in_features)
         if kernels is not None:
-            into = None if self.workspace is None else self.workspace.take(self.out_features * self.in_features)
             weight = kernels.dequantize(self.packed, self.ggml_type, self.in_features, into)
             return weight.view(self.out_features, self.in_features)
         return dequantize(self.packed, self.ggml_type, (self.out_features, self.in_features))
+
+    def nbytes(self) -> int:
+        """Bytes the weight holds in memory, in whichever arrangement."""
+        return self.packed.numel() if self.interleaved is None else self.interleaved.nbytes()
 
     def extra_repr(self) -> str:
         type_name = QType(self.ggml_type).name

@@ -36,9 +36,11 @@ class StepCost:
 
 
 def module_bytes(module: nn.Module) -> int:
-    """Bytes held by a module's own tensors (parameters and buffers, each counted once)."""
+    """Bytes held by a module's own tensors (parameters and buffers, each counted once), and
+    by a packed layer's weight where the planned step has rearranged it."""
     tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    interleaved = [m.interleaved.nbytes() for m in module.modules() if getattr(m, "interleaved", None) is not None]
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + sum(interleaved)
 
 
 def memory_by_format(model: nn.Module) -> dict[str, int]:
@@ -48,6 +50,9 @@ def memory_by_format(model: nn.Module) -> dict[str, int]:
     seen: set[int] = set()
     for module in model.modules():
         packed = getattr(module, "packed", None)
+        if getattr(module, "interleaved", None) is not None:   # rearranged for the planned step
+            kind = QType(module.ggml_type).name
+            totals[kind] = totals.get(kind, 0) + module.interleaved.nbytes()
         for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if id(tensor) in seen:
                 continue

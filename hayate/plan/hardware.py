@@ -60,8 +60,10 @@ NATIVE_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}   # Q4_0, Q4_1, Q8_0
 
 
 def probe_packed_rates(buffer_mb: int = 128, repeats: int = 5) -> dict[int, float]:
-    """bytes/s of the native GEMV at one activation row over a matrix far larger than the
-    caches, for each type it reads: the rate at which a decode step streams packed weights."""
+    """bytes/s of the planned step's GEMV at one activation row over a matrix far larger than
+    the caches, for each type it reads: the rate at which a decode step streams packed weights.
+    Where the CPU has AVX-512 VNNI that is the kernel over rearranged weights, else the one
+    that reads GGUF blocks in place."""
     kernels = native_kernels()
     if kernels is None:
         return {}
@@ -71,7 +73,12 @@ def probe_packed_rates(buffer_mb: int = 128, repeats: int = 5) -> dict[int, floa
         rows = buffer_mb * 2**20 // (in_features // 32 * block_bytes)
         blocks = _valid_blocks(rows, in_features // 32, block_bytes)
         x = torch.randn(1, in_features)
-        rates[ggml_type] = blocks.numel() / _best_time(lambda: kernels.gemv(x, blocks, ggml_type), repeats)
+        if hasattr(kernels, "InterleavedWeight"):
+            weight = kernels.InterleavedWeight(blocks, ggml_type, in_features)
+            del blocks   # the rearranged copy is what streams; free the source before timing
+            rates[ggml_type] = weight.nbytes() / _best_time(lambda: weight.apply(x), repeats)
+        else:
+            rates[ggml_type] = blocks.numel() / _best_time(lambda: kernels.gemv(x, blocks, ggml_type), repeats)
     return rates
 
 
