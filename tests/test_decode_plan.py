@@ -40,9 +40,9 @@ def count_runs(llm: LLM) -> list[int]:
     calls = []
     run = llm.engine.runner.plan.run
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls.append(len(args[0]))
-        return run(*args)
+        return run(*args, **kwargs)
 
     llm.engine.runner.plan.run = counted
     return calls
@@ -60,9 +60,9 @@ def test_planned_steps_equal_eager_steps(gguf_path):
     calls = count_runs(planned)
     for prompt in PROMPTS:
         assert_same(planned.generate(prompt, PARAMS), eager.generate(prompt, PARAMS))
-    # every decode step was planned, and so was the prefill of each prompt of at most 16 tokens
-    assert len(calls) == len(PROMPTS) * (PARAMS.max_tokens - 1) + sum(len(p) <= 16 for p in PROMPTS)
-    assert 8 in calls and 3 in calls   # the short prompts' prefills ran as rows of one step
+    # every decode step was planned, and so was every prompt's prefill (under plan.max_tokens)
+    assert len(calls) == len(PROMPTS) * PARAMS.max_tokens
+    assert 8 in calls and 3 in calls and 37 in calls   # prefills as rows of one step, or three
 
 
 def test_batched_over_scattered_blocks(gguf_path):
@@ -72,7 +72,8 @@ def test_batched_over_scattered_blocks(gguf_path):
     calls = count_runs(planned)
     for ours, theirs in zip(planned.generate(PROMPTS, PARAMS), eager.generate(PROMPTS, PARAMS)):
         assert_same(ours, theirs)
-    assert max(calls) == len(PROMPTS)
+    assert calls[0] == sum(map(len, PROMPTS))   # every prompt in one planned step (in 4 pieces)
+    assert max(calls[1:]) == len(PROMPTS)       # then decode steps of all four
 
 
 def test_one_token_prefill_chunks_go_through_the_plan(gguf_path):
@@ -98,7 +99,13 @@ def test_bad_steps_are_refused(gguf_path):
         plan.run([1], [0], [[10 ** 8]])
     with pytest.raises(RuntimeError, match="1 to 16 sequences"):
         plan._plan.run(torch.zeros(17, dtype=torch.long), torch.zeros(17, dtype=torch.long),
-                       torch.zeros(17, 1, dtype=torch.int32))
+                       torch.zeros(17, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="logit row out of range"):
+        plan._plan.run(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+                       torch.zeros(2, 1, dtype=torch.int32), torch.tensor([2]))
+    too_many = plan.max_tokens + 1
+    with pytest.raises(ValueError, match=f"at most {plan.max_tokens} tokens"):
+        plan.run([1] * too_many, list(range(too_many)), [list(range(too_many // 4 + 1))] * too_many)
 
 
 def test_short_prompt_chunks_run_as_rows_of_one_step(gguf_path):
@@ -122,3 +129,14 @@ def test_a_sequence_gets_the_same_numbers_alone_or_batched(gguf_path):
         single = alone.generate(prompt, PARAMS)
         assert single.token_ids == together.token_ids
         assert [lp.logprob for lp in single.logprobs] == [lp.logprob for lp in together.logprobs]
+
+
+def test_prompts_past_the_planned_size_prefill_eagerly(gguf_path):
+    """Past plan.max_tokens a prompt runs through the eager model (dequantized weights, one
+    matmul per layer); its decode steps are planned again."""
+    planned, eager = planned_and_eager(gguf_path)
+    planned.engine.runner.plan.max_tokens = 40   # the tiny model's context is 256 tokens
+    calls = count_runs(planned)
+    prompt = [(7 * i) % 120 + 3 for i in range(44)]
+    assert_same(planned.generate(prompt, PARAMS), eager.generate(prompt, PARAMS))
+    assert calls == [1] * (PARAMS.max_tokens - 1)

@@ -3,7 +3,8 @@ natively readable GGUF blocks runs a whole step (embedding to logits) as one nat
 over weights, KV cache and buffers fixed at construction (hayate/kernels/decode.cpp).
 
 A step is up to MAX_NATIVE_ROWS rows, each a token at its position: decodes, and short
-prompt chunks (a chunk's rows are consecutive positions of one sequence). Other models, and
+prompt chunks (a chunk's rows are consecutive positions of one sequence); a step of up to
+24x that many tokens runs as consecutive planned steps. Other models, and
 bigger steps or steps with image tokens, run the eager model: the plan's slow twin, which
 the tests compare it with."""
 from __future__ import annotations
@@ -23,6 +24,11 @@ class PlannedDecode:
     def __init__(self, plan, block_size: int):
         self._plan, self.block_size = plan, block_size
         self.max_batch = MAX_NATIVE_ROWS
+        # A step of up to this many tokens runs as consecutive planned steps of max_batch rows,
+        # which on these CPUs beats the eager model's dequantize-then-matmul below ~500 tokens:
+        # 0.33x its time at 17 tokens, 0.5x at 48-160, 0.87x at 384, even at 512
+        # (docs/PERFORMANCE.md); past this, prefill runs eagerly.
+        self.max_tokens = 24 * MAX_NATIVE_ROWS
 
     @classmethod
     def build(cls, model: nn.Module, kv_cache: KVCache) -> "PlannedDecode | None":
@@ -53,14 +59,26 @@ class PlannedDecode:
         rows = self.max_batch
         self.run([0] * rows, [0] * rows, [[0]] * rows)
 
-    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [rows, vocab] of each row's token (at `positions`), whose key and value it
-        writes into the cache blocks of its `block_tables` entry; every row's key and value is
-        written before any row attends, so a chunk's rows see each other causally."""
-        width = max(-(-(position + 1) // self.block_size) for position in positions)
-        tables = torch.tensor([table[:width] + [0] * (width - len(table[:width])) for table in block_tables],
-                              dtype=torch.int32)
-        return self._plan.run(torch.tensor(token_ids), torch.tensor(positions), tables)
+    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]],
+            logit_rows: list[int] | None = None) -> torch.Tensor:
+        """Logits [len(logit_rows), vocab] (default: every row) of rows' tokens (at `positions`),
+        each of which writes its key and value into the cache blocks of its `block_tables`
+        entry. Rows run in pieces of max_batch, in order; within a piece every row's key and
+        value is written before any row attends: a prompt chunk's rows see each other causally."""
+        rows = len(token_ids)
+        if rows > self.max_tokens:
+            raise ValueError(f"a planned step takes at most {self.max_tokens} tokens, got {rows}")
+        wanted = list(range(rows)) if logit_rows is None else logit_rows
+        pieces = []
+        for first in range(0, rows, self.max_batch):
+            last = min(rows, first + self.max_batch)
+            width = max(-(-(position + 1) // self.block_size) for position in positions[first:last])
+            tables = torch.tensor([table[:width] + [0] * (width - len(table[:width]))
+                                   for table in block_tables[first:last]], dtype=torch.int32)
+            here = torch.tensor([row - first for row in wanted if first <= row < last], dtype=torch.int64)
+            pieces.append(self._plan.run(torch.tensor(token_ids[first:last]), torch.tensor(positions[first:last]),
+                                         tables, here))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _matrix(linear: PackedLinear) -> tuple:

@@ -55,9 +55,9 @@ class ModelRunner:
             return sampling, self.sampler(logits, [sequences[i].request.sampling for i in sampling])
 
     def _planned(self, sequences: list[ScheduledSequence]) -> bool:
-        """Steps of at most plan.max_batch tokens in all (decodes, and short prompt chunks,
+        """Steps of at most plan.max_tokens tokens in all (decodes, and short prompt chunks,
         whose tokens become rows at consecutive positions), none of them an image's."""
-        return (self.plan is not None and sum(s.num_tokens for s in sequences) <= self.plan.max_batch
+        return (self.plan is not None and sum(s.num_tokens for s in sequences) <= self.plan.max_tokens
                 and not self.images.touches(sequences))
 
     def _planned_logits(self, sequences: list[ScheduledSequence], sampling: list[int]) -> torch.Tensor:
@@ -67,9 +67,7 @@ class ModelRunner:
             positions += range(s.start, s.start + s.num_tokens)
             tables += [s.request.block_table] * s.num_tokens
             last_rows.append(len(token_ids) - 1)
-        logits = self.plan.run(token_ids, positions, tables)
-        rows = [last_rows[i] for i in sampling]
-        return logits if rows == list(range(len(token_ids))) else logits[rows]
+        return self.plan.run(token_ids, positions, tables, logit_rows=[last_rows[i] for i in sampling])
 
     def _eager_logits(self, sequences: list[ScheduledSequence], sampling: list[int]) -> torch.Tensor | None:
         meta = AttentionMetadata.build(

@@ -153,7 +153,9 @@ class DecodePlan {
 
   // token_ids, positions [B] int64; block_tables [B, width] int32 (each row's sequence's KV
   // blocks). Returns the logits [B, vocab] of the B rows, after writing their keys and values.
-  torch::Tensor run(torch::Tensor token_ids, torch::Tensor positions, torch::Tensor block_tables) {
+  // logit_rows [R] int64: the rows whose logits are wanted (a prompt's inner tokens need none).
+  torch::Tensor run(torch::Tensor token_ids, torch::Tensor positions, torch::Tensor block_tables,
+                    torch::Tensor logit_rows) {
     const int64_t B = token_ids.numel();
     TORCH_CHECK(B >= 1 && B <= kMaxRows, "a planned decode step takes 1 to ", kMaxRows, " sequences");
     TORCH_CHECK(layers_.size() == static_cast<size_t>(kv_cache_.size(0)) && head_.N > 0, "the plan is incomplete");
@@ -176,9 +178,16 @@ class DecodePlan {
     for (int64_t b = 0; b < B; ++b)
       std::memcpy(x + b * hidden_, embedding_.data_ptr<float>() + ids[b] * hidden_, hidden_ * sizeof(float));
     for (size_t l = 0; l < layers_.size(); ++l) layer(l, B, pos, block_tables);
-    rms_norm_rows(x, final_norm_.data_ptr<float>(), h_.data(), B, hidden_, eps_);
-    auto logits = torch::empty({B, head_.N}, torch::kFloat32);
-    head_.apply(h_.data(), B, scratch_, logits.data_ptr<float>(), threads_);
+    logit_rows = logit_rows.contiguous();
+    const int64_t R = logit_rows.numel();
+    TORCH_CHECK(logit_rows.dtype() == torch::kInt64 && R <= B, "logit_rows must be int64, at most one per row");
+    const int64_t* wanted = logit_rows.data_ptr<int64_t>();
+    for (int64_t r = 0; r < R; ++r) {
+      TORCH_CHECK(wanted[r] >= 0 && wanted[r] < B, "logit row out of range");
+      rms_norm_rows(x + wanted[r] * hidden_, final_norm_.data_ptr<float>(), h_.data() + r * hidden_, 1, hidden_, eps_);
+    }
+    auto logits = torch::empty({R, head_.N}, torch::kFloat32);
+    if (R > 0) head_.apply(h_.data(), R, scratch_, logits.data_ptr<float>(), threads_);
     return logits;
   }
 

@@ -120,7 +120,9 @@ class Attention(nn.Module):
             # Query i sits at position start + i and sees keys 0 .. start + i.
             end = rows.shape[0]
             mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
+        # With a batch dimension (4-D) PyTorch's CPU flash kernel takes grouped heads; 3-D
+        # inputs fall to its math path: 2-3x slower prefill attention, same values to fp32.
         out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=self.scale,
-            is_causal=mask is None and query.shape[1] > 1, enable_gqa=True)
+            query[None], keys[None], values[None], attn_mask=mask, scale=self.scale,
+            is_causal=mask is None and query.shape[1] > 1, enable_gqa=True)[0]
         return out.transpose(0, 1)                                   # [length, heads, head_dim]
