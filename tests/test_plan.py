@@ -34,6 +34,8 @@ def test_prefill_reads_weights_once_per_chunk(tmp_path):
     one = prefill_cost(model, config, prompt_len=64, chunk=64)
     four = prefill_cost(model, config, prompt_len=64, chunk=16)
     assert one.flops == four.flops and four.bytes > one.bytes
+    head = next(row for row in one.rows if row.name == "lm_head")   # the last token's logits only
+    assert head.flops == 2 * config.hidden_size * config.vocab_size
 
 
 def test_roofline_and_probe():

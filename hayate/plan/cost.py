@@ -93,9 +93,12 @@ def decode_cost(model: nn.Module, config: ModelConfig, batch: int, context: int,
 
 def prefill_cost(model: nn.Module, config: ModelConfig, prompt_len: int, chunk: int,
                  kv_bytes: int = 4) -> StepCost:
-    """A whole prompt, run in chunks of `chunk` tokens: weights are read once per chunk."""
+    """A whole prompt, run in chunks of `chunk` tokens: weights are read once per chunk; the
+    vocabulary projection runs for the prompt's last token only."""
     chunks = -(-prompt_len // chunk)
-    rows = [CostRow(name, chunks * module_bytes(m), 2 * prompt_len * m.in_features * m.out_features)
+    head = getattr(model, "lm_head", None)
+    rows = [CostRow(name, module_bytes(m) * (1 if m is head else chunks),
+                    2 * (1 if m is head else prompt_len) * m.in_features * m.out_features)
             for name, m in _linears(model).items()]
     # Causal attention: on average each query sees half the prompt.
     attention = _attention_cost(config, prompt_len, max(prompt_len // 2, 1), kv_bytes)

@@ -14,7 +14,7 @@ from hayate.kernels import native_kernels
 class HardwareProfile:
     name: str
     bandwidth: float       # bytes/s of memory read
-    flops: float           # FLOP/s of the matmul precision the engine runs
+    flops: float           # FLOP/s of the fastest exact matmul the engine runs
     # bytes/s at which the native kernel reads each GGUF type's blocks, streaming from memory
     packed_rates: dict[int, float] = field(default_factory=dict, compare=False)
 
@@ -42,15 +42,21 @@ def datasheet_profiles() -> dict[str, HardwareProfile]:
 
 
 def probe_cpu(threads: int | None = None, buffer_mb: int = 256, repeats: int = 5) -> HardwareProfile:
-    """Measure read bandwidth (summing a buffer far larger than the caches), fp32 matmul
-    rate, and the native kernel's read rate for each GGUF type it takes, with the given
-    thread count; best of `repeats` to skip warm-up noise."""
+    """Measure read bandwidth (summing a buffer far larger than the caches), the matmul rate
+    (fp32, or the planned step's byte-plane kernel at 16 rows, which prefills short prompts,
+    whichever is faster), and the native kernel's read rate for each GGUF type it takes, with
+    the given thread count; best of `repeats` to skip warm-up noise."""
     if threads:
         torch.set_num_threads(threads)
     data = torch.ones(buffer_mb * 2**20 // 4)
     bandwidth = data.numel() * 4 / _best_time(lambda: data.sum(), repeats)
     a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
     flops = 2 * 512 * 1024 * 1024 / _best_time(lambda: a @ b, repeats)
+    kernels = native_kernels()
+    if kernels is not None and hasattr(kernels, "InterleavedWeight"):
+        weight = kernels.InterleavedWeight(_valid_blocks(1024, 1024 // 32, 20), 3, 1024)   # Q4_1
+        x = torch.randn(16, 1024)
+        flops = max(flops, 2 * 16 * 1024 * 1024 / _best_time(lambda: weight.apply(x), repeats))
     return HardwareProfile(f"this CPU ({torch.get_num_threads()} threads)", bandwidth, flops,
                            packed_rates=probe_packed_rates(buffer_mb // 2, repeats))
 
