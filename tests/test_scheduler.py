@@ -36,6 +36,29 @@ def test_decodes_first_then_prompt_chunks_within_budget():
     assert run_step(scheduler) == {"a": 1, "long": 7}
 
 
+def test_while_streams_decode_a_step_stays_one_planned_step():
+    """With step_tokens set, a newcomer's prompt is fed alongside running decodes in pieces
+    that keep each step at step_tokens (at least half of them prompt); alone, it gets the
+    whole budget."""
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=20, token_budget=100, step_tokens=16)
+    scheduler.add(FakeRequest("a", 40))
+    assert run_step(scheduler) == {"a": 40}      # nothing decoding: the whole prompt at once
+    for name in "bc":
+        scheduler.add(FakeRequest(name, 20))
+    assert run_step(scheduler) == {"a": 1, "b": 15}
+    assert run_step(scheduler) == {"a": 1, "b": 5, "c": 10}
+    assert run_step(scheduler) == {"a": 1, "b": 1, "c": 10}
+
+
+def test_many_decoding_streams_still_leave_a_newcomer_half_a_step():
+    scheduler = Scheduler(BlockManager(256, 4), max_num_seqs=30, token_budget=100, step_tokens=16)
+    for index in range(20):
+        scheduler.add(FakeRequest(f"s{index}", 1))
+    run_step(scheduler)                          # 20 one-token prompts: all decoding now
+    scheduler.add(FakeRequest("new", 30))
+    step = run_step(scheduler)
+    assert len(step) == 21 and step["new"] == 8
+
 def test_max_num_seqs_limits_admission():
     scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=2, token_budget=100)
     for name in "abc":

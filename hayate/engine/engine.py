@@ -29,7 +29,9 @@ class Engine:
                                   encoder_cache_bytes=config.encoder_cache_mb * 1024 * 1024,
                                   planned_decode=config.planned_decode)
         self.image_token_id: int | None = getattr(loaded.model, "image_token_id", None)
-        self.scheduler = Scheduler(blocks, config.max_num_seqs, token_budget=config.prefill_chunk)
+        plan = self.runner.plan
+        self.scheduler = Scheduler(blocks, config.max_num_seqs, token_budget=config.prefill_chunk,
+                                   step_tokens=plan.max_batch if plan is not None else 0)
         self.sequences: dict[str, Sequence] = {}
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
 

@@ -2,7 +2,9 @@
 
 Policy: every running request with one token pending decodes it; the rest of the step's
 token budget goes to prompt chunks, oldest request first, so a long prompt is prefilled in
-chunks while running streams keep flowing. KV blocks are taken as sequences grow; when a
+chunks while running streams keep flowing. While streams decode, a step holds at most
+`step_tokens` tokens (one planned step's rows) when that is set: a newcomer's prompt then
+costs each running stream ~one decode step, not a whole prompt's prefill. KV blocks are taken as sequences grow; when a
 decode finds the pool empty, the newest running request is preempted (its blocks freed,
 its tokens recomputed later)."""
 from __future__ import annotations
@@ -41,9 +43,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, token_budget: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, token_budget: int, step_tokens: int = 0):
         self.blocks = blocks
-        self.max_num_seqs, self.token_budget = max_num_seqs, token_budget
+        self.max_num_seqs, self.token_budget, self.step_tokens = max_num_seqs, token_budget, step_tokens
         self.waiting: deque[Schedulable] = deque()
         self.running: list[Schedulable] = []
         self.num_preemptions = 0
@@ -62,6 +64,8 @@ class Scheduler:
         preempted = self._reserve_decodes()
         scheduled = [ScheduledSequence(r, r.num_computed_tokens, 1) for r in self.running if _pending(r) == 1]
         budget = max(self.token_budget - len(scheduled), 1)
+        if scheduled and self.step_tokens:   # streams are decoding: keep their step short
+            budget = min(budget, max(self.step_tokens - len(scheduled), self.step_tokens // 2))
         for request in self.running:
             if budget > 0 and _pending(request) > 1:
                 chunk = self._chunk(request, budget)
