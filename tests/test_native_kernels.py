@@ -90,6 +90,19 @@ def interleaved(kernels, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     return rearranged(kernels, weight).apply(x)
 
 
+def test_weights_rearranged_into_one_arena_equal_alone(kernels):
+    """A model's weights share one arena (2 MB pages, no rounding per matrix): each still
+    holds its own blocks and multiplies as it does alone."""
+    weights = [packed(QType.Q4_1, 100, 256, seed=1), packed(QType.Q8_0, 48, 96, seed=2), packed(QType.Q4_0, 16, 64)]
+    rearranged(kernels, weights[0])   # skips without VNNI
+    together = kernels.InterleavedWeight.all([w.data for w in weights], [w.ggml_type for w in weights],
+                                             [w.shape[1] for w in weights])
+    for weight, shared in zip(weights, together):
+        x = torch.randn(3, weight.shape[1])
+        assert torch.equal(shared.gguf_blocks(), weight.data)
+        assert torch.equal(shared.apply(x), rearranged(kernels, weight).apply(x))
+
+
 @pytest.mark.parametrize("qtype", NATIVE)
 def test_rearranged_weight_keeps_every_bit(kernels, qtype):
     """The planned step's arrangement holds the file's bytes (the last group of 16 rows
@@ -111,8 +124,7 @@ def test_interleaved_packed_linear_matches_its_blocks(kernels):
     weight = packed(QType.Q4_1, rows=100)
     bias = torch.randn(100)
     layer, reference = PackedLinear(weight, bias), PackedLinear(weight, bias)
-    if not layer.interleave(kernels):
-        pytest.skip("this CPU has no AVX-512 VNNI")
+    layer.use_interleaved(rearranged(kernels, weight))
     assert layer.packed.numel() == 0 and layer.nbytes() >= weight.nbytes()
     assert torch.equal(layer.weight.data, weight.data)
     for tokens in (1, 5, MAX_NATIVE_ROWS + 1):

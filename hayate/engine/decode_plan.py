@@ -37,6 +37,13 @@ class PlannedDecode:
         if kernels is None or not _plannable(model):
             return None
         config, text = model.config, model.model
+        if hasattr(kernels, "InterleavedWeight"):   # AVX-512 VNNI: the weights rearranged, once
+            fresh = [linear for linear in _linears(model) if linear.interleaved is None]
+            weights = kernels.InterleavedWeight.all([linear.packed for linear in fresh],
+                                                    [linear.ggml_type for linear in fresh],
+                                                    [linear.in_features for linear in fresh])
+            for linear, weight in zip(fresh, weights):
+                linear.use_interleaved(weight)
         plan = kernels.DecodePlan(
             heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
             eps=text.norm.eps, embedding=text.embed_tokens.weight, cos=text.rotary.cos, sin=text.rotary.sin,
@@ -82,10 +89,14 @@ class PlannedDecode:
 
 
 def _matrix(linear: PackedLinear) -> tuple:
-    """The layer's weight for the plan: rearranged for the VNNI kernel where the CPU has it
-    (the layer then keeps that arrangement too: one copy, shared), else its GGUF blocks."""
-    weight = linear.interleaved if linear.interleave(native_kernels()) else linear.packed
+    """The layer's weight for the plan: its rearranged one (shared), else its GGUF blocks."""
+    weight = linear.packed if linear.interleaved is None else linear.interleaved
     return weight, linear.ggml_type, linear.bias
+
+
+def _linears(model: nn.Module) -> list:
+    return [model.lm_head] + [m for layer in model.model.layers for m in (
+        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
 
 
 def _plannable(model: nn.Module) -> bool:
@@ -95,6 +106,4 @@ def _plannable(model: nn.Module) -> bool:
     if text.embed_tokens.weight.dtype != torch.float32 or text.embed_tokens.weight.device.type != "cpu":
         return False
     eps = {text.norm.eps} | {n.eps for layer in text.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
-    linears = [model.lm_head] + [m for layer in text.layers for m in (
-        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-    return len(eps) == 1 and all(isinstance(m, PackedLinear) and m.ggml_type in NATIVE_TYPES for m in linears)
+    return len(eps) == 1 and all(isinstance(m, PackedLinear) and m.ggml_type in NATIVE_TYPES for m in _linears(model))

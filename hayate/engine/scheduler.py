@@ -4,9 +4,9 @@ Policy: every running request with one token pending decodes it; the rest of the
 token budget goes to prompt chunks, oldest request first, so a long prompt is prefilled in
 chunks while running streams keep flowing. While streams decode, a step holds at most
 `step_tokens` tokens (one planned step's rows) when that is set: a newcomer's prompt then
-costs each running stream ~one decode step, not a whole prompt's prefill. KV blocks are taken as sequences grow; when a
-decode finds the pool empty, the newest running request is preempted (its blocks freed,
-its tokens recomputed later)."""
+costs each running stream about one decode step, not a whole prompt's prefill. KV blocks
+are taken as sequences grow; when a decode finds the pool empty, the newest running request
+is preempted (its blocks freed, its tokens recomputed later)."""
 from __future__ import annotations
 
 from collections import deque

@@ -5,8 +5,10 @@
 // the consecutive tokens of a short prompt chunk, which see each other causally).
 //
 // Weights, the KV cache and all scratch buffers are fixed at construction; a step allocates
-// only its logits, and runs on the plan's own threads. The arithmetic is the operators' own
-// (gemv_into, rms_norm_rows, rope_heads); attention is split-K (decode_attention.h).
+// only its logits, and runs on the plan's own threads. The projections run the VNNI kernel
+// over rearranged weights where the CPU has it (interleaved.h), else the operators' own
+// GEMV (gemv_into); norms and RoPE are the operators' (rms_norm_rows, rope_heads); attention
+// is split-K (decode_attention.h).
 #include "decode_attention.h"
 #include "ggml_blocks.h"
 #include "interleaved.h"
@@ -19,7 +21,27 @@ namespace {
 // the file's blocks once a plan is built, and the plan shares it (one copy of the weights).
 struct InterleavedWeight {
   InterleavedMatrix matrix;
-  InterleavedWeight(const torch::Tensor& w, int64_t ggml_type, int64_t K) : matrix(w, ggml_type, K) {}
+  InterleavedWeight(const torch::Tensor& w, int64_t ggml_type, int64_t K, std::shared_ptr<uint8_t> storage = nullptr)
+      : matrix(w, ggml_type, K, std::move(storage)) {}
+
+  // A model's weights rearranged into one arena of 2 MB pages (one page table walk per 2 MB
+  // for the whole model, no page rounded up per matrix): ws[i] is [N, K_i / 32 * block_bytes].
+  static std::vector<InterleavedWeight> all(const std::vector<torch::Tensor>& ws, const std::vector<int64_t>& types,
+                                            const std::vector<int64_t>& Ks) {
+    TORCH_CHECK(ws.size() == types.size() && ws.size() == Ks.size(), "one type and K per weight");
+    constexpr int64_t kAlign = 4096;
+    std::vector<int64_t> offsets;
+    int64_t total = 0;
+    for (size_t i = 0; i < ws.size(); ++i) {
+      offsets.push_back(total);
+      total += (InterleavedMatrix::bytes_for(types[i], ws[i].size(0), Ks[i]) + kAlign - 1) / kAlign * kAlign;
+    }
+    const std::shared_ptr<uint8_t> arena = huge_page_buffer(std::max<int64_t>(total, 1));
+    std::vector<InterleavedWeight> weights;
+    for (size_t i = 0; i < ws.size(); ++i)   // each shares the arena's ownership
+      weights.emplace_back(ws[i], types[i], Ks[i], std::shared_ptr<uint8_t>(arena, arena.get() + offsets[i]));
+    return weights;
+  }
 
   // x [M <= 16, K] -> [M, N], on PyTorch's threads (the eager model's few-row steps)
   torch::Tensor apply(torch::Tensor x) const {
@@ -53,8 +75,8 @@ struct Activations {
 #endif
 };
 
-// A projection's weights: rearranged for the VNNI kernel where the CPU has it (the plan's
-// own copy, interleaved.h), else the GGUF blocks read in place (ggml_blocks.h).
+// A projection's weights: rearranged for the VNNI kernel where the CPU has it (interleaved.h;
+// shared with the model's packed layer), else the GGUF blocks read in place (ggml_blocks.h).
 struct PackedMatrix {
   int64_t type = 0, N = 0, K = 0;
   torch::Tensor bias;    // float32 [N], or undefined
@@ -152,8 +174,8 @@ class DecodePlan {
   }
 
   // token_ids, positions [B] int64; block_tables [B, width] int32 (each row's sequence's KV
-  // blocks). Returns the logits [B, vocab] of the B rows, after writing their keys and values.
-  // logit_rows [R] int64: the rows whose logits are wanted (a prompt's inner tokens need none).
+  // blocks); logit_rows [R] int64, the rows whose logits are wanted (a prompt's inner tokens
+  // need none). Writes the B rows' keys and values; returns the logits [R, vocab].
   torch::Tensor run(torch::Tensor token_ids, torch::Tensor positions, torch::Tensor block_tables,
                     torch::Tensor logit_rows) {
     const int64_t B = token_ids.numel();
@@ -267,7 +289,10 @@ void register_decode_plan(pybind11::module& m) {
   namespace py = pybind11;
 #if HAYATE_INTERLEAVED   // only where the CPU has AVX-512 VNNI
   py::class_<InterleavedWeight>(m, "InterleavedWeight", "a GGUF weight rearranged for the VNNI kernel")
-      .def(py::init<const torch::Tensor&, int64_t, int64_t>(), py::arg("w"), py::arg("ggml_type"), py::arg("K"))
+      .def(py::init([](const torch::Tensor& w, int64_t ggml_type, int64_t K) { return InterleavedWeight(w, ggml_type, K); }),
+           py::arg("w"), py::arg("ggml_type"), py::arg("K"))
+      .def_static("all", &InterleavedWeight::all, py::arg("ws"), py::arg("ggml_types"), py::arg("Ks"),
+                  "weights rearranged into one arena of 2 MB pages")
       .def("apply", &InterleavedWeight::apply, py::call_guard<py::gil_scoped_release>())
       .def("dequantize", &InterleavedWeight::dequantize, py::arg("out") = py::none(),
            py::call_guard<py::gil_scoped_release>())

@@ -72,8 +72,8 @@ inline void chunk_values(const float* v_cache, const int64_t* rows, int64_t n, i
 }
 
 #if defined(__AVX512F__)
-inline void prefetch_row(const float* row, int64_t D) {
-  for (int64_t i = 0; i < D; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+inline void prefetch_row(const float* row, int64_t floats) {
+  for (int64_t i = 0; i < floats; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
 }
 
 // Sixteen vectors' lane sums as one vector (out[t] = sum of a[t]): a tree of lane shuffles

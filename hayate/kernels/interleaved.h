@@ -56,8 +56,14 @@ class InterleavedMatrix {
  public:
   InterleavedMatrix() = default;
 
+  // Bytes the rearranged weight of an [N, K] matrix takes.
+  static int64_t bytes_for(int64_t ggml_type, int64_t N, int64_t K) {
+    return (N + kRowsPerGroup - 1) / kRowsPerGroup * (K / 32) * interleaved_block_bytes(ggml_type);
+  }
+
   // w: uint8 [N, K / 32 * block_bytes] GGUF blocks of type 2 (Q4_0), 3 (Q4_1) or 8 (Q8_0).
-  InterleavedMatrix(const torch::Tensor& w, int64_t ggml_type, int64_t K)
+  // storage: zeroed memory of bytes_for(...) (a share of one arena), or null for its own.
+  InterleavedMatrix(const torch::Tensor& w, int64_t ggml_type, int64_t K, std::shared_ptr<uint8_t> storage = nullptr)
       : type_(ggml_type), N_(w.size(0)), K_(K), blocks_(K / 32), groups_((w.size(0) + 15) / 16) {
     const int64_t source_bytes = ggml_type == 2 ? 18 : (ggml_type == 3 ? 20 : 34);
     TORCH_CHECK(ggml_type == 2 || ggml_type == 3 || ggml_type == 8, "unsupported GGML type ", ggml_type);
@@ -65,7 +71,7 @@ class InterleavedMatrix {
                 "weight bytes do not match K");
     const torch::Tensor source = w.contiguous();
     const int64_t bytes = interleaved_block_bytes(type_);
-    data_ = huge_page_buffer(groups_ * blocks_ * bytes);
+    data_ = storage ? std::move(storage) : huge_page_buffer(nbytes());
     const uint8_t* src = source.data_ptr<uint8_t>();
     at::parallel_for(0, groups_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g)
@@ -143,7 +149,7 @@ class InterleavedMatrix {
   int64_t K() const { return K_; }
   int64_t groups() const { return groups_; }
   int64_t blocks() const { return blocks_; }
-  int64_t nbytes() const { return groups_ * blocks_ * interleaved_block_bytes(type_); }
+  int64_t nbytes() const { return bytes_for(type_, N_, K_); }
   const uint8_t* group_block(int64_t g, int64_t b) const {
     return data_.get() + (g * blocks_ + b) * interleaved_block_bytes(type_);
   }

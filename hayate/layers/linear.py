@@ -57,16 +57,12 @@ class PackedLinear(nn.Module):
         data = self.packed if self.interleaved is None else self.interleaved.gguf_blocks()
         return PackedWeight(data, self.ggml_type, (self.out_features, self.in_features))
 
-    def interleave(self, kernels) -> bool:
-        """Keep the weight rearranged for the planned step's VNNI kernel instead of as the
-        file's blocks (the same bytes, one copy that the plan shares). False where the CPU
-        lacks the kernel or the layer is not on the CPU."""
-        if self.interleaved is None:
-            if not hasattr(kernels, "InterleavedWeight") or self.packed.device.type != "cpu":
-                return False
-            self.interleaved = kernels.InterleavedWeight(self.packed, self.ggml_type, self.in_features)
-            self.packed = torch.empty(0, dtype=torch.uint8)
-        return True
+    def use_interleaved(self, weight) -> None:
+        """Keep the weight as `weight` (the native InterleavedWeight made from this layer's
+        blocks: the same bytes, rearranged for the planned step's VNNI kernel, which shares
+        it) instead of the file's blocks: one copy."""
+        self.interleaved = weight
+        self.packed = torch.empty(0, dtype=torch.uint8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., in_features] -> [..., out_features]
