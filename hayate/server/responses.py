@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -32,7 +32,10 @@ class ResponseMeta:
         return cls(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model)
 
     def fields(self) -> dict:
-        return asdict(self)
+        # A literal, not dataclasses.asdict: this runs for every streamed token, and asdict's
+        # recursive copy was a tenth of the event loop's time per token.
+        return {"id": self.id, "created": self.created, "model": self.model,
+                "system_fingerprint": self.system_fingerprint}
 
 
 def json_response(body: BaseModel) -> Response:
