@@ -50,6 +50,20 @@ def test_plan_command_prints_floor(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path), "--hardware", "h200"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s decode" in out and "time to first token" in out and "lm_head" in out
+    assert "decode: eager PyTorch model" in out   # a float folder: no GGUF blocks to plan over
+
+
+def test_plan_names_the_decode_path_of_a_packed_model(tmp_path, capsys):
+    from hayate.kernels import native_kernels
+
+    path = export_hf_model(tmp_path / "m.gguf", tiny_model("llama"), "llama", QType.Q4_1)
+    assert main(["plan", "--model", str(path), "--hardware", "h200"]) == 0
+    out = capsys.readouterr().out
+    if native_kernels() is None:
+        assert "decode: eager PyTorch model" in out
+    else:
+        assert "decode: planned native step" in out
+        assert ("VNNI" in out) == hasattr(native_kernels(), "InterleavedWeight")
 
 
 def test_dispatch_twin_keeps_layers_heads_and_format(tmp_path):

@@ -88,6 +88,17 @@ class PlannedDecode:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
+def decode_path(model: nn.Module) -> str:
+    """How this model's decode steps will run on this machine, in words (hayate plan)."""
+    kernels = native_kernels()
+    if kernels is None or not _plannable(model):
+        return "eager PyTorch model (not all projections natively read GGUF blocks, or no C++ compiler)"
+    if hasattr(kernels, "InterleavedWeight"):
+        return ("planned native step; AVX-512 VNNI kernel over the weights rearranged in groups of 16 rows "
+                "(Q4_0 holds its offsets too: 20 bytes a block), activations exact to fp32")
+    return "planned native step; GGUF blocks read in place with fp32 activations (no AVX-512 VNNI)"
+
+
 def _matrix(linear: PackedLinear) -> tuple:
     """The layer's weight for the plan: its rearranged one (shared), else its GGUF blocks."""
     weight = linear.packed if linear.interleaved is None else linear.interleaved

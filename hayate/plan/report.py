@@ -10,6 +10,7 @@ from rich.table import Table
 
 from hayate.config import WEIGHT_MODES, EngineConfig
 from hayate.loading.loader import load_model
+from hayate.engine.decode_plan import decode_path
 from hayate.engine.kv_cache import KVCache
 from hayate.plan.cost import StepCost, decode_cost, group_rows, memory_by_format, prefill_cost
 from hayate.plan.dispatch import dispatch_seconds
@@ -78,6 +79,7 @@ def command_plan(args: argparse.Namespace) -> int:
     held = memory_by_format(loaded.model)
     console.print("weights in memory: " + ", ".join(f"{n / 1e6:.1f} MB {kind}" for kind, n in held.items())
                   + f" (weights {config.weights}); KV cache {KVCache.bytes_per_token(loaded.config) / 1024:.0f} KB a token")
+    console.print(f"decode: {decode_path(loaded.model)}")
     floor = predict(loaded.model, loaded.config, hardware, args.context, config.prefill_chunk)
     console.print(f"floor: {floor.decode_tokens_per_second:.0f} tokens/s decode at batch 1 "
                   f"({floor.decode_step_seconds * 1e3:.2f} ms a token: bytes and FLOPs only)")
