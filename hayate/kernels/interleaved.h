@@ -15,6 +15,7 @@
 // X = X0 2^16 + X1 2^8 + X2. The integer dot products q . Xp are exact (VPDPBUSD), combined
 // in fp32, scaled by d * s, plus m * sum(x). A row's result does not depend on its batch.
 #pragma once
+#include "ggml_blocks.h"
 #include <torch/extension.h>
 #include <cstdint>
 #include <cstdlib>
@@ -65,8 +66,7 @@ class InterleavedMatrix {
   // storage: zeroed memory of bytes_for(...) (a share of one arena), or null for its own.
   InterleavedMatrix(const torch::Tensor& w, int64_t ggml_type, int64_t K, std::shared_ptr<uint8_t> storage = nullptr)
       : type_(ggml_type), N_(w.size(0)), K_(K), blocks_(K / 32), groups_((w.size(0) + 15) / 16) {
-    const int64_t source_bytes = ggml_type == 2 ? 18 : (ggml_type == 3 ? 20 : 34);
-    TORCH_CHECK(ggml_type == 2 || ggml_type == 3 || ggml_type == 8, "unsupported GGML type ", ggml_type);
+    const int64_t source_bytes = block_bytes_of(ggml_type);   // checks the type
     TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && K % 32 == 0 && w.size(1) == blocks_ * source_bytes,
                 "weight bytes do not match K");
     const torch::Tensor source = w.contiguous();
@@ -124,7 +124,7 @@ class InterleavedMatrix {
 
   // The GGUF blocks back, byte for byte: uint8 [N, K / 32 * block_bytes].
   torch::Tensor gguf_blocks() const {
-    const int64_t source_bytes = type_ == 2 ? 18 : (type_ == 3 ? 20 : 34), bytes = interleaved_block_bytes(type_);
+    const int64_t source_bytes = block_bytes_of(type_), bytes = interleaved_block_bytes(type_);
     auto out = torch::empty({N_, blocks_ * source_bytes}, torch::kUInt8);
     for (int64_t n = 0; n < N_; ++n)
       for (int64_t b = 0; b < blocks_; ++b) {

@@ -54,7 +54,8 @@ def probe_cpu(threads: int | None = None, buffer_mb: int = 256, repeats: int = 5
     flops = 2 * 512 * 1024 * 1024 / _best_time(lambda: a @ b, repeats)
     kernels = native_kernels()
     if kernels is not None and hasattr(kernels, "InterleavedWeight"):
-        weight = kernels.InterleavedWeight(_valid_blocks(1024, 1024 // 32, 20), 3, 1024)   # Q4_1
+        q4_1 = 3
+        weight = kernels.InterleavedWeight(_valid_blocks(1024, 1024 // 32, NATIVE_BLOCK_BYTES[q4_1]), q4_1, 1024)
         x = torch.randn(16, 1024)
         flops = max(flops, 2 * 16 * 1024 * 1024 / _best_time(lambda: weight.apply(x), repeats))
     return HardwareProfile(f"this CPU ({torch.get_num_threads()} threads)", bandwidth, flops,
