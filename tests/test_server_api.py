@@ -9,6 +9,9 @@ import pytest
 from server_harness import tiny_server
 from tiny_models import make_tiny_model
 
+from hayate.server.responses import (ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice,
+                                     ResponseMeta, TextChunks)
+
 GREEDY = {"temperature": 0, "max_tokens": 24, "extra_body": {"ignore_eos": True}}
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -72,6 +75,35 @@ def test_stream_matches_the_whole_answer(client, model):
     assert chunks[-1].choices[0].finish_reason == "length"
     usage = chunks[-1].x_groq["usage"]   # GroqCloud's place for it
     assert usage["completion_tokens"] == 24 and usage["total_time"] >= usage["completion_time"]
+
+
+TRICKY_TEXTS = ["", "plain", 'say "hi" \\ there', "\n\t\r\b\f", "\x00\x01\x1f\x7f", "é 漢字 🙂",
+                "\u2028\u2029 </script>", "".join(map(chr, range(0x3000)))]
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_text_chunks_write_what_pydantic_writes(kind):
+    meta = ResponseMeta.new("x", 'model "with" quotes')
+    if kind == "chat":
+        def render(index, text):
+            return ChatCompletionChunk(**meta.fields(), choices=[ChatChunkChoice(index=index, delta=ChatDelta(content=text))])
+    else:
+        def render(index, text):
+            return Completion(**meta.fields(), choices=[CompletionChoice(index=index, text=text, finish_reason=None)])
+    chunks = TextChunks(render)
+    for index in (0, 3, 0):
+        for text in TRICKY_TEXTS:
+            assert chunks(index, text) == render(index, text).model_dump_json()
+
+
+def test_streamed_choices_match_the_whole_answer(client, model):
+    options = {"temperature": 1.0, "n": 2, "seed": 3, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+    whole = [choice.message.content for choice in chat(client, model, **options).choices]
+    texts = ["", ""]
+    for chunk in chat(client, model, stream=True, **options):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == whole
 
 
 def test_stream_usage_chunk_with_include_usage(client, model):
@@ -174,3 +206,19 @@ def test_status_routes(server):
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= set(paths)
     assert "422" not in paths["/v1/chat/completions"]["post"]["responses"]   # bad requests get 400
+
+
+def test_token_metrics_count_every_token(client, server, model):
+    """Token counts and gaps reach /metrics in batches; after the request, all of them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples():
+        text = httpx.get(f"{server.url}/metrics").text
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = samples()
+    streamed_text(chat(client, model, stream=True, max_tokens=37, extra_body={"ignore_eos": True}))
+    after = samples()
+    assert after["hayate_generation_tokens_total"] - before["hayate_generation_tokens_total"] == 37
+    assert after["hayate_inter_token_latency_seconds_count"] - before["hayate_inter_token_latency_seconds_count"] == 36
+    assert after["hayate_time_to_first_token_seconds_count"] - before["hayate_time_to_first_token_seconds_count"] == 1

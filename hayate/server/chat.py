@@ -19,7 +19,8 @@ from hayate.server.generation import ChoiceRun, ChoiceState, choice_specs
 from hayate.server.logprobs import chat_logprobs
 from hayate.server.protocol import ChatCompletionRequest, ChatMessage, ContentPart
 from hayate.server.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
-                                     ChatCompletionChunk, ChatDelta, ResponseMeta, XGroq, json_response)
+                                     ChatCompletionChunk, ChatDelta, ResponseMeta, TextChunks, XGroq,
+                                     json_response)
 from hayate.server.state import ServedModel, ServerSettings, ServerState, server_state
 from hayate.server.streaming import respond
 
@@ -132,15 +133,21 @@ def chat_completion(run: ChoiceRun, meta: ResponseMeta, body: ChatCompletionRequ
 
 
 async def chat_chunks(run: ChoiceRun, meta: ResponseMeta, body: ChatCompletionRequest,
-                      model: ServedModel) -> AsyncIterator[ChatCompletionChunk]:
+                      model: ServedModel) -> AsyncIterator[ChatCompletionChunk | str]:
     """A role chunk per choice, content chunks as tokens come, a finish chunk per choice, and
-    (with include_usage) a usage chunk; usage also rides on the last chunk under x_groq."""
+    (with include_usage) a usage chunk; usage also rides on the last chunk under x_groq.
+    Content chunks without logprobs or token ids come as JSON written from a template."""
     opening = [ChatChunkChoice(index=c.spec.index, delta=ChatDelta(role="assistant", content=""))
                for c in run.choices]
     yield ChatCompletionChunk(**meta.fields(), choices=opening, x_groq=XGroq(id=meta.id))
+    text_only = not (body.logprobs or body.return_token_ids)
+    text_chunk = TextChunks(lambda index, text: ChatCompletionChunk(
+        **meta.fields(), choices=[ChatChunkChoice(index=index, delta=ChatDelta(content=text))]))
     async with aclosing(run.events()) as events:
         async for choice, output in events:
-            if output.text or (output.token_ids and (body.logprobs or body.return_token_ids)):
+            if text_only and output.text:
+                yield text_chunk(choice.spec.index, output.text)
+            elif output.text or (output.token_ids and not text_only):
                 yield ChatCompletionChunk(**meta.fields(), choices=[_content_choice(choice, output, body, model)])
             if output.finished:
                 final = run.done and not body.include_usage

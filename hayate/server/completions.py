@@ -13,7 +13,7 @@ from hayate.server.errors import ERROR_RESPONSES, APIError
 from hayate.server.generation import ChoiceRun, ChoiceState, choice_specs
 from hayate.server.logprobs import completion_logprobs
 from hayate.server.protocol import CompletionRequest
-from hayate.server.responses import Completion, CompletionChoice, ResponseMeta, XGroq, json_response
+from hayate.server.responses import Completion, CompletionChoice, ResponseMeta, TextChunks, XGroq, json_response
 from hayate.server.state import ServedModel, ServerSettings, ServerState, server_state
 from hayate.server.streaming import respond
 
@@ -63,14 +63,20 @@ def completion(run: ChoiceRun, meta: ResponseMeta, body: CompletionRequest, mode
 
 
 async def completion_chunks(run: ChoiceRun, meta: ResponseMeta, body: CompletionRequest,
-                            model: ServedModel) -> AsyncIterator[Completion]:
+                            model: ServedModel) -> AsyncIterator[Completion | str]:
     """One chunk per engine output that carries something; the finish reason rides on the
-    choice's last chunk, usage (x_groq) on the stream's last."""
+    choice's last chunk, usage (x_groq) on the stream's last. Chunks of text alone (no
+    logprobs or token ids, not the last) come as JSON written from a template."""
     offsets = [0] * len(run.choices)   # where each choice's next token starts in its text
+    text_only = body.logprobs is None and not body.return_token_ids
+    text_chunk = TextChunks(lambda index, text: Completion(
+        **meta.fields(), choices=[CompletionChoice(index=index, text=text, finish_reason=None)]))
     async with aclosing(run.events()) as events:
         async for choice, output in events:
-            wants_tokens = output.token_ids and (body.logprobs is not None or body.return_token_ids)
-            if not (output.text or output.finished or wants_tokens):
+            if text_only and output.text and not output.finished:
+                yield text_chunk(choice.spec.index, output.text)
+                continue
+            if not (output.text or output.finished or (output.token_ids and not text_only)):
                 continue
             final = run.done and not body.include_usage
             yield Completion(**meta.fields(), choices=[_chunk_choice(choice, output, body, model, offsets)],

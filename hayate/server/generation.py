@@ -116,8 +116,24 @@ class ChoiceRun:
     def done(self) -> bool:
         return all(choice.finished for choice in self.choices)
 
-    async def events(self) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
+    def events(self) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
         """(choice, output) in the order the engine makes them, all choices merged."""
+        if len(self.choices) == 1:   # nothing to merge: no pump task and queue hop per token
+            return self._events_of_one(self.choices[0])
+        return self._merged_events()
+
+    async def _events_of_one(self, choice: ChoiceState) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
+        try:
+            async for output in choice.outputs:
+                choice.add(output)
+                yield choice, output
+        except Exception as error:
+            raise engine_error(error) from None
+        finally:
+            self.abort()
+            await choice.outputs.aclose()
+
+    async def _merged_events(self) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(choice, queue)) for choice in self.choices]
         try:

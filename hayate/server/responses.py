@@ -4,10 +4,11 @@
 (seconds); streams repeat it under `x_groq.usage`, where GroqCloud clients read it."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import BaseModel, Field
 from starlette.responses import Response
@@ -36,6 +37,26 @@ class ResponseMeta:
         # recursive copy was a tenth of the event loop's time per token.
         return {"id": self.id, "created": self.created, "model": self.model,
                 "system_fingerprint": self.system_fingerprint}
+
+
+class TextChunks:
+    """The JSON of stream chunks that carry only text, from a template pydantic rendered once
+    per choice: a token then costs one json.dumps instead of building and serialising three
+    models, which was a third of the event loop's time per streamed token. Equal to
+    `render(index, text).model_dump_json()` byte for byte (tests/test_server_api.py checks)."""
+
+    def __init__(self, render: Callable[[int, str], BaseModel]):
+        self.render = render
+        self.mark = json.dumps(f"hayate-{uuid.uuid4().hex}")
+        self.templates: dict[int, tuple[str, str]] = {}
+
+    def __call__(self, index: int, text: str) -> str:
+        template = self.templates.get(index)
+        if template is None:
+            head, found, tail = self.render(index, json.loads(self.mark)).model_dump_json().partition(self.mark)
+            assert found and self.mark not in tail, "the text must appear once in the chunk"
+            template = self.templates[index] = (head, tail)
+        return template[0] + json.dumps(text, ensure_ascii=False) + template[1]
 
 
 def json_response(body: BaseModel) -> Response:

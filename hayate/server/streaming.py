@@ -39,7 +39,7 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected()
 
 
-async def respond(request: Request, run, stream: bool, chunks: Callable[[], AsyncIterator[BaseModel]],
+async def respond(request: Request, run, stream: bool, chunks: Callable[[], AsyncIterator[BaseModel | str]],
                   whole: Callable[[], Response]) -> Response:
     """The answer to one API request whose engine requests `run` (a ChoiceRun) has queued:
     an SSE stream of `chunks()`, or `whole()` once every choice is done. Either way the
@@ -53,13 +53,14 @@ async def respond(request: Request, run, stream: bool, chunks: Callable[[], Asyn
     return whole()
 
 
-async def sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
-    """`data: {json}` per chunk, then `data: [DONE]`; an error mid-stream becomes an error
-    event (the status line has already gone), which OpenAI clients raise as APIError."""
+async def sse(chunks: AsyncIterator[BaseModel | str]) -> AsyncIterator[str]:
+    """`data: {json}` per chunk (a str is a chunk's JSON already written), then `data: [DONE]`;
+    an error mid-stream becomes an error event (the status line has already gone), which
+    OpenAI clients raise as APIError."""
     async with aclosing(chunks):
         try:
             async for chunk in chunks:
-                yield f"data: {chunk.model_dump_json()}\n\n"
+                yield f"data: {chunk if isinstance(chunk, str) else chunk.model_dump_json()}\n\n"
         except APIError as error:
             body = error_body(error.message, type=error.type, param=error.param, code=error.code)
             yield f"data: {json.dumps(body)}\n\n"
