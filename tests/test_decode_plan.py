@@ -98,11 +98,11 @@ def test_bad_steps_are_refused(gguf_path):
     with pytest.raises(RuntimeError, match="block id outside the KV cache"):
         plan.run([1], [0], [[10 ** 8]])
     with pytest.raises(RuntimeError, match="1 to 16 sequences"):
-        plan._plan.run(torch.zeros(17, dtype=torch.long), torch.zeros(17, dtype=torch.long),
-                       torch.zeros(17, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.long))
+        plan._plan.run([0] * 17, [0] * 17, [[0]] * 17, [0])
     with pytest.raises(RuntimeError, match="logit row out of range"):
-        plan._plan.run(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
-                       torch.zeros(2, 1, dtype=torch.int32), torch.tensor([2]))
+        plan.run([0, 0], [0, 0], [[0], [0]], logit_rows=[2])
+    with pytest.raises(RuntimeError, match="block table too short"):
+        plan.run([1, 1], [0, 40], [[0], [0]])
     too_many = plan.max_tokens + 1
     with pytest.raises(ValueError, match=f"at most {plan.max_tokens} tokens"):
         plan.run([1] * too_many, list(range(too_many)), [list(range(too_many // 4 + 1))] * too_many)

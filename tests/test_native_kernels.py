@@ -196,3 +196,17 @@ def test_bad_inputs_raise(kernels):
         kernels.gemv(torch.randn(1, 128), weight.data, int(QType.Q4_1))
     with pytest.raises(RuntimeError, match="unsupported"):
         kernels.gemv(torch.randn(1, 256), weight.data, 12)
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 49157])
+def test_argmax_rows_is_numpys(kernels, vocab):
+    """The greedy step's argmax: numpy's index (the first of ties, a NaN counting as greatest)."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=generator)
+    logits[1] = float("-inf")                       # every value -inf: index 0
+    logits[2, vocab // 3:] = logits[2].max() + 1    # ties: the first
+    logits[3, vocab - 1] = float("nan")             # NaN wins
+    logits[4, vocab // 2] = float("inf")
+    logits[5, (vocab - 1) // 2] = logits[5, vocab - 1] = float("nan")
+    assert kernels.argmax_rows(logits) == logits.numpy().argmax(axis=1).tolist()
+    assert kernels.argmax_rows(logits[:, : max(1, vocab - 1)]) == logits[:, : max(1, vocab - 1)].numpy().argmax(axis=1).tolist()

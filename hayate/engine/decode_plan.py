@@ -76,16 +76,14 @@ class PlannedDecode:
         if rows > self.max_tokens:
             raise ValueError(f"a planned step takes at most {self.max_tokens} tokens, got {rows}")
         wanted = list(range(rows)) if logit_rows is None else logit_rows
+        if rows <= self.max_batch:   # a decode step: one piece, the lists as they are
+            return self._plan.run(token_ids, positions, block_tables, wanted)
         pieces = []
         for first in range(0, rows, self.max_batch):
             last = min(rows, first + self.max_batch)
-            width = max(-(-(position + 1) // self.block_size) for position in positions[first:last])
-            tables = torch.tensor([table[:width] + [0] * (width - len(table[:width]))
-                                   for table in block_tables[first:last]], dtype=torch.int32)
-            here = torch.tensor([row - first for row in wanted if first <= row < last], dtype=torch.int64)
-            pieces.append(self._plan.run(torch.tensor(token_ids[first:last]), torch.tensor(positions[first:last]),
-                                         tables, here))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            here = [row - first for row in wanted if first <= row < last]
+            pieces.append(self._plan.run(token_ids[first:last], positions[first:last], block_tables[first:last], here))
+        return torch.cat(pieces)
 
 
 def decode_path(model: nn.Module) -> str:

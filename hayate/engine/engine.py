@@ -113,7 +113,7 @@ class Engine:
         return [self._append(batch.sequences[i].request, result, row) for row, i in enumerate(indices)]
 
     def _append(self, sequence: Sequence, result: SampleResult, row: int) -> RequestOutput:
-        token_id = int(result.token_ids[row])
+        token_id = result.token_ids[row]
         sequence.output_token_ids.append(token_id)
         sequence.timings.first_token = sequence.timings.first_token or time.perf_counter()
         reason = self._stop_reason(sequence, token_id)
@@ -169,4 +169,4 @@ def _logprobs(result: SampleResult, row: int, state: SamplingState) -> list[Toke
     if result.top_logprobs is not None and wanted > 0:
         values, ids = result.top_logprobs
         top = [(int(i), float(v)) for i, v in zip(ids[row, :wanted], values[row, :wanted])]
-    return [TokenLogprob(int(result.token_ids[row]), float(result.logprobs[row]), top)]
+    return [TokenLogprob(result.token_ids[row], float(result.logprobs[row]), top)]

@@ -51,8 +51,9 @@ class ModelRunner:
         logits = self._planned_logits(sequences, sampling) if planned else self._eager_logits(sequences, sampling)
         if not sampling:
             return [], None
-        with one_thread() if planned else contextlib.nullcontext():
-            return sampling, self.sampler(logits, [sequences[i].request.sampling for i in sampling])
+        states = [sequences[i].request.sampling for i in sampling]
+        with one_thread() if planned and not self.sampler.argmax_only(states) else contextlib.nullcontext():
+            return sampling, self.sampler(logits, states)
 
     def _planned(self, sequences: list[ScheduledSequence]) -> bool:
         """Steps of at most plan.max_tokens tokens in all (decodes, and short prompt chunks,

@@ -173,42 +173,42 @@ class DecodePlan {
     head_ = PackedMatrix(lm_head, ggml_type, hidden_, c10::nullopt);
   }
 
-  // token_ids, positions [B] int64; block_tables [B, width] int32 (each row's sequence's KV
-  // blocks); logit_rows [R] int64, the rows whose logits are wanted (a prompt's inner tokens
-  // need none). Writes the B rows' keys and values; returns the logits [R, vocab].
-  torch::Tensor run(torch::Tensor token_ids, torch::Tensor positions, torch::Tensor block_tables,
-                    torch::Tensor logit_rows) {
-    const int64_t B = token_ids.numel();
+  // token_ids, positions [B]; block_tables [B][...] (each row's sequence's KV blocks, at
+  // least up to its position's); logit_rows [R], the rows whose logits are wanted (a prompt's
+  // inner tokens need none). Plain lists, not tensors: building four small tensors per step
+  // cost more than the checks. Writes the B rows' keys and values; returns the logits [R, vocab].
+  torch::Tensor run(const std::vector<int64_t>& ids, const std::vector<int64_t>& pos,
+                    const std::vector<std::vector<int32_t>>& block_tables, const std::vector<int64_t>& logit_rows) {
+    const int64_t B = static_cast<int64_t>(ids.size()), R = static_cast<int64_t>(logit_rows.size());
     TORCH_CHECK(B >= 1 && B <= kMaxRows, "a planned decode step takes 1 to ", kMaxRows, " sequences");
     TORCH_CHECK(layers_.size() == static_cast<size_t>(kv_cache_.size(0)) && head_.N > 0, "the plan is incomplete");
-    TORCH_CHECK(positions.numel() == B && block_tables.size(0) == B && block_tables.dtype() == torch::kInt32,
-                "positions [B] and int32 block_tables [B, width] must match token_ids");
-    const int64_t* ids = token_ids.contiguous().data_ptr<int64_t>();
-    positions = positions.contiguous();
-    block_tables = block_tables.contiguous();
-    const int64_t* pos = positions.data_ptr<int64_t>();
+    TORCH_CHECK(pos.size() == ids.size() && block_tables.size() == ids.size(),
+                "positions and block_tables must have one entry per token id");
+    TORCH_CHECK(R <= B, "at most one logit row per row");
+    int64_t width = 0;
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(ids[b] >= 0 && ids[b] < embedding_.size(0), "token id out of range");
       TORCH_CHECK(pos[b] >= 0 && pos[b] < cos_.size(0), "position out of range");
-      TORCH_CHECK(pos[b] / block_size_ < block_tables.size(1), "block table too short for the position");
-      const int32_t* table = block_tables.data_ptr<int32_t>() + b * block_tables.size(1);
-      for (int64_t j = 0; j <= pos[b] / block_size_; ++j)   // every block the row reads or writes
-        TORCH_CHECK(table[j] >= 0 && table[j] * block_size_ < kv_cache_.size(2), "block id outside the KV cache");
+      TORCH_CHECK(pos[b] / block_size_ < static_cast<int64_t>(block_tables[b].size()), "block table too short for the position");
+      width = std::max(width, pos[b] / block_size_ + 1);
     }
+    tables_.assign(B * width, 0);   // each row's blocks up to the widest row's, padded with block 0 (never read)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j <= pos[b] / block_size_; ++j) {   // every block the row reads or writes
+        const int32_t block = block_tables[b][j];
+        TORCH_CHECK(block >= 0 && block * block_size_ < kv_cache_.size(2), "block id outside the KV cache");
+        tables_[b * width + j] = block;
+      }
+    table_width_ = width;
+    for (int64_t r = 0; r < R; ++r) TORCH_CHECK(logit_rows[r] >= 0 && logit_rows[r] < B, "logit row out of range");
+    auto logits = torch::empty({R, head_.N}, torch::kFloat32);
     reserve(B);
     float* x = x_.data();
     for (int64_t b = 0; b < B; ++b)
       std::memcpy(x + b * hidden_, embedding_.data_ptr<float>() + ids[b] * hidden_, hidden_ * sizeof(float));
-    for (size_t l = 0; l < layers_.size(); ++l) layer(l, B, pos, block_tables);
-    logit_rows = logit_rows.contiguous();
-    const int64_t R = logit_rows.numel();
-    TORCH_CHECK(logit_rows.dtype() == torch::kInt64 && R <= B, "logit_rows must be int64, at most one per row");
-    const int64_t* wanted = logit_rows.data_ptr<int64_t>();
-    for (int64_t r = 0; r < R; ++r) {
-      TORCH_CHECK(wanted[r] >= 0 && wanted[r] < B, "logit row out of range");
-      rms_norm_rows(x + wanted[r] * hidden_, final_norm_.data_ptr<float>(), h_.data() + r * hidden_, 1, hidden_, eps_);
-    }
-    auto logits = torch::empty({R, head_.N}, torch::kFloat32);
+    for (size_t l = 0; l < layers_.size(); ++l) layer(l, B, pos.data());
+    for (int64_t r = 0; r < R; ++r)
+      rms_norm_rows(x + logit_rows[r] * hidden_, final_norm_.data_ptr<float>(), h_.data() + r * hidden_, 1, hidden_, eps_);
     if (R > 0) head_.apply(h_.data(), R, scratch_, logits.data_ptr<float>(), threads_);
     return logits;
   }
@@ -225,12 +225,12 @@ class DecodePlan {
     out_.resize(B * hidden_);
   }
 
-  void layer(size_t index, int64_t B, const int64_t* pos, const torch::Tensor& tables) {
+  void layer(size_t index, int64_t B, const int64_t* pos) {
     const Layer& L = layers_[index];
     float* x = x_.data();
     rms_norm_rows(x, L.input_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
     L.qkv.apply(h_.data(), B, scratch_, qkv_.data(), threads_);
-    write_and_attend(index, B, pos, tables);
+    write_and_attend(index, B, pos);
     L.o.apply(attn_.data(), B, scratch_, out_.data(), threads_);
     for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
     rms_norm_rows(x, L.post_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
@@ -248,13 +248,13 @@ class DecodePlan {
     for (int64_t i = 0; i < inner; ++i) act[i] = gate_up[i] / (1.f + act[i]) * gate_up[inner + i];
   }
 
-  int64_t cache_row(const torch::Tensor& tables, int64_t b, int64_t position) const {
-    const int32_t* table = tables.data_ptr<int32_t>() + b * tables.size(1);
+  int64_t cache_row(int64_t b, int64_t position) const {
+    const int32_t* table = tables_.data() + b * table_width_;
     return static_cast<int64_t>(table[position / block_size_]) * block_size_ + position % block_size_;
   }
 
   // RoPE on the new q and k, k and v into the cache, then attention over each sequence's keys.
-  void write_and_attend(size_t index, int64_t B, const int64_t* pos, const torch::Tensor& tables) {
+  void write_and_attend(size_t index, int64_t B, const int64_t* pos) {
     const int64_t D = head_dim_, width = (heads_ + 2 * kv_heads_) * D, rows = kv_cache_.size(2);
     float* k_cache = kv_cache_.data_ptr<float>() + index * 2 * rows * kv_heads_ * D;
     float* v_cache = k_cache + rows * kv_heads_ * D;
@@ -263,11 +263,11 @@ class DecodePlan {
       const float* c = cos_.data_ptr<float>() + pos[b] * D;
       const float* s = sin_.data_ptr<float>() + pos[b] * D;
       rope_heads(q, heads_ + kv_heads_, D, c, s);  // q's heads, then k's, are consecutive
-      const int64_t row = cache_row(tables, b, pos[b]);
+      const int64_t row = cache_row(b, pos[b]);
       std::memcpy(k_cache + row * kv_heads_ * D, q + heads_ * D, kv_heads_ * D * sizeof(float));
       std::memcpy(v_cache + row * kv_heads_ * D, q + (heads_ + kv_heads_) * D, kv_heads_ * D * sizeof(float));
     }
-    attention_.run(qkv_.data(), width, B, pos, tables.data_ptr<int32_t>(), tables.size(1), k_cache, v_cache,
+    attention_.run(qkv_.data(), width, B, pos, tables_.data(), table_width_, k_cache, v_cache,
                    attn_.data(), threads_);
   }
 
@@ -280,6 +280,8 @@ class DecodePlan {
   PackedMatrix head_;
   DecodeAttention attention_;
   std::vector<float> x_, h_, qkv_, attn_, gate_up_, act_, out_;
+  std::vector<int32_t> tables_;   // this step's block tables, [B, table_width_]
+  int64_t table_width_ = 0;
   Activations scratch_;
 };
 
