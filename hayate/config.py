@@ -23,6 +23,7 @@ class EngineConfig:
     show_progress: bool = False       # progress bar while loading
     encoder_cache_mb: int = 256       # image embeddings kept by content hash (vision models)
     planned_decode: bool = True       # decode steps as one native call where the model allows
+    prefix_caching: bool = True       # share the KV blocks of prompts' common prefixes (block_manager.py)
     device: str = "cpu"               # "cpu", or "cuda" / "cuda:N": weights dequantized, the eager step
     dtype: str = "auto"               # weights and activations: auto = float32 on the CPU, bfloat16 on CUDA
 

@@ -28,6 +28,7 @@ class GenerationResult:
     num_prompt_tokens: int
     timings: RequestTimings
     logprobs: list[TokenLogprob]
+    num_cached_tokens: int = 0      # prompt tokens that came from the prefix cache
 
     @property
     def decode_tokens_per_second(self) -> float | None:
@@ -128,4 +129,5 @@ def _result(outputs: list[RequestOutput]) -> GenerationResult:
         text="".join(o.text for o in outputs),
         token_ids=[t for o in outputs for t in o.token_ids],
         finish_reason=last.finish_reason, num_prompt_tokens=last.num_prompt_tokens,
-        timings=last.timings, logprobs=[lp for o in outputs for lp in o.logprobs])
+        timings=last.timings, logprobs=[lp for o in outputs for lp in o.logprobs],
+        num_cached_tokens=last.num_cached_tokens)

@@ -39,6 +39,8 @@ def add_serve_parser(commands) -> None:
                        help="KV-cache capacity shared by all requests, in tokens (default: by memory)")
     serve.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
                        help="how GGUF weights are kept (see `hayate run --help`; default auto)")
+    serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                       help="prefill every prompt whole instead of sharing the cached blocks of common prefixes")
     from hayate.cli import add_device_options
 
     add_device_options(serve)
@@ -67,6 +69,7 @@ def command_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(model=args.model, threads=args.threads, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_batch, kv_cache_tokens=args.kv_cache_tokens,
                           weights=args.weights, encoder_cache_mb=args.encoder_cache_mb,
+                          prefix_caching=args.prefix_caching,
                           device=args.device, dtype=args.dtype)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     failures: list[str] = []

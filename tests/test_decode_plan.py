@@ -140,3 +140,18 @@ def test_prompts_past_the_planned_size_prefill_eagerly(gguf_path):
     prompt = [(7 * i) % 120 + 3 for i in range(44)]
     assert_same(planned.generate(prompt, PARAMS), eager.generate(prompt, PARAMS))
     assert calls == [1] * (PARAMS.max_tokens - 1)
+
+
+def test_prefix_cached_prompts_run_through_the_plan(gguf_path):
+    """A prompt whose first blocks are cached prefills only its rest, planned, and gives the
+    answer of an uncached run."""
+    cached, uncached = LLM(gguf_path), LLM(gguf_path, prefix_caching=False)
+    prompt = PROMPTS[2] + PROMPTS[0]                       # 45 tokens: two full blocks of 16
+    first = cached.generate(prompt, PARAMS)
+    calls = count_runs(cached)
+    again = cached.generate(prompt, PARAMS)
+    assert (first.num_cached_tokens, again.num_cached_tokens) == (0, 32)
+    assert calls[0] == len(prompt) - 32                    # the prefill ran the uncached rest only
+    reference = uncached.generate(prompt, PARAMS)
+    assert again.token_ids == first.token_ids == reference.token_ids
+    assert [lp.logprob for lp in again.logprobs] == pytest.approx([lp.logprob for lp in reference.logprobs], abs=1e-3)

@@ -143,3 +143,21 @@ def test_async_engine_loads_on_its_own_thread(model_folder):
     assert not engine.is_alive
     with pytest.raises(ValueError, match="no such"):
         AsyncEngine.start_with(lambda: LLM("/no/such/model"), lambda llm: llm.engine)
+
+
+def test_prefix_caching_keeps_the_answers(model_folder):
+    """A chat's next turn starts with the whole previous turn: its blocks come from the cache,
+    and the answer is the one a full prefill gives."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    first_turn = list(range(3, 70))
+    cached, uncached = LLM(model_folder, max_num_seqs=2), LLM(model_folder, max_num_seqs=2, prefix_caching=False)
+    answer = cached.generate(first_turn, params)
+    assert answer.num_cached_tokens == 0
+    second_turn = first_turn + answer.token_ids + [5, 9, 11]
+    again, reference = cached.generate(second_turn, params), uncached.generate(second_turn, params)
+    # the first turn computed its prompt and 11 of its 12 tokens (the last was only sampled)
+    assert again.num_cached_tokens == (len(first_turn) + 11) // 16 * 16 == 64
+    assert reference.num_cached_tokens == 0
+    assert again.token_ids == reference.token_ids
+    assert [lp.logprob for lp in again.logprobs] == pytest.approx([lp.logprob for lp in reference.logprobs], abs=1e-4)
+    assert_all_blocks_free(cached)

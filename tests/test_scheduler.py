@@ -15,16 +15,112 @@ class FakeRequest:
     num_tokens: int
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    tokens: list[int] | None = None     # set: the request's token ids, and prefix caching on
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+    @property
+    def cache_prefix(self) -> bool:
+        return self.tokens is not None
+
+    def token_ids(self, start: int, count: int) -> list[int]:
+        self.tokens += [len(self.tokens)] * (self.num_tokens - len(self.tokens))   # "generated" tokens
+        return self.tokens[start:start + count]
 
 
 def run_step(scheduler: Scheduler) -> dict[str, int]:
-    """Schedule, then pretend the model ran: every sequence that finished its tokens gets one more."""
+    """Schedule, then pretend the model ran: every sequence that finished its tokens gets one
+    more; full blocks are registered as the engine does."""
     out = scheduler.schedule()
     for seq in out.sequences:
         seq.request.num_computed_tokens += seq.num_tokens
+        if seq.request.cache_prefix:
+            scheduler.blocks.register(seq.request, seq.request.num_computed_tokens)
         if seq.request.num_computed_tokens == seq.request.num_tokens:
             seq.request.num_tokens += 1
     return {seq.request.request_id: seq.num_tokens for seq in out.sequences}
+
+
+def cached_request(request_id: str, tokens: list[int]) -> FakeRequest:
+    return FakeRequest(request_id, len(tokens), tokens=list(tokens))
+
+
+def test_a_shared_prefix_is_computed_once():
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=4, token_budget=64)
+    prompt = list(range(100, 140))                          # 40 tokens: 10 blocks
+    first = cached_request("a", prompt)
+    assert run_step(scheduler) == {} and scheduler.add(first) is None
+    assert run_step(scheduler) == {"a": 40}
+    second = cached_request("b", prompt)
+    scheduler.add(second)
+    # 9 blocks shared: the last token is always computed, into a block of b's own
+    assert run_step(scheduler) == {"a": 1, "b": 4}
+    assert second.num_cached_tokens == 36 and second.block_table[:9] == first.block_table[:9]
+    assert second.block_table[9] != first.block_table[9]
+    assert all(scheduler.blocks.refs[block] == 2 for block in first.block_table[:9])
+    scheduler.finish(first)
+    assert all(scheduler.blocks.refs[block] == 1 for block in second.block_table[:9])
+    # a prompt that diverges in its fourth block shares three
+    third = cached_request("c", prompt[:13] + [7] + prompt[14:])
+    scheduler.add(third)
+    run_step(scheduler)
+    assert third.num_cached_tokens == 12 and third.block_table[:3] == second.block_table[:3]
+
+
+def test_a_block_is_keyed_by_everything_before_it():
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=4, token_budget=64)
+    tail = [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    scheduler.add(cached_request("a", [1, 2, 3, 4] + tail))
+    run_step(scheduler)
+    other = cached_request("b", [4, 3, 2, 1] + tail)   # same later blocks, another first block
+    scheduler.add(other)
+    run_step(scheduler)
+    assert other.num_cached_tokens == 0
+
+
+def test_freed_blocks_keep_their_prefix_until_the_pool_reuses_them():
+    blocks = BlockManager(8, 4)
+    scheduler = Scheduler(blocks, max_num_seqs=1, token_budget=64)
+    prompt = list(range(9))                                  # 3 blocks, 2 of them full
+    first = cached_request("a", prompt)
+    scheduler.add(first)
+    run_step(scheduler)
+    scheduler.finish(first)
+    assert blocks.num_free_blocks == 8 and blocks.usage == 0
+    again = cached_request("b", prompt)
+    scheduler.add(again)
+    run_step(scheduler)
+    assert again.num_cached_tokens == 8                       # reused while free
+    scheduler.finish(again)
+    filler = cached_request("c", list(range(50, 82)))        # 8 blocks: the whole pool
+    scheduler.add(filler)
+    run_step(scheduler)
+    scheduler.finish(filler)
+    late = cached_request("d", prompt)
+    scheduler.add(late)
+    run_step(scheduler)
+    assert late.num_cached_tokens == 0                        # evicted by the filler
+
+
+def test_a_request_that_cannot_start_holds_no_shared_blocks():
+    blocks = BlockManager(5, 4)
+    scheduler = Scheduler(blocks, max_num_seqs=2, token_budget=64)
+    prompt = list(range(17))                                 # 5 blocks: the whole pool
+    scheduler.add(cached_request("a", prompt))
+    run_step(scheduler)
+    waiting = cached_request("b", prompt + list(range(40, 60)))   # shares 4, and no block is free
+    scheduler.add(waiting)
+    assert run_step(scheduler) == {"a": 1}
+    assert waiting in scheduler.waiting and waiting.block_table == [] and waiting.num_computed_tokens == 0
+    assert all(refs == 1 for refs in blocks.refs)
+
+
+def test_no_sharing_without_prefix_caching():
+    scheduler = Scheduler(BlockManager(64, 4, prefix_caching=False), max_num_seqs=2, token_budget=64)
+    for name in "ab":
+        scheduler.add(cached_request(name, list(range(20))))
+        run_step(scheduler)
+    assert scheduler.running[1].num_cached_tokens == 0
 
 
 def test_decodes_first_then_prompt_chunks_within_budget():

@@ -200,6 +200,7 @@ def test_status_routes(server):
     for name in ("hayate_time_to_first_token_seconds_bucket", "hayate_inter_token_latency_seconds",
                  "hayate_e2e_request_latency_seconds", "hayate_request_queue_time_seconds",
                  "hayate_num_running_requests", "hayate_num_waiting_requests", "hayate_kv_cache_usage_ratio",
+                 "hayate_prefix_cache_hit_ratio",
                  "hayate_prompt_tokens_total", "hayate_generation_tokens_total"):
         assert name in metrics
     assert "text/html" in httpx.get(f"{server.url}/docs").headers["content-type"]
@@ -222,3 +223,13 @@ def test_token_metrics_count_every_token(client, server, model):
     assert after["hayate_generation_tokens_total"] - before["hayate_generation_tokens_total"] == 37
     assert after["hayate_inter_token_latency_seconds_count"] - before["hayate_inter_token_latency_seconds_count"] == 36
     assert after["hayate_time_to_first_token_seconds_count"] - before["hayate_time_to_first_token_seconds_count"] == 1
+
+
+def test_usage_reports_prompt_tokens_from_the_prefix_cache(client, model):
+    conversation = [{"role": "user", "content": "Tell me about the sea, the wind and the lighthouse. " * 4}]
+    first, second = chat(client, model, conversation), chat(client, model, conversation)
+    assert second.choices[0].message.content == first.choices[0].message.content
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < second.usage.prompt_tokens and cached % 16 == 0
+    streamed = list(chat(client, model, conversation, stream=True, stream_options={"include_usage": True}))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == cached

@@ -58,7 +58,8 @@ def run_hayate(args: argparse.Namespace) -> tuple[EngineResult, BenchPlan, PlanF
     from hayate.llm import LLM
 
     start = time.perf_counter()
-    llm = LLM(args.model, threads=args.threads, weights=args.weights, show_progress=True)
+    # No prefix caching: every repeat must prefill its whole prompt, as the peers do.
+    llm = LLM(args.model, threads=args.threads, weights=args.weights, show_progress=True, prefix_caching=False)
     load_s = time.perf_counter() - start
     plan = plan_lengths(args.prompt_lengths, args.decode_tokens, args.repeats, llm.engine.max_model_len)
     result = summarize(HAYATE, measure_hayate(llm, plan))

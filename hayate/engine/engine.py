@@ -24,7 +24,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
-        blocks = BlockManager(_kv_cache_blocks(config, loaded), config.block_size)
+        blocks = BlockManager(_kv_cache_blocks(config, loaded), config.block_size, config.prefix_caching)
         self.runner = ModelRunner(loaded.model, loaded.config, blocks.num_blocks, config.block_size,
                                   encoder_cache_bytes=config.encoder_cache_mb * 1024 * 1024,
                                   planned_decode=config.planned_decode)
@@ -79,7 +79,7 @@ class Engine:
             stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
             timings=RequestTimings(arrival=time.perf_counter(),
                                    images=request_images.timings if request_images else None),
-            images=request_images)
+            images=request_images, cache_prefix=request_images is None)
         self.sequences[request_id] = sequence
         self.scheduler.add(sequence)
 
@@ -91,8 +91,10 @@ class Engine:
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
+        blocks = scheduler.blocks
         return EngineStats(num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
-                           kv_cache_usage=scheduler.kv_cache_usage)
+                           kv_cache_usage=scheduler.kv_cache_usage,
+                           prefix_cache_hit_rate=blocks.hit_tokens / max(blocks.queried_tokens, 1))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -108,8 +110,12 @@ class Engine:
             scheduled.request.status = RequestStatus.RUNNING
             scheduled.request.timings.first_scheduled = scheduled.request.timings.first_scheduled or now
         indices, result = self.runner.execute(batch)
+        blocks = self.scheduler.blocks
         for scheduled in batch.sequences:
-            scheduled.request.num_computed_tokens += scheduled.num_tokens
+            request = scheduled.request
+            request.num_computed_tokens += scheduled.num_tokens
+            if request.cache_prefix and request.num_computed_tokens >= (len(request.block_hashes) + 1) * blocks.block_size:
+                blocks.register(request, request.num_computed_tokens)
         return [self._append(batch.sequences[i].request, result, row) for row, i in enumerate(indices)]
 
     def _append(self, sequence: Sequence, result: SampleResult, row: int) -> RequestOutput:
@@ -130,7 +136,8 @@ class Engine:
             finished=reason is not None, finish_reason=reason,
             num_prompt_tokens=len(sequence.prompt_token_ids),
             num_output_tokens=len(sequence.output_token_ids),
-            timings=sequence.timings, logprobs=_logprobs(result, row, sequence.sampling))
+            timings=sequence.timings, logprobs=_logprobs(result, row, sequence.sampling),
+            num_cached_tokens=sequence.num_cached_tokens)
 
     def _stop_reason(self, sequence: Sequence, token_id: int) -> str | None:
         params = sequence.sampling.params

@@ -58,6 +58,7 @@ class RequestOutput:
     num_output_tokens: int
     timings: RequestTimings
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_cached_tokens: int = 0      # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -65,3 +66,4 @@ class EngineStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float        # fraction of KV-cache capacity in use, 0..1
+    prefix_cache_hit_rate: float = 0.0   # prompt tokens found in the prefix cache / prompt tokens looked up

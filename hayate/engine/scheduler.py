@@ -2,7 +2,8 @@
 
 Policy: every running request with one token pending decodes it; the rest of the step's
 token budget goes to prompt chunks, oldest request first, so a long prompt is prefilled in
-chunks while running streams keep flowing. While streams decode, a step holds at most
+chunks while running streams keep flowing; a newcomer first shares the cached blocks its
+prompt starts with (block_manager.py), and only the rest is prefilled. While streams decode, a step holds at most
 `step_tokens` tokens (one planned step's rows) when that is set: a newcomer's prompt then
 costs each running stream about one decode step, not a whole prompt's prefill. KV blocks
 are taken as sequences grow; when a decode finds the pool empty, the newest running request
@@ -19,10 +20,15 @@ from hayate.engine.block_manager import BlockManager
 class Schedulable(Protocol):
     request_id: str
     block_table: list[int]
+    block_hashes: list[int]
     num_computed_tokens: int
+    num_cached_tokens: int                    # of the prompt, found in the prefix cache
+    cache_prefix: bool                        # may share and register cached blocks
 
     @property
     def num_tokens(self) -> int: ...          # prompt + generated tokens so far
+
+    def token_ids(self, start: int, count: int) -> list[int]: ...
 
 
 @dataclass
@@ -74,10 +80,15 @@ class Scheduler:
                     budget -= chunk
         # After a preemption memory is short: admitting now would only thrash.
         while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs and not preempted:
-            chunk = self._chunk(self.waiting[0], budget)
-            if not chunk:
+            request = self.waiting[0]
+            if request.cache_prefix and not request.block_table:
+                request.num_computed_tokens = request.num_cached_tokens = self.blocks.reuse_prefix(request)
+            chunk = self._chunk(request, budget)
+            if not chunk:   # no room yet: hold no blocks while waiting
+                self.blocks.release(request.block_table)
+                request.num_computed_tokens = 0
                 break
-            request = self.waiting.popleft()
+            self.waiting.popleft()
             self.running.append(request)
             scheduled.append(ScheduledSequence(request, request.num_computed_tokens, chunk))
             budget -= chunk

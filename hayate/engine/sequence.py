@@ -20,7 +20,10 @@ class Sequence:
     timings: RequestTimings
     status: RequestStatus = RequestStatus.WAITING
     block_table: list[int] = field(default_factory=list)   # KV-cache blocks, in order
+    block_hashes: list[int] = field(default_factory=list)  # prefix hash after each full block
     num_computed_tokens: int = 0          # tokens whose keys/values are in the KV cache
+    num_cached_tokens: int = 0            # prompt tokens found in the prefix cache
+    cache_prefix: bool = True             # False for prompts with images (their tokens do not name them)
     finish_reason: str | None = None
     emitted_text: list[str] = field(default_factory=list)
     images: RequestImages | None = None   # a vision model's images, spliced in at prefill
@@ -38,7 +41,9 @@ class Sequence:
         prompt, output = self.prompt_token_ids, self.output_token_ids
         if start >= len(prompt):
             return output[start - len(prompt):start - len(prompt) + count]
-        return (prompt + output)[start:start + count]
+        if start + count <= len(prompt):
+            return prompt[start:start + count]
+        return prompt[start:] + output[:start + count - len(prompt)]
 
     @property
     def is_finished(self) -> bool:

@@ -13,7 +13,7 @@ from hayate.sampling import SamplingParams
 from hayate.server.errors import RETRY_AFTER_S, SERVER_ERROR, APIError
 from hayate.server.metrics import RequestTracker, ServerMetrics
 from hayate.server.protocol import SamplingFields
-from hayate.server.responses import ImageUsage, Usage
+from hayate.server.responses import ImageUsage, PromptTokensDetails, Usage
 from hayate.server.state import ServedModel
 
 
@@ -162,6 +162,11 @@ class ChoiceRun:
 
     def usage(self) -> Usage:
         prompts = {choice.spec.prompt_index: len(choice.spec.prompt_ids) for choice in self.choices}
+        cached: dict[int, int] = {}   # a prompt's choices run as separate requests: count it once
+        for choice in self.choices:
+            if choice.last is not None:
+                cached[choice.spec.prompt_index] = max(cached.get(choice.spec.prompt_index, 0),
+                                                       choice.last.num_cached_tokens)
         completion_tokens = sum(len(choice.token_ids) for choice in self.choices)
         timings = [choice.last.timings for choice in self.choices if choice.last is not None]
         arrival = min((t.arrival for t in timings), default=0.0)
@@ -171,6 +176,7 @@ class ChoiceRun:
         prompt_time, completion_time = first_token - scheduled, finished - first_token
         return Usage(prompt_tokens=sum(prompts.values()), completion_tokens=completion_tokens,
                      total_tokens=sum(prompts.values()) + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
                      queue_time=scheduled - arrival, prompt_time=prompt_time,
                      completion_time=completion_time, total_time=prompt_time + completion_time,
                      image_usage=_image_usage([t.images for t in timings if t.images is not None]))

@@ -44,7 +44,9 @@ class ServerMetrics:
         for name, field, documentation in (
                 ("hayate_num_running_requests", "num_running", "Requests holding a batch slot."),
                 ("hayate_num_waiting_requests", "num_waiting", "Requests queued for a batch slot."),
-                ("hayate_kv_cache_usage_ratio", "kv_cache_usage", "Fraction of the KV cache in use, 0 to 1.")):
+                ("hayate_kv_cache_usage_ratio", "kv_cache_usage", "Fraction of the KV cache in use, 0 to 1."),
+                ("hayate_prefix_cache_hit_ratio", "prefix_cache_hit_rate",
+                 "Prompt tokens found in the prefix cache, over the prompt tokens looked up since start.")):
             Gauge(name, documentation, registry=self.registry).set_function(_reader(stats, field))
 
     def render(self) -> bytes:
