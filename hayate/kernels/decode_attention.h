@@ -73,7 +73,7 @@ inline void chunk_values(const float* v_cache, const int64_t* rows, int64_t n, i
 
 #if defined(__AVX512F__)
 inline void prefetch_row(const float* row, int64_t floats) {
-  for (int64_t i = 0; i < floats; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T1);
+  for (int64_t i = 0; i < floats; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
 }
 
 // Sixteen vectors' lane sums as one vector (out[t] = sum of a[t]): a tree of lane shuffles
@@ -93,22 +93,20 @@ inline __m512 sums_of_16(__m512* a) {
 }
 
 // Scores of up to 16 keys at a time: one head's products with the 16 keys summed lane-wise,
-// then reduced together. rows[n, known) are the next chunk's: while key t is scored, key
-// t + kKeyLead's key row and key t + kValueLead's value row are fetched, into L2.
-constexpr int64_t kKeyLead = 32, kValueLead = 16;
-
+// then reduced together.
 template <int G>
 void chunk_scores_avx(const float* q, const float* k_cache, const float* v_cache, const int64_t* rows, int64_t n,
-                      int64_t known, int64_t D, float scale, float (*scores)[kKeysPerChunk], int64_t prefetch) {
+                      int64_t D, float scale, float (*scores)[kKeysPerChunk], int64_t prefetch) {
+  for (int64_t t = 0; t < std::min<int64_t>(n, 16); ++t) prefetch_row(k_cache + rows[t] * D, prefetch);
   for (int64_t first = 0; first < n; first += 16) {
     const int64_t keys = std::min<int64_t>(16, n - first);
     for (int g = 0; g < G; ++g) {
       __m512 acc[16];
       for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
       for (int64_t t = 0; t < keys; ++t) {
-        if (g == 0 && prefetch > 0) {
-          if (first + t + kKeyLead < known) prefetch_row(k_cache + rows[first + t + kKeyLead] * D, prefetch);
-          if (first + t + kValueLead < known) prefetch_row(v_cache + rows[first + t + kValueLead] * D, prefetch);
+        if (g == 0) {   // the next 16 keys, and these keys' values (the next pass reads them)
+          if (first + 16 + t < n) prefetch_row(k_cache + rows[first + 16 + t] * D, prefetch);
+          prefetch_row(v_cache + rows[first + t] * D, prefetch);
         }
         const float* k = k_cache + rows[first + t] * D;
         for (int64_t i = 0; i < D; i += 16)
@@ -150,30 +148,28 @@ void chunk_values_avx(const float* v_cache, const int64_t* rows, int64_t n, int6
 
 template <int G>
 bool chunk_avx(const float* q, const float* k_cache, const float* v_cache, const int64_t* rows, int64_t n,
-               int64_t known, int64_t D, float scale, float (*scores)[kKeysPerChunk], float* acc, bool values,
-               int64_t prefetch) {
+               int64_t D, float scale, float (*scores)[kKeysPerChunk], float* acc, bool values, int64_t prefetch) {
   if (values) chunk_values_avx<G>(v_cache, rows, n, D, scores, acc);
-  else chunk_scores_avx<G>(q, k_cache, v_cache, rows, n, known, D, scale, scores, prefetch);
+  else chunk_scores_avx<G>(q, k_cache, v_cache, rows, n, D, scale, scores, prefetch);
   return true;
 }
 #endif
 
-// The scores (values = false) or the weighted values (values = true) of one chunk's n keys;
-// rows[n, known) are the keys after it. `prefetch`: floats of each key's and value's cache
-// row to prefetch ahead (0: none).
+// The scores (values = false) or the weighted values (values = true) of one chunk;
+// `prefetch`: floats of each key's and value's cache row to prefetch ahead (0: none).
 inline void chunk_step(const float* q, int64_t group, const float* k_cache, const float* v_cache,
-                       const int64_t* rows, int64_t n, int64_t known, int64_t D, float scale,
-                       float (*scores)[kKeysPerChunk], float* acc, bool values, int64_t prefetch) {
+                       const int64_t* rows, int64_t n, int64_t D, float scale, float (*scores)[kKeysPerChunk],
+                       float* acc, bool values, int64_t prefetch) {
 #if defined(__AVX512F__)
   if (D % 16 == 0) {
     switch (group) {
-      case 1: chunk_avx<1>(q, k_cache, v_cache, rows, n, known, D, scale, scores, acc, values, prefetch); return;
-      case 2: chunk_avx<2>(q, k_cache, v_cache, rows, n, known, D, scale, scores, acc, values, prefetch); return;
-      case 3: chunk_avx<3>(q, k_cache, v_cache, rows, n, known, D, scale, scores, acc, values, prefetch); return;
-      case 4: chunk_avx<4>(q, k_cache, v_cache, rows, n, known, D, scale, scores, acc, values, prefetch); return;
-      case 5: chunk_avx<5>(q, k_cache, v_cache, rows, n, known, D, scale, scores, acc, values, prefetch); return;
-      case 6: chunk_avx<6>(q, k_cache, v_cache, rows, n, known, D, scale, scores, acc, values, prefetch); return;
-      case 8: chunk_avx<8>(q, k_cache, v_cache, rows, n, known, D, scale, scores, acc, values, prefetch); return;
+      case 1: chunk_avx<1>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 2: chunk_avx<2>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 3: chunk_avx<3>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 4: chunk_avx<4>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 5: chunk_avx<5>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 6: chunk_avx<6>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 8: chunk_avx<8>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
       default: break;
     }
   }
@@ -202,17 +198,10 @@ class DecodeAttention {
     // heads of a position, contiguous) are read whole, the first head's pass fetching them.
     threads.parallel_for(B * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / chunks, chunk = item % chunks, keys = pos[b] + 1;
-        // The cache rows (of kv head 0) of this chunk's keys, then of the next chunk's (fetched
-        // ahead while this one is scored).
-        const int64_t first_key = chunk * kKeysPerChunk, known = std::min(keys, first_key + 2 * kKeysPerChunk) - first_key;
-        int64_t rows[2 * kKeysPerChunk];
-        const int32_t* table = tables + b * table_width;
-        for (int64_t t = 0, key = first_key; t < known; ++t, ++key)
-          rows[t] = (static_cast<int64_t>(table[key / block_size_]) * block_size_ + key % block_size_) * kv_heads_;
+        const int64_t b = item / chunks, chunk = item % chunks;
         for (int64_t kv = 0; kv < kv_heads_; ++kv)
-          chunk_of(q + b * q_stride, b * heads_ + kv * group_, chunks, chunk, keys, rows, known, k_cache, v_cache, kv,
-                   item == begin);
+          chunk_of(q + b * q_stride, b * heads_ + kv * group_, chunks, chunk, pos[b] + 1,
+                   tables + b * table_width, k_cache, v_cache, kv);
       }
     });
     for (int64_t row = 0; row < B * heads_; ++row) merge(row, chunks, out + row * head_dim_);
@@ -221,8 +210,8 @@ class DecodeAttention {
  private:
   // Scores, their exponentials and the weighted values of keys [chunk * C, ..) for the
   // `group_` query heads of kv head `kv`; `first` is the first head's row in [B * heads].
-  void chunk_of(const float* q, int64_t first, int64_t chunks, int64_t chunk, int64_t keys, const int64_t* base_rows,
-                int64_t known, const float* k_cache, const float* v_cache, int64_t kv, bool first_item) {
+  void chunk_of(const float* q, int64_t first, int64_t chunks, int64_t chunk, int64_t keys,
+                const int32_t* table, const float* k_cache, const float* v_cache, int64_t kv) {
     const int64_t D = head_dim_, begin = chunk * kKeysPerChunk, end = std::min(keys, begin + kKeysPerChunk);
     if (begin >= end) {
       for (int64_t g = 0; g < group_; ++g) {
@@ -231,24 +220,15 @@ class DecodeAttention {
       }
       return;
     }
-    int64_t rows[2 * kKeysPerChunk];
+    int64_t rows[kKeysPerChunk];
+    for (int64_t t = begin; t < end; ++t)
+      rows[t - begin] = (static_cast<int64_t>(table[t / block_size_]) * block_size_ + t % block_size_) * kv_heads_ + kv;
     const int64_t n = end - begin;
-    for (int64_t t = 0; t < known; ++t) rows[t] = base_rows[t] + kv;
-    // The first kv head's pass fetches whole rows (every kv head's); a thread's first chunk
-    // was fetched by nobody before it.
-    const int64_t prefetch = kv == 0 ? kv_heads_ * D : 0;
-#if defined(__AVX512F__)
-    if (first_item && prefetch > 0)
-      for (int64_t t = 0; t < std::min(n, kKeyLead); ++t) {
-        prefetch_row(k_cache + rows[t] * D, prefetch);
-        if (t < kValueLead) prefetch_row(v_cache + rows[t] * D, prefetch);
-      }
-#endif
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
     const float* q0 = q + (first % heads_) * D;
     float scores[kMaxGroup][kKeysPerChunk];
     float* acc = partial_.data() + first * chunks * D;   // the group's rows: [group][chunks][D]
-    chunk_step(q0, group_, k_cache, v_cache, rows, n, known, D, scale, scores, nullptr, false, prefetch);
+    chunk_step(q0, group_, k_cache, v_cache, rows, n, D, scale, scores, nullptr, false, kv == 0 ? kv_heads_ * D : 0);
     for (int64_t g = 0; g < group_; ++g) {
       const float highest = *std::max_element(scores[g], scores[g] + n);
       for (int64_t t = 0; t < n; ++t) scores[g][t] -= highest;
@@ -259,7 +239,7 @@ class DecodeAttention {
       sums_[(first + g) * chunks + chunk] = total;
     }
     float values[kMaxGroup * kMaxHeadDim];
-    chunk_step(q0, group_, k_cache, v_cache, rows, n, known, D, scale, scores, values, true, 0);
+    chunk_step(q0, group_, k_cache, v_cache, rows, n, D, scale, scores, values, true, 0);
     for (int64_t g = 0; g < group_; ++g)
       std::copy(values + g * D, values + (g + 1) * D, acc + (g * chunks + chunk) * D);
   }
