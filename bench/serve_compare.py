@@ -84,6 +84,8 @@ def hayate_spec(args: argparse.Namespace) -> ServerSpec:
     port = free_port()
     command = [args.hayate_bin, "serve", "--model", str(args.model), "--threads", str(args.threads),
                "--port", str(port), "--max-batch", str(args.max_batch)]
+    if args.hayate_no_prefix_caching:
+        command.append("--no-prefix-caching")
     env = {"OMP_PROC_BIND": "true"} if args.hayate_omp_bind else {}
     return ServerSpec("hayate", command, env, port)
 
@@ -204,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hayate-omp-bind", action="store_true",
                         help="start hayate with OMP_PROC_BIND=true too (llama.cpp always gets it; hayate's "
                              "decode runs on its own threads, and pinned OpenMP threads slow its prefill)")
+    parser.add_argument("--hayate-no-prefix-caching", action="store_true",
+                        help="prefill every prompt whole (load.py's prompts repeat, and share the chat "
+                             "template's opening; llama.cpp's server reuses only the previous prompt's prefix)")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for health")
     parser.add_argument("--llama-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
     parser.add_argument("--hayate-bin", default=str(REPO / ".venv" / "bin" / "hayate"))
