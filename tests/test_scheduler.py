@@ -56,6 +56,7 @@ def test_a_shared_prefix_is_computed_once():
     # 9 blocks shared: the last token is always computed, into a block of b's own
     assert run_step(scheduler) == {"a": 1, "b": 4}
     assert second.num_cached_tokens == 36 and second.block_table[:9] == first.block_table[:9]
+    assert (scheduler.blocks.hit_tokens, scheduler.blocks.queried_tokens) == (36, 80)
     assert second.block_table[9] != first.block_table[9]
     assert all(scheduler.blocks.refs[block] == 2 for block in first.block_table[:9])
     scheduler.finish(first)

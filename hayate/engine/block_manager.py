@@ -82,7 +82,6 @@ class BlockManager:
         if not self.prefix_caching or sequence.block_table:
             return 0
         usable = (sequence.num_tokens - 1) // self.block_size
-        self.queried_tokens += sequence.num_tokens
         hashes, prefix = [], ROOT
         for index in range(usable):
             key = self._key(sequence, index, prefix)
@@ -96,8 +95,12 @@ class BlockManager:
             prefix = hash(key)
             hashes.append(prefix)
         sequence.block_hashes = hashes
-        self.hit_tokens += len(hashes) * self.block_size
         return len(hashes) * self.block_size
+
+    def count_reuse(self, num_tokens: int, num_cached_tokens: int) -> None:
+        """A sequence started with num_cached_tokens of its num_tokens from the cache."""
+        self.queried_tokens += num_tokens
+        self.hit_tokens += num_cached_tokens
 
     def register(self, sequence: Cacheable, num_computed_tokens: int) -> None:
         """Register the sequence's blocks that num_computed_tokens has just filled."""

@@ -79,7 +79,7 @@ class Engine:
             stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
             timings=RequestTimings(arrival=time.perf_counter(),
                                    images=request_images.timings if request_images else None),
-            images=request_images, cache_prefix=request_images is None)
+            images=request_images, cache_prefix=request_images is None and self.scheduler.blocks.prefix_caching)
         self.sequences[request_id] = sequence
         self.scheduler.add(sequence)
 
@@ -114,7 +114,7 @@ class Engine:
         for scheduled in batch.sequences:
             request = scheduled.request
             request.num_computed_tokens += scheduled.num_tokens
-            if request.cache_prefix and request.num_computed_tokens >= (len(request.block_hashes) + 1) * blocks.block_size:
+            if request.cache_prefix:   # the blocks this step filled
                 blocks.register(request, request.num_computed_tokens)
         return [self._append(batch.sequences[i].request, result, row) for row, i in enumerate(indices)]
 

@@ -3,8 +3,9 @@
 Policy: every running request with one token pending decodes it; the rest of the step's
 token budget goes to prompt chunks, oldest request first, so a long prompt is prefilled in
 chunks while running streams keep flowing; a newcomer first shares the cached blocks its
-prompt starts with (block_manager.py), and only the rest is prefilled. While streams decode, a step holds at most
-`step_tokens` tokens (one planned step's rows) when that is set: a newcomer's prompt then
+prompt starts with (block_manager.py), and only the rest is prefilled. While streams
+decode, a step holds at most `step_tokens` tokens (one planned step's rows) when that is
+set: a newcomer's prompt then
 costs each running stream about one decode step, not a whole prompt's prefill. KV blocks
 are taken as sequences grow; when a decode finds the pool empty, the newest running request
 is preempted (its blocks freed, its tokens recomputed later)."""
@@ -89,6 +90,8 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            if request.cache_prefix:
+                self.blocks.count_reuse(request.num_tokens, request.num_cached_tokens)
             self.running.append(request)
             scheduled.append(ScheduledSequence(request, request.num_computed_tokens, chunk))
             budget -= chunk
