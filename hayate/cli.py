@@ -91,7 +91,8 @@ def summary_line(output: RequestOutput) -> str:
     ttft = timings.time_to_first_token
     rate = decode_rate(output.num_output_tokens, timings)
     total = (timings.finished or timings.arrival) - timings.arrival
-    parts = [f"{output.num_prompt_tokens} prompt tokens",
+    cached = f" ({output.num_cached_tokens} cached)" if output.num_cached_tokens else ""
+    parts = [f"{output.num_prompt_tokens} prompt tokens{cached}",
              f"time to first token {ttft * 1000:.0f} ms" if ttft is not None else "no token",
              f"{output.num_output_tokens} tokens at {rate:.1f} tokens/s" if rate else f"{output.num_output_tokens} tokens",
              f"total {total:.2f} s", f"({output.finish_reason})"]

@@ -86,3 +86,16 @@ def test_run_streams_answer_and_summary():
     summary = process.stderr.strip().splitlines()[-1]
     for part in ("prompt tokens", "time to first token", "tokens/s", "total"):
         assert part in summary
+
+
+def test_chat_turns_reuse_the_conversation_from_the_prefix_cache(capsys, monkeypatch):
+    """The default model: the second turn's prompt starts with the first turn, which is cached."""
+    import builtins
+
+    lines = iter(["Name a colour.", "And another one?", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    code, _, err = run_cli(capsys, "chat", "--threads", "2", "--max-tokens", "8")
+    assert code == 0
+    summaries = [line for line in err.splitlines() if "time to first token" in line]
+    assert len(summaries) == 2
+    assert "cached" not in summaries[0] and "cached)" in summaries[1], summaries
