@@ -161,3 +161,16 @@ def test_prefix_caching_keeps_the_answers(model_folder):
     assert again.token_ids == reference.token_ids
     assert [lp.logprob for lp in again.logprobs] == pytest.approx([lp.logprob for lp in reference.logprobs], abs=1e-4)
     assert_all_blocks_free(cached)
+
+
+def test_shared_prefix_blocks_survive_preemption(model_folder):
+    """Six requests share one prompt's blocks in a cache that holds one full context: they
+    are preempted and recomputed, sharing again, and every block comes back at the end."""
+    prompt = prompts(1, length=40)[0]
+    llm = LLM(model_folder, max_num_seqs=6, max_model_len=128, kv_cache_tokens=128, block_size=8)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    results = llm.generate([prompt] * 6, params)
+    assert [r.token_ids for r in results] == alone(model_folder, [prompt], params) * 6
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert max(r.num_cached_tokens for r in results) > 0
+    assert_all_blocks_free(llm)
