@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+# bench/ is on sys.path: it is this script's folder.
+from serve_compare import free_port
+
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
@@ -63,12 +66,6 @@ def http_request(model_name: str, max_tokens: int) -> bytes:
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
     return head.encode() + body
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main() -> int:

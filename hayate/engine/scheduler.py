@@ -5,8 +5,8 @@ token budget goes to prompt chunks, oldest request first, so a long prompt is pr
 chunks while running streams keep flowing; a newcomer first shares the cached blocks its
 prompt starts with (block_manager.py), and only the rest is prefilled. While streams
 decode, a step holds at most `step_tokens` tokens (one planned step's rows) when that is
-set: a newcomer's prompt then
-costs each running stream about one decode step, not a whole prompt's prefill. KV blocks
+set: a newcomer's prompt then costs each running stream about one decode step, not a whole
+prompt's prefill. KV blocks
 are taken as sequences grow; when a decode finds the pool empty, the newest running request
 is preempted (its blocks freed, its tokens recomputed later)."""
 from __future__ import annotations
