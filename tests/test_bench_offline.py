@@ -9,11 +9,12 @@ import sys
 import pytest
 from PIL import Image
 
-from hayate.bench.offline import build_prompt, measure_hayate, plan_floor, plan_lengths
-from hayate.bench.peers import PeerFailed, PeerJob, environment_problem, measure_peer, parse_selection, run_peer
+from hayate.bench.offline import HayateContender, build_prompt, plan_floor, plan_lengths
+from hayate.bench.peers import environment_problem, parse_selection
 from hayate.bench.plot import draw_png
 from hayate.bench.report import BenchReport, notes, to_json
-from hayate.bench.timings import RawTimings, percentile, summarize
+from hayate.bench.rounds import run_rounds
+from hayate.bench.timings import EngineResult, RawTimings, percentile, summarize
 from hayate.cli import main
 from hayate.llm import LLM
 from tiny_models import make_tiny_model
@@ -45,13 +46,19 @@ def test_lengths_are_capped_to_the_context():
         plan_lengths([16], decode_tokens=300, repeats=1, max_model_len=256)
 
 
+def measure_hayate(llm: LLM, plan) -> EngineResult:
+    prompts = {length: build_prompt(llm.tokenizer, length) for length in plan.prompt_lengths}
+    decode_prompt = build_prompt(llm.tokenizer, plan.decode_prompt_length)
+    contender = HayateContender(llm, plan.decode_tokens, load_s=0.5)
+    return run_rounds([contender], prompts, decode_prompt, plan.repeats, progress=lambda _: None)[0]
+
+
 def test_offline_measurement_is_ordered_and_complete(tiny_llm):
     _, llm = tiny_llm
     plan = plan_lengths([8, 16], decode_tokens=12, repeats=2, max_model_len=llm.engine.max_model_len)
-    raw = measure_hayate(llm, plan, progress=lambda _: None)
-    assert set(raw.ttft_s) == {8, 16} and all(len(values) == 2 for values in raw.ttft_s.values())
-    assert len(raw.decode_token_times_s) == 2 and all(len(run) == 13 for run in raw.decode_token_times_s)
-    result = summarize("hayate", raw)
+    result = measure_hayate(llm, plan)
+    assert set(result.ttft_rounds_ms) == {8, 16} and all(len(v) == 2 for v in result.ttft_rounds_ms.values())
+    assert len(result.decode_rounds_tokens_per_s) == 2 and result.load_s == 0.5
     assert result.decode_tokens == 12 and result.decode_tokens_per_s > 0
     assert all(ms > 0 for ms in result.ttft_ms.values())
     assert 0 <= result.itl_ms["p50"] <= result.itl_ms["p90"] <= result.itl_ms["p99"]
@@ -72,7 +79,7 @@ def test_summary_of_known_times():
 def test_json_and_png(tiny_llm, tmp_path):
     _, llm = tiny_llm
     plan = plan_lengths([8], decode_tokens=6, repeats=1, max_model_len=llm.engine.max_model_len)
-    hayate = summarize("hayate", measure_hayate(llm, plan, progress=lambda _: None))
+    hayate = measure_hayate(llm, plan)
     peer = summarize("llama.cpp", RawTimings({8: [0.01]}, [[0.01, 0.02, 0.03]], 8))
     report = BenchReport("tiny", 1, "auto", plan, [hayate, peer], plan_floor(llm, 1, plan))
     data = json.loads(json.dumps(to_json(report)))
@@ -111,34 +118,6 @@ def test_missing_peer_environment_says_make_bench_env(tmp_path):
     problem = environment_problem("llama.cpp", tmp_path / "m.gguf", tmp_path / "no-venv" / "python")
     assert "make bench-env" in problem
     assert "gguf" in environment_problem("llama.cpp", tmp_path, tmp_path / "python")
-
-
-def fake_peer(code: str) -> PeerJob:
-    return PeerJob("llama.cpp", [sys.executable, "-c", code], {}, {"engine": "llama.cpp"})
-
-
-def test_peer_result_is_parsed_from_its_last_json_line():
-    timings = {"ttft_s": {"8": [0.02]}, "decode_token_times_s": [[0.02, 0.03, 0.05]],
-               "decode_prompt_length": 8, "load_s": 1.5}
-    code = ("import json, sys; job = json.load(sys.stdin); print('loading'); "
-            f"print('llama.cpp: progress', file=sys.stderr); print(json.dumps({timings!r}))")
-    seen = []
-    raw = run_peer(fake_peer(code), timeout_s=60, echo=seen.append)
-    assert raw.ttft_s == {8: [0.02]} and raw.load_s == 1.5 and seen == ["llama.cpp: progress"]
-    result = measure_peer(fake_peer(code), timeout_s=60)
-    assert result.ok and result.decode_tokens == 2 and result.decode_tokens_per_s == pytest.approx(2 / 0.03)
-
-
-def test_crashing_peer_is_reported_with_its_last_stderr_line():
-    code = "import sys; print('first', file=sys.stderr); print('RuntimeError: boom', file=sys.stderr); sys.exit(1)"
-    result = measure_peer(fake_peer(code), timeout_s=60)
-    assert result.status == "failed" and "code 1" in result.error and "RuntimeError: boom" in result.error
-    with pytest.raises(PeerFailed, match="no result"):
-        run_peer(fake_peer("print('not json')"), timeout_s=60)
-    with pytest.raises(PeerFailed, match="unreadable"):
-        run_peer(fake_peer("print('{\"ttft_s\": 3}')"), timeout_s=60)
-    with pytest.raises(PeerFailed, match="after 1 s"):
-        run_peer(fake_peer("import time; time.sleep(30)"), timeout_s=1)
 
 
 def test_peers_run_without_hayates_libgomp_setting(monkeypatch):

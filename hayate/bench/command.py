@@ -1,9 +1,9 @@
-"""hayate bench: the command line. hayate runs first in this process, then each peer in its
-own, one after the other, so that no two engines compete for the cores."""
+"""hayate bench: the command line. hayate loads in this process and each peer in its own;
+then they take turns (rounds.py), one request at a time, so that no two engines compete for
+the cores and every round sees all of them on the same phase of the machine."""
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import os
 import sys
@@ -12,11 +12,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from hayate.bench.offline import (BenchPlan, PlanFloor, build_prompt, measure_hayate, plan_floor, plan_lengths,
-                                  stderr_progress)
-from hayate.bench.peers import DEFAULT_LLAMA_PYTHON, environment_problem, measure_peer, parse_selection, peer_job
-from hayate.bench.report import HAYATE, BenchReport, notes, results_table, write_json
-from hayate.bench.timings import EngineResult, failed, summarize
+from hayate.bench.offline import HayateContender, build_prompt, plan_floor, plan_lengths, stderr_progress
+from hayate.bench.peers import (DEFAULT_LLAMA_PYTHON, PeerFailed, PeerProcess, environment_problem, parse_selection,
+                                peer_job)
+from hayate.bench.report import BenchReport, notes, results_table, write_json
+from hayate.bench.rounds import run_rounds
+from hayate.bench.timings import EngineResult, failed
 from hayate.config import WEIGHT_MODES
 
 DEFAULT_PROMPT_LENGTHS = "32,512,2048"
@@ -53,38 +54,33 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--peer-timeout", type=float, default=1800, help="seconds allowed per peer (1800)")
 
 
-def run_hayate(args: argparse.Namespace) -> tuple[EngineResult, BenchPlan, PlanFloor, dict]:
-    """Measure hayate, probe the floor, and build the peers' job from hayate's prompts."""
+def load_hayate(args: argparse.Namespace) -> HayateContender:
     from hayate.llm import LLM
 
     start = time.perf_counter()
     # No prefix caching: every repeat must prefill its whole prompt, as the peers do.
     llm = LLM(args.model, threads=args.threads, weights=args.weights, show_progress=True, prefix_caching=False)
-    load_s = time.perf_counter() - start
-    plan = plan_lengths(args.prompt_lengths, args.decode_tokens, args.repeats, llm.engine.max_model_len)
-    result = summarize(HAYATE, measure_hayate(llm, plan))
-    result.load_s = load_s
-    stderr_progress("bench: probing this CPU for the plan's floor")
-    floor = plan_floor(llm, args.threads, plan)
-    job = {"model": str(llm.model_path), "threads": args.threads or os.cpu_count() or 1,
-           "n_ctx": llm.engine.max_model_len, "decode_tokens": plan.decode_tokens, "repeats": plan.repeats,
-           "prompts": {str(n): build_prompt(llm.tokenizer, n) for n in plan.prompt_lengths},
-           "decode_prompt": build_prompt(llm.tokenizer, plan.decode_prompt_length)}
-    return result, plan, floor, job
+    return HayateContender(llm, args.decode_tokens, time.perf_counter() - start)
 
 
-def run_peers(names: list[str], job: dict, args: argparse.Namespace) -> list[EngineResult]:
-    results = []
+def start_peers(names: list[str], job: dict,
+                args: argparse.Namespace) -> tuple[list[PeerProcess], dict[str, EngineResult]]:
+    """Each peer's worker, loaded one after the other; those that cannot run, as results."""
+    started, unavailable = [], {}
     for name in names:
         problem = environment_problem(name, Path(job["model"]), args.llama_python)
         if problem:
             stderr_progress(f"bench: {name} skipped: {problem}")
-            results.append(failed(name, problem, status="skipped"))
+            unavailable[name] = failed(name, problem, status="skipped")
             continue
-        stderr_progress(f"bench: {name}: loading and measuring in its own process")
-        peer = peer_job(name, job, args.llama_python, args.full_transformers)
-        results.append(measure_peer(peer, args.peer_timeout, echo=stderr_progress))
-    return results
+        stderr_progress(f"bench: {name}: loading in its own process")
+        try:
+            started.append(PeerProcess(peer_job(name, job, args.decode_tokens, args.llama_python,
+                                                args.full_transformers), args.peer_timeout, echo=stderr_progress))
+        except (PeerFailed, OSError) as error:
+            stderr_progress(f"bench: {name} failed: {error}")
+            unavailable[name] = failed(name, str(error))
+    return started, unavailable
 
 
 def warn_if_busy() -> float:
@@ -126,8 +122,22 @@ def command_bench(args: argparse.Namespace) -> int:
         raise ValueError("--decode-tokens and --repeats must be at least 1")
     check_outputs(args)
     load_average = warn_if_busy()
-    hayate, plan, floor, job = run_hayate(args)
-    gc.collect()    # hayate's model is no longer referenced: free its memory for the peers
-    engines = [hayate, *run_peers(peer_names, job, args)]
+    hayate = load_hayate(args)
+    llm = hayate.llm
+    plan = plan_lengths(args.prompt_lengths, args.decode_tokens, args.repeats, llm.engine.max_model_len)
+    prompts = {length: build_prompt(llm.tokenizer, length) for length in plan.prompt_lengths}
+    decode_prompt = build_prompt(llm.tokenizer, plan.decode_prompt_length)
+    job = {"model": str(llm.model_path), "threads": args.threads or os.cpu_count() or 1,
+           "n_ctx": llm.engine.max_model_len}
+    peers, unavailable = start_peers(peer_names, job, args)
+    try:
+        measured = run_rounds([hayate, *peers], prompts, decode_prompt, plan.repeats, stderr_progress)
+    finally:
+        for peer in peers:
+            peer.close()
+    by_name = {**unavailable, **{result.name: result for result in measured}}
+    stderr_progress("bench: probing this CPU for the plan's floor")
+    floor = plan_floor(llm, args.threads, plan)
+    engines = [by_name[hayate.name], *(by_name[name] for name in peer_names)]
     show(BenchReport(job["model"], job["threads"], args.weights, plan, engines, floor, load_average), args)
     return 0

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from hayate.bench.timings import RawTimings
 from hayate.llm import LLM
 from hayate.plan.cost import decode_cost, prefill_cost
 from hayate.plan.hardware import probe_cpu, probe_jitter
@@ -24,8 +23,8 @@ NATURAL_TEXT = (
     "stories about the winter the water froze so hard that carts could cross it. Nobody quite "
     "believed those stories, but everyone liked to hear them again, because they made the long "
     "dark months feel shorter and the summer seem a little closer than it really was. ")
-WARMUP_TOKENS = 8
 Progress = Callable[[str], None]
+HAYATE = "hayate"
 
 
 def stderr_progress(line: str) -> None:
@@ -79,17 +78,18 @@ def time_request(llm: LLM, prompt: list[int], max_tokens: int) -> list[float]:
     return times
 
 
-def measure_hayate(llm: LLM, plan: BenchPlan, progress: Progress = stderr_progress) -> RawTimings:
-    """One warm-up request, then time to first token per length and the decode runs."""
-    prompts = {length: build_prompt(llm.tokenizer, length) for length in plan.prompt_lengths}
-    decode_prompt = build_prompt(llm.tokenizer, plan.decode_prompt_length)
-    time_request(llm, decode_prompt, min(plan.decode_tokens, WARMUP_TOKENS) + 1)
-    ttft = {}
-    for length, prompt in prompts.items():
-        ttft[length] = [time_request(llm, prompt, 1)[0] for _ in range(plan.repeats)]
-        progress(f"hayate: time to first token, {length} tokens: {min(ttft[length]) * 1e3:.0f} ms (best)")
-    runs = [time_request(llm, decode_prompt, plan.decode_tokens + 1) for _ in range(plan.repeats)]
-    return RawTimings(ttft, runs, plan.decode_prompt_length)
+class HayateContender:
+    """hayate in this process, as rounds.py's Contender."""
+    name = HAYATE
+
+    def __init__(self, llm: LLM, decode_tokens: int, load_s: float):
+        self.llm, self.decode_tokens, self.load_s = llm, decode_tokens, load_s
+
+    def accepts(self, prompt_length: int) -> bool:
+        return True
+
+    def token_times(self, prompt: list[int], max_tokens: int) -> list[float]:
+        return time_request(self.llm, prompt, max_tokens)
 
 
 @dataclass

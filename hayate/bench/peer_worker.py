@@ -1,20 +1,23 @@
-"""Measure one peer engine (llama.cpp or transformers) in its own process.
+"""Serve timing requests for one peer engine (llama.cpp or transformers) in its own process.
 
 Standalone on purpose: it runs under the peer's own Python (llama.cpp's lives in
-.venv-bench, without hayate) and imports nothing from hayate. It reads a JSON job on
-stdin: {"engine", "model", "threads", "n_ctx", "prompts": {length: [ids]}, "decode_prompt":
-[ids], "decode_tokens", "repeats"}, and prints one JSON line on stdout: {"load_s",
-"ttft_s": {length: [s per repeat]}, "decode_token_times_s": [[instants per repeat]],
-"decode_prompt_length"}, every instant in seconds after its request was submitted.
-Both engines decode greedily and never stop at end-of-sequence, as hayate's bench does."""
+.venv-bench, without hayate) and imports nothing from hayate. It stays loaded for the whole
+bench, so that hayate and the peers can take turns, round after round, and a change in the
+machine's speed (these VMs have phases) moves every engine's figures alike.
+
+Protocol, one JSON object a line: the first line on stdin is the job {"engine", "model",
+"threads", "n_ctx"}; once loaded the worker answers {"ready": true, "load_s"}. Each further
+line is a request {"prompt": [ids], "max_tokens": n}, answered {"times": [s, ...]}: the
+arrival of each generated token in seconds after the request began. Both engines decode
+greedily and never stop at end-of-sequence, as hayate's bench does. End of stdin ends it.
+Answers go to a private copy of stdout; file descriptor 1 itself points at stderr, so that
+nothing a library prints can be mistaken for an answer."""
 from __future__ import annotations
 
 import json
 import os
 import sys
 import time
-
-WARMUP_TOKENS = 8
 
 
 class LlamaCppRunner:
@@ -80,25 +83,29 @@ class TransformersRunner:
 RUNNERS = {"llama.cpp": LlamaCppRunner, "transformers": TransformersRunner}
 
 
-def measure(runner, job: dict) -> dict:
-    decode_prompt = job["decode_prompt"]
-    runner.token_times(decode_prompt, min(job["decode_tokens"], WARMUP_TOKENS) + 1)   # warm-up
-    ttft = {}
-    for length, prompt in job["prompts"].items():
-        ttft[length] = [runner.token_times(prompt, 1)[0] for _ in range(job["repeats"])]
-        print(f"{job['engine']}: time to first token, {length} tokens: {min(ttft[length]) * 1e3:.0f} ms (best)",
-              file=sys.stderr, flush=True)
-    runs = [runner.token_times(decode_prompt, job["decode_tokens"] + 1) for _ in range(job["repeats"])]
-    return {"ttft_s": ttft, "decode_token_times_s": runs, "decode_prompt_length": len(decode_prompt)}
+def protocol_channel():
+    """A private stream for answers; fd 1 (Python's and C libraries' stdout) then goes to stderr."""
+    channel = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return channel
+
+
+def answer(channel, message: dict) -> None:
+    channel.write(json.dumps(message) + "\n")
+    channel.flush()
 
 
 def main() -> int:
-    job = json.load(sys.stdin)
+    channel = protocol_channel()
+    job = json.loads(sys.stdin.readline())
     start = time.perf_counter()
     runner = RUNNERS[job["engine"]](job)
-    load_s = time.perf_counter() - start
-    result = measure(runner, job)
-    print(json.dumps({"load_s": load_s, **result}), flush=True)
+    answer(channel, {"ready": True, "load_s": time.perf_counter() - start})
+    for line in sys.stdin:
+        if line.strip():
+            request = json.loads(line)
+            answer(channel, {"times": runner.token_times(request["prompt"], request["max_tokens"])})
     return 0
 
 

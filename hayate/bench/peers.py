@@ -1,21 +1,21 @@
-"""Run peer_worker.py for llama.cpp (in .venv-bench) and transformers (in hayate's venv),
-one process each, one after the other, and read back their timings."""
+"""Start peer_worker.py for llama.cpp (in .venv-bench) and transformers (in hayate's venv),
+one process each, loaded once; the bench then asks each for timings, request by request,
+taking turns with hayate (rounds.py)."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-from hayate.bench.timings import EngineResult, RawTimings, failed, summarize
 
 PEERS = ("llama.cpp", "transformers")
 WORKER = Path(__file__).with_name("peer_worker.py")
@@ -31,11 +31,14 @@ class PeerFailed(Exception):
 
 @dataclass
 class PeerJob:
-    """One peer's run: the command that starts its worker and the job it reads on stdin."""
+    """One peer: the command that starts its worker, the job it loads, and its share of
+    the measurements (transformers is slow: fewer decode tokens, shorter prompts)."""
     name: str
     command: list[str]
     env: dict[str, str]
     job: dict
+    decode_tokens: int
+    max_prompt: int | None = None
 
 
 def parse_selection(text: str | None) -> list[str]:
@@ -60,18 +63,17 @@ def environment_problem(name: str, model_path: Path, llama_python: Path) -> str 
     return None
 
 
-def peer_job(name: str, base_job: dict, llama_python: Path, full: bool) -> PeerJob:
+def peer_job(name: str, base_job: dict, decode_tokens: int, llama_python: Path, full: bool) -> PeerJob:
     """llama.cpp: pinned OpenMP threads (unpinned, its workers spin against each other).
     transformers: decode tokens capped and long prompts left out unless `full`."""
     job = {**base_job, "engine": name}
     if name == "llama.cpp":
-        return PeerJob(name, [str(llama_python), str(WORKER)], {"OMP_PROC_BIND": "true"}, job)
-    if not full:
-        job["decode_tokens"] = min(job["decode_tokens"], TRANSFORMERS_DECODE_CAP)
-        job["prompts"] = {length: ids for length, ids in job["prompts"].items()
-                          if int(length) <= TRANSFORMERS_MAX_PROMPT}
+        return PeerJob(name, [str(llama_python), str(WORKER)], {"OMP_PROC_BIND": "true"}, job, decode_tokens)
     env = {"OMP_NUM_THREADS": str(job["threads"])}
-    return PeerJob(name, [sys.executable, str(WORKER)], env, job)
+    if full:
+        return PeerJob(name, [sys.executable, str(WORKER)], env, job, decode_tokens)
+    return PeerJob(name, [sys.executable, str(WORKER)], env, job, min(decode_tokens, TRANSFORMERS_DECODE_CAP),
+                   TRANSFORMERS_MAX_PROMPT)
 
 
 def peer_environment() -> dict[str, str]:
@@ -83,30 +85,88 @@ def peer_environment() -> dict[str, str]:
     return env
 
 
-def run_peer(peer: PeerJob, timeout_s: float, echo: Callable[[str], None] | None = None) -> RawTimings:
-    """Start the worker in its own process group (killed on timeout or interrupt, so nothing
-    is left running) and parse its last JSON line. Its progress lines go to `echo`."""
-    stderr_tail: deque[str] = deque(maxlen=20)
-    with tempfile.TemporaryFile("w+") as job_file, tempfile.TemporaryFile("w+") as stdout_file:
-        json.dump(peer.job, job_file)
-        job_file.seek(0)
-        process = subprocess.Popen(peer.command, stdin=job_file, stdout=stdout_file, stderr=subprocess.PIPE,
-                                   text=True, env={**peer_environment(), **peer.env}, start_new_session=True)
-        reader = threading.Thread(target=_follow_stderr, args=(process, peer.name, stderr_tail, echo), daemon=True)
-        reader.start()
+class PeerProcess:
+    """A peer's worker, loaded once and asked for one request's token times at a time.
+
+    It runs in its own process group, killed by close() (and on any failure), so nothing is
+    left running. `timeout_s` bounds the peer's whole life in the bench, loading included;
+    every failure (a crash, a timeout, an unreadable answer) is a PeerFailed in one line."""
+
+    def __init__(self, peer: PeerJob, timeout_s: float, echo: Callable[[str], None] | None = None):
+        self.name, self.decode_tokens, self.max_prompt = peer.name, peer.decode_tokens, peer.max_prompt
+        self.timeout_s, self.deadline = timeout_s, time.monotonic() + timeout_s
+        self.stderr_tail: deque[str] = deque(maxlen=20)
+        self.answers: queue.Queue[str | None] = queue.Queue()
+        self.process = subprocess.Popen(peer.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True,
+                                        env={**peer_environment(), **peer.env})
+        self.stderr_reader = threading.Thread(target=_follow_stderr, daemon=True,
+                                              args=(self.process, peer.name, self.stderr_tail, echo))
+        self.stderr_reader.start()
+        threading.Thread(target=self._read_answers, daemon=True).start()
         try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise PeerFailed(f"no result after {timeout_s:.0f} s (stopped)") from None
-        finally:
-            _kill_group(process)
-            reader.join(timeout=5)
-        stdout_file.seek(0)
-        stdout = stdout_file.read()
-    stderr = "\n".join(stderr_tail)
-    if process.returncode != 0:
-        raise PeerFailed(f"exited with code {process.returncode}: {last_line(stderr)}")
-    return parse_output(stdout, stderr)
+            ready = self._call(peer.job)
+            if ready.get("ready") is not True:
+                raise PeerFailed(f"unreadable answer to its job: {json.dumps(ready)[:120]}")
+            self.load_s = float(ready.get("load_s") or 0.0)
+        except (PeerFailed, TypeError, ValueError) as error:
+            self.close()
+            raise PeerFailed(str(error)) from None
+
+    def accepts(self, prompt_length: int) -> bool:
+        return self.max_prompt is None or prompt_length <= self.max_prompt
+
+    def token_times(self, prompt: list[int], max_tokens: int) -> list[float]:
+        """Arrival of each generated token, seconds after the request began."""
+        times = self._call({"prompt": prompt, "max_tokens": max_tokens}).get("times")
+        try:
+            times = [float(t) for t in times]
+        except (TypeError, ValueError):
+            times = []
+        if not times:
+            self.close()
+            raise PeerFailed(f"answered without token times for a {len(prompt)}-token prompt")
+        return times
+
+    def close(self) -> None:
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        _kill_group(self.process)
+
+    def _read_answers(self) -> None:
+        for line in self.process.stdout:
+            self.answers.put(line)
+        self.answers.put(None)    # end of stdout: the worker is gone
+
+    def _call(self, message: dict) -> dict:
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except OSError:
+            pass    # a dead worker: the missing answer says why
+        try:
+            line = self.answers.get(timeout=max(self.deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            self.close()
+            raise PeerFailed(f"no result after {self.timeout_s:.0f} s (stopped)") from None
+        if line is None:    # its stdout closed: it is exiting; its code and last words say why
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            self.close()
+            self.stderr_reader.join(timeout=5)
+            raise PeerFailed(f"exited with code {self.process.returncode}: {last_line(chr(10).join(self.stderr_tail))}")
+        try:
+            answer = json.loads(line)
+        except json.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            self.close()
+            raise PeerFailed(f"unreadable answer: {line.strip()[:120]}")
+        return answer
 
 
 def _follow_stderr(process: subprocess.Popen, name: str, tail: deque[str],
@@ -115,17 +175,6 @@ def _follow_stderr(process: subprocess.Popen, name: str, tail: deque[str],
         tail.append(line.rstrip())
         if echo is not None and line.startswith(f"{name}:"):
             echo(line.rstrip())
-
-
-def parse_output(stdout: str, stderr: str = "") -> RawTimings:
-    """The last stdout line that is a JSON object holds the timings."""
-    for line in reversed(stdout.strip().splitlines()):
-        if line.lstrip().startswith("{"):
-            try:
-                return RawTimings.from_json(json.loads(line))
-            except (json.JSONDecodeError, ValueError) as error:
-                raise PeerFailed(f"unreadable result: {error}") from None
-    raise PeerFailed(f"printed no result: {last_line(stderr)}")
 
 
 def last_line(text: str) -> str:
@@ -140,10 +189,3 @@ def _kill_group(process: subprocess.Popen) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     process.wait()
-
-
-def measure_peer(peer: PeerJob, timeout_s: float, echo: Callable[[str], None] | None = None) -> EngineResult:
-    try:
-        return summarize(peer.name, run_peer(peer, timeout_s, echo))
-    except (PeerFailed, OSError) as error:
-        return failed(peer.name, str(error))

@@ -12,10 +12,8 @@ from typing import Callable
 import torch
 from rich.table import Table
 
-from hayate.bench.offline import BenchPlan, PlanFloor
+from hayate.bench.offline import HAYATE, BenchPlan, PlanFloor
 from hayate.bench.timings import EngineResult
-
-HAYATE = "hayate"
 
 
 @dataclass
@@ -58,7 +56,7 @@ def results_table(report: BenchReport) -> Table:
     hayate = report.engine(HAYATE)
     peers = [engine for engine in report.engines if engine.name != HAYATE and engine.ok]
     table = Table(title=f"{Path(report.model).name}, {report.threads} threads, weights {report.weights}, "
-                        f"median of {report.plan.repeats}")
+                        f"median of {report.plan.repeats} rounds, engines taking turns")
     table.add_column("metric")
     for engine in report.engines:
         table.add_column(engine.name, justify="right")
@@ -73,10 +71,38 @@ def results_table(report: BenchReport) -> Table:
     return table
 
 
+def paired_ratios(report: BenchReport) -> dict[str, dict[str, list[float]]]:
+    """hayate/peer within each round (the two ran back to back): decode tok/s and TTFT per length."""
+    hayate = report.engine(HAYATE)
+    if hayate is None or not hayate.ok:
+        return {}
+    paired = {}
+    for peer in report.engines:
+        if peer.name == HAYATE or not peer.ok:
+            continue
+        figures = {"decode_tokens_per_s": (hayate.decode_rounds_tokens_per_s, peer.decode_rounds_tokens_per_s)}
+        figures.update({f"ttft_ms_{n}": (hayate.ttft_rounds_ms[n], peer.ttft_rounds_ms[n])
+                        for n in hayate.ttft_rounds_ms if n in peer.ttft_rounds_ms})
+        paired[peer.name] = {key: [ours / theirs for ours, theirs in zip(*pair) if theirs]
+                             for key, pair in figures.items()}
+    return paired
+
+
+def paired_lines(report: BenchReport) -> list[str]:
+    """Each peer's per-round ratios: their spread shows how far one run's noise moves a ratio."""
+    lines = []
+    for peer, figures in paired_ratios(report).items():
+        parts = [f"{'decode tok/s' if key.startswith('decode') else 'TTFT ' + key.split('_')[-1]} "
+                 + " ".join(f"{value:.2f}" for value in values) for key, values in figures.items() if values]
+        lines.append(f"hayate/{peer} round by round: " + "; ".join(parts))
+    return lines
+
+
 def notes(report: BenchReport) -> list[str]:
-    """Failed and skipped engines, then how hayate stands against the plan's floor."""
+    """Failed and skipped engines, the rounds' ratios, then how hayate stands against the plan's floor."""
     lines = [f"{engine.name}: {engine.status}: {engine.error}" for engine in report.engines if not engine.ok]
     lines.append("ratios are hayate/peer: above 1 is better for tok/s, below 1 for times")
+    lines += paired_lines(report)
     hayate, floor = report.engine(HAYATE), report.floor
     if floor is None or hayate is None or not hayate.ok:
         return lines
@@ -119,7 +145,9 @@ def engine_json(engine: EngineResult) -> dict:
             "ttft_ms": {str(length): ms for length, ms in engine.ttft_ms.items()},
             "decode_tokens_per_s": engine.decode_tokens_per_s, "itl_ms": engine.itl_ms,
             "itl_p99_over_p50": engine.itl_p99_over_p50, "decode_tokens": engine.decode_tokens,
-            "decode_prompt_length": engine.decode_prompt_length, "itl_samples_ms": engine.itl_samples_ms}
+            "decode_prompt_length": engine.decode_prompt_length, "itl_samples_ms": engine.itl_samples_ms,
+            "decode_rounds_tokens_per_s": engine.decode_rounds_tokens_per_s,
+            "ttft_rounds_ms": {str(length): values for length, values in engine.ttft_rounds_ms.items()}}
 
 
 def ratios_json(report: BenchReport) -> dict:
@@ -145,9 +173,10 @@ def to_json(report: BenchReport) -> dict:
         "model": report.model, "threads": report.threads, "weights": report.weights,
         "prompt_lengths": report.plan.prompt_lengths, "decode_tokens": report.plan.decode_tokens,
         "decode_prompt_length": report.plan.decode_prompt_length, "repeats": report.plan.repeats,
-        "statistic": "median",
+        "statistic": "median", "schedule": "rounds: every engine in turn, order rotating",
         "engines": {engine.name: engine_json(engine) for engine in report.engines},
         "ratios": ratios_json(report),
+        "ratios_by_round": paired_ratios(report),
         "plan": floor_json(report),
         "environment": {"omp_proc_bind": os.environ.get("OMP_PROC_BIND"), "torch": torch.__version__,
                         "load_average_1m_before": report.load_average_before,

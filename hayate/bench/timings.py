@@ -38,6 +38,10 @@ class EngineResult:
     decode_tokens_per_s: float | None = None
     itl_ms: dict[str, float] = field(default_factory=dict)   # "p50", "p90", "p99"
     itl_samples_ms: list[float] = field(default_factory=list)
+    # Each round's figure, in round order (rounds.py): ratios of the same round pair engines
+    # that ran back to back, on the same phase of the machine.
+    ttft_rounds_ms: dict[int, list[float]] = field(default_factory=dict)
+    decode_rounds_tokens_per_s: list[float] = field(default_factory=list)
     decode_prompt_length: int | None = None
     load_s: float | None = None
 
@@ -81,13 +85,15 @@ def decode_rate(token_times: list[float]) -> float:
 def summarize(name: str, raw: RawTimings) -> EngineResult:
     """Medians over the repeats; the ITL distribution is the repeat with the median rate."""
     result = EngineResult(name, decode_prompt_length=raw.decode_prompt_length, load_s=raw.load_s)
-    result.ttft_ms = {length: statistics.median(values) * 1e3
-                      for length, values in sorted(raw.ttft_s.items()) if values}
+    result.ttft_rounds_ms = {length: [s * 1e3 for s in values] for length, values in sorted(raw.ttft_s.items())
+                             if values}
+    result.ttft_ms = {length: statistics.median(values) for length, values in result.ttft_rounds_ms.items()}
     runs = [run for run in raw.decode_token_times_s if len(run) >= 2]
+    result.decode_rounds_tokens_per_s = [decode_rate(run) for run in runs]
     if runs:
         by_rate = sorted(runs, key=decode_rate)
         median_run = by_rate[(len(by_rate) - 1) // 2]
-        result.decode_tokens_per_s = statistics.median(decode_rate(run) for run in runs)
+        result.decode_tokens_per_s = statistics.median(result.decode_rounds_tokens_per_s)
         result.itl_samples_ms = [gap * 1e3 for gap in inter_token_gaps(median_run)]
         result.itl_ms = {f"p{q}": percentile(result.itl_samples_ms, q) for q in PERCENTILES}
     return result
