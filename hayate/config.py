@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 WEIGHT_MODES = ("auto", "fp32", "packed", "int4-bf16")
 DTYPES = ("auto", "float32", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -26,6 +27,10 @@ class EngineConfig:
     prefix_caching: bool = True       # share the KV blocks of prompts' common prefixes (block_manager.py)
     device: str = "cpu"               # "cpu", or "cuda" / "cuda:N": weights dequantized, the eager step
     dtype: str = "auto"               # weights and activations: auto = float32 on the CPU, bfloat16 on CUDA
+    # KV cache elements: auto = the weights' dtype (float32 on the CPU: exact). float16 / bfloat16
+    # halve the cache's bytes (twice the tokens where sizing is by memory) and attention's reads,
+    # but round every key and value: lossy, so an explicit opt-in. Attention math stays fp32.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.threads is not None and not 1 <= self.threads <= 4 * (os.cpu_count() or 1):
@@ -46,6 +51,9 @@ class EngineConfig:
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.device != "cpu" and self.weights not in ("auto", "fp32"):
             raise ValueError(f"weights {self.weights} run on the CPU only; on {self.device} weights are "
                              "dequantized at load (weights auto or fp32)")

@@ -41,9 +41,10 @@ def add_serve_parser(commands) -> None:
                        help="how GGUF weights are kept (see `hayate run --help`; default auto)")
     serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                        help="prefill every prompt whole instead of sharing the cached blocks of common prefixes")
-    from hayate.cli import add_device_options
+    from hayate.cli import add_device_options, add_kv_cache_option
 
     add_device_options(serve)
+    add_kv_cache_option(serve)
     serve.add_argument("--allowed-media-dir", type=Path,
                        help="local image paths (file:// or absolute) may be read from under this folder only")
     serve.add_argument("--allow-remote-media", action="store_true",
@@ -70,7 +71,7 @@ def command_serve(args: argparse.Namespace) -> int:
                           max_num_seqs=args.max_batch, kv_cache_tokens=args.kv_cache_tokens,
                           weights=args.weights, encoder_cache_mb=args.encoder_cache_mb,
                           prefix_caching=args.prefix_caching,
-                          device=args.device, dtype=args.dtype)
+                          device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     failures: list[str] = []
 

@@ -132,14 +132,30 @@ def test_a_sequence_gets_the_same_numbers_alone_or_batched(gguf_path):
 
 
 def test_prompts_past_the_planned_size_prefill_eagerly(gguf_path):
-    """Past plan.max_tokens a prompt runs through the eager model (dequantized weights, one
+    """Past plan.max_tokens a step runs through the eager model (dequantized weights, one
     matmul per layer); its decode steps are planned again."""
     planned, eager = planned_and_eager(gguf_path)
     planned.engine.runner.plan.max_tokens = 40   # the tiny model's context is 256 tokens
+    planned.engine.scheduler.planned_prefix = 0
     calls = count_runs(planned)
     prompt = [(7 * i) % 120 + 3 for i in range(44)]
     assert_same(planned.generate(prompt, PARAMS), eager.generate(prompt, PARAMS))
     assert calls == [1] * (PARAMS.max_tokens - 1)
+
+
+@pytest.mark.parametrize("length, prefill_calls", [(100, [40]), (50, [40, 10]), (70, [40])])
+def test_a_long_prompt_starts_planned_and_goes_on_eagerly(gguf_path, length, prefill_calls):
+    """A prompt's first plan.max_tokens tokens are a chunk of their own, planned; the rest runs
+    planned only while it ends by plan.max_prefill_end (or fits one planned step), else eagerly,
+    where flash attention reads each key once for all the chunk's rows. Same answers."""
+    planned, eager = planned_and_eager(gguf_path)
+    plan = planned.engine.runner.plan
+    plan.max_tokens, plan.max_prefill_end = 40, 60
+    planned.engine.scheduler.planned_prefix = 40
+    calls = count_runs(planned)
+    prompt = [(7 * i) % 120 + 3 for i in range(length)]
+    assert_same(planned.generate(prompt, PARAMS), eager.generate(prompt, PARAMS))
+    assert calls == prefill_calls + [1] * (PARAMS.max_tokens - 1)
 
 
 def test_prefix_cached_prompts_run_through_the_plan(gguf_path):

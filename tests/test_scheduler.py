@@ -147,6 +147,14 @@ def test_while_streams_decode_a_step_stays_one_planned_step():
     assert run_step(scheduler) == {"a": 1, "b": 1, "c": 10}
 
 
+def test_a_prompts_first_planned_prefix_tokens_are_a_chunk_of_their_own():
+    scheduler = Scheduler(BlockManager(256, 4), max_num_seqs=4, token_budget=100, planned_prefix=24)
+    scheduler.add(FakeRequest("long", 150))
+    assert [run_step(scheduler) for _ in range(3)] == [{"long": 24}, {"long": 100}, {"long": 26}]
+    scheduler.add(FakeRequest("short", 10))
+    assert run_step(scheduler) == {"long": 1, "short": 10}
+
+
 def test_many_decoding_streams_still_leave_a_newcomer_half_a_step():
     scheduler = Scheduler(BlockManager(256, 4), max_num_seqs=30, token_budget=100, step_tokens=16)
     for index in range(20):

@@ -18,7 +18,7 @@ from hayate.bench.peers import (DEFAULT_LLAMA_PYTHON, PeerFailed, PeerProcess, e
 from hayate.bench.report import BenchReport, notes, results_table, write_json
 from hayate.bench.rounds import run_rounds
 from hayate.bench.timings import EngineResult, failed
-from hayate.config import WEIGHT_MODES
+from hayate.config import KV_CACHE_DTYPES, WEIGHT_MODES
 
 DEFAULT_PROMPT_LENGTHS = "32,512,2048"
 
@@ -39,6 +39,8 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--model", help="a .gguf file or a Hugging Face folder (default: the default model)")
     bench.add_argument("--threads", type=int, help="CPU threads for every engine (default: all cores)")
     bench.add_argument("--weights", choices=WEIGHT_MODES, default="auto", help="hayate's weight mode")
+    bench.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                       help="hayate's KV cache: auto = exact; float16/bfloat16 as llama.cpp's default f16, lossy")
     bench.add_argument("--prompt-lengths", type=_lengths, default=_lengths(DEFAULT_PROMPT_LENGTHS),
                        help=f"prompt tokens for time to first token (default {DEFAULT_PROMPT_LENGTHS})")
     bench.add_argument("--decode-tokens", type=int, default=256, help="tokens decoded after the first (256)")
@@ -59,7 +61,8 @@ def load_hayate(args: argparse.Namespace) -> HayateContender:
 
     start = time.perf_counter()
     # No prefix caching: every repeat must prefill its whole prompt, as the peers do.
-    llm = LLM(args.model, threads=args.threads, weights=args.weights, show_progress=True, prefix_caching=False)
+    llm = LLM(args.model, threads=args.threads, weights=args.weights, kv_cache_dtype=args.kv_cache_dtype,
+              show_progress=True, prefix_caching=False)
     return HayateContender(llm, args.decode_tokens, time.perf_counter() - start)
 
 
@@ -139,5 +142,6 @@ def command_bench(args: argparse.Namespace) -> int:
     stderr_progress("bench: probing this CPU for the plan's floor")
     floor = plan_floor(llm, args.threads, plan)
     engines = [by_name[hayate.name], *(by_name[name] for name in peer_names)]
-    show(BenchReport(job["model"], job["threads"], args.weights, plan, engines, floor, load_average), args)
+    show(BenchReport(job["model"], job["threads"], args.weights, plan, engines, floor, load_average,
+                     args.kv_cache_dtype), args)
     return 0

@@ -109,13 +109,14 @@ def plan_floor(llm: LLM, threads: int | None, plan: BenchPlan) -> PlanFloor:
     """Probe this CPU and predict; the decode context is the decode run's mean context."""
     hardware = probe_cpu(threads)
     model, config = llm.engine.runner.model, llm.model_config
+    kv_bytes = llm.engine.runner.kv_cache.element_size
     context = plan.decode_prompt_length + plan.decode_tokens // 2
-    prediction = predict(model, config, hardware, context, llm.config.prefill_chunk)
+    prediction = predict(model, config, hardware, context, llm.config.prefill_chunk, kv_bytes)
     ttft = {}
     for length in plan.prompt_lengths:
-        cost = prefill_cost(model, config, length, llm.config.prefill_chunk)
+        cost = prefill_cost(model, config, length, llm.config.prefill_chunk, kv_bytes=kv_bytes)
         ttft[length] = hardware.floor_seconds(cost.bytes, cost.flops) * 1e3
-    expected = prediction.expected_step_seconds(dispatch_seconds(llm.loaded, context))
-    step_bytes = decode_cost(model, config, 1, context).bytes
+    expected = prediction.expected_step_seconds(dispatch_seconds(llm.loaded, context, llm.config.kv_cache_dtype))
+    step_bytes = decode_cost(model, config, 1, context, kv_bytes=kv_bytes).bytes
     return PlanFloor(hardware.name, hardware.bandwidth / 1e9, hardware.flops / 1e9, context,
                      prediction.decode_tokens_per_second, ttft, 1 / expected, probe_jitter(step_bytes))

@@ -25,6 +25,7 @@ class BenchReport:
     engines: list[EngineResult]          # hayate first
     floor: PlanFloor | None = None
     load_average_before: float | None = None   # 1-minute load average when the bench started
+    kv_cache_dtype: str = "auto"
 
     def engine(self, name: str) -> EngineResult | None:
         return next((engine for engine in self.engines if engine.name == name), None)
@@ -55,7 +56,8 @@ def _cell(value: float | None) -> str:
 def results_table(report: BenchReport) -> Table:
     hayate = report.engine(HAYATE)
     peers = [engine for engine in report.engines if engine.name != HAYATE and engine.ok]
-    table = Table(title=f"{Path(report.model).name}, {report.threads} threads, weights {report.weights}, "
+    kv = "" if report.kv_cache_dtype == "auto" else f", KV cache {report.kv_cache_dtype}"
+    table = Table(title=f"{Path(report.model).name}, {report.threads} threads, weights {report.weights}{kv}, "
                         f"median of {report.plan.repeats} rounds, engines taking turns")
     table.add_column("metric")
     for engine in report.engines:
@@ -171,6 +173,7 @@ def floor_json(report: BenchReport) -> dict | None:
 def to_json(report: BenchReport) -> dict:
     return {
         "model": report.model, "threads": report.threads, "weights": report.weights,
+        "kv_cache_dtype": report.kv_cache_dtype,
         "prompt_lengths": report.plan.prompt_lengths, "decode_tokens": report.plan.decode_tokens,
         "decode_prompt_length": report.plan.decode_prompt_length, "repeats": report.plan.repeats,
         "statistic": "median", "schedule": "rounds: every engine in turn, order rotating",

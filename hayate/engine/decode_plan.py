@@ -29,6 +29,10 @@ class PlannedDecode:
         # 0.33x its time at 17 tokens, 0.5x at 48-160, 0.87x at 384, even at 512
         # (docs/PERFORMANCE.md); past this, prefill runs eagerly.
         self.max_tokens = 24 * MAX_NATIVE_ROWS
+        # Each row of a planned prompt chunk reads all the keys before it (rows share no reads
+        # in the decode attention), so past this position the eager model's flash attention
+        # wins; a prompt's first max_tokens run planned and the rest eagerly (scheduler.py).
+        self.max_prefill_end = 2 * self.max_tokens
 
     @classmethod
     def build(cls, model: nn.Module, kv_cache: KVCache) -> "PlannedDecode | None":

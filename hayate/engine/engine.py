@@ -4,10 +4,11 @@ from __future__ import annotations
 import time
 
 import psutil
+import torch
 
 from hayate.config import EngineConfig
 from hayate.engine.block_manager import BlockManager
-from hayate.engine.kv_cache import KVCache
+from hayate.engine.kv_cache import KVCache, kv_cache_dtype
 from hayate.engine.images import RequestImages
 from hayate.engine.model_runner import ModelRunner
 from hayate.engine.request import EngineStats, RequestOutput, RequestStatus, RequestTimings, TokenLogprob
@@ -24,14 +25,16 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
-        blocks = BlockManager(_kv_cache_blocks(config, loaded), config.block_size, config.prefix_caching)
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, next(loaded.model.parameters()).dtype)
+        blocks = BlockManager(_kv_cache_blocks(config, loaded, kv_dtype), config.block_size, config.prefix_caching)
         self.runner = ModelRunner(loaded.model, loaded.config, blocks.num_blocks, config.block_size,
                                   encoder_cache_bytes=config.encoder_cache_mb * 1024 * 1024,
-                                  planned_decode=config.planned_decode)
+                                  planned_decode=config.planned_decode, kv_dtype=kv_dtype)
         self.image_token_id: int | None = getattr(loaded.model, "image_token_id", None)
         plan = self.runner.plan
         self.scheduler = Scheduler(blocks, config.max_num_seqs, token_budget=config.prefill_chunk,
-                                   step_tokens=plan.max_batch if plan is not None else 0)
+                                   step_tokens=plan.max_batch if plan is not None else 0,
+                                   planned_prefix=plan.max_tokens if plan is not None else 0)
         self.sequences: dict[str, Sequence] = {}
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
 
@@ -155,10 +158,11 @@ class Engine:
         self.sequences.pop(sequence.request_id, None)
 
 
-def _kv_cache_blocks(config: EngineConfig, loaded: LoadedModel) -> int:
+def _kv_cache_blocks(config: EngineConfig, loaded: LoadedModel, kv_dtype: torch.dtype) -> int:
     """Blocks for config.kv_cache_tokens, or by default room for every sequence at full
-    length, capped at a fifth of memory but never below one full-length sequence."""
-    per_token = KVCache.bytes_per_token(loaded.config, next(loaded.model.parameters()).dtype)
+    length, capped at a fifth of memory (a half-precision cache: twice the tokens) but never
+    below one full-length sequence."""
+    per_token = KVCache.bytes_per_token(loaded.config, kv_dtype)
     tokens = config.kv_cache_tokens
     if tokens is None:
         tokens = min(config.max_num_seqs * loaded.max_model_len, psutil.virtual_memory().total // 5 // per_token)

@@ -1,4 +1,6 @@
-"""The KV cache: one tensor allocated at start-up, in blocks; each attention layer gets a view."""
+"""The KV cache: one tensor allocated at start-up, in blocks; each attention layer gets a view.
+Its dtype is the weights' by default, or float16 / bfloat16 by choice (EngineConfig.kv_cache_dtype):
+half the bytes a token, keys and values rounded once as they are stored."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +8,11 @@ from torch import nn
 
 from hayate.layers.attention import Attention
 from hayate.models.config import ModelConfig
+
+
+def kv_cache_dtype(setting: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type for EngineConfig.kv_cache_dtype: "auto" keeps the weights'."""
+    return weight_dtype if setting == "auto" else getattr(torch, setting)
 
 
 class KVCache:
@@ -20,6 +27,11 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.storage.numel() * self.storage.element_size()
+
+    @property
+    def element_size(self) -> int:
+        """Bytes of one cached key or value element (the cost model's kv_bytes)."""
+        return self.storage.element_size()
 
     def bind(self, model: nn.Module) -> None:
         """Give every attention layer of the model (in order) its views of the cache."""

@@ -30,11 +30,12 @@ def one_thread():
 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 encoder_cache_bytes: int = 0, planned_decode: bool = True):
+                 encoder_cache_bytes: int = 0, planned_decode: bool = True, kv_dtype: torch.dtype | None = None):
+        """kv_dtype: the KV cache's element type; None = the weights'."""
         self.model = model
         weight = next(model.parameters())
         self.device = weight.device
-        self.kv_cache = KVCache(config, num_blocks, block_size, dtype=weight.dtype, device=weight.device)
+        self.kv_cache = KVCache(config, num_blocks, block_size, dtype=kv_dtype or weight.dtype, device=weight.device)
         self.kv_cache.bind(model)
         self.sampler = Sampler()
         self.images = ImageEmbedder(model, EncoderCache(encoder_cache_bytes))
@@ -57,9 +58,14 @@ class ModelRunner:
 
     def _planned(self, sequences: list[ScheduledSequence]) -> bool:
         """Steps of at most plan.max_tokens tokens in all (decodes, and short prompt chunks,
-        whose tokens become rows at consecutive positions), none of them an image's."""
-        return (self.plan is not None and sum(s.num_tokens for s in sequences) <= self.plan.max_tokens
-                and not self.images.touches(sequences))
+        whose tokens become rows at consecutive positions), none of them an image's; a step
+        of more than one planned step's rows only while its prompt chunks end early in their
+        prompts (plan.max_prefill_end), where planned rows' attention stays cheap."""
+        total = sum(s.num_tokens for s in sequences)
+        if self.plan is None or total > self.plan.max_tokens or self.images.touches(sequences):
+            return False
+        return total <= self.plan.max_batch or all(s.start + s.num_tokens <= self.plan.max_prefill_end
+                                                   for s in sequences)
 
     def _planned_logits(self, sequences: list[ScheduledSequence], sampling: list[int]) -> torch.Tensor:
         token_ids, positions, tables, last_rows = [], [], [], []

@@ -6,9 +6,10 @@ chunks while running streams keep flowing; a newcomer first shares the cached bl
 prompt starts with (block_manager.py), and only the rest is prefilled. While streams
 decode, a step holds at most `step_tokens` tokens (one planned step's rows) when that is
 set: a newcomer's prompt then costs each running stream about one decode step, not a whole
-prompt's prefill. KV blocks
-are taken as sequences grow; when a decode finds the pool empty, the newest running request
-is preempted (its blocks freed, its tokens recomputed later)."""
+prompt's prefill. A prompt's first `planned_prefix` tokens (the plan's max_tokens) go in a
+chunk of their own, which runs planned (model_runner.py). KV blocks are taken as sequences
+grow; when a decode finds the pool empty, the newest running request is preempted (its
+blocks freed, its tokens recomputed later)."""
 from __future__ import annotations
 
 from collections import deque
@@ -50,9 +51,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, token_budget: int, step_tokens: int = 0):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, token_budget: int, step_tokens: int = 0,
+                 planned_prefix: int = 0):
         self.blocks = blocks
         self.max_num_seqs, self.token_budget, self.step_tokens = max_num_seqs, token_budget, step_tokens
+        self.planned_prefix = planned_prefix
         self.waiting: deque[Schedulable] = deque()
         self.running: list[Schedulable] = []
         self.num_preemptions = 0
@@ -113,6 +116,8 @@ class Scheduler:
 
     def _chunk(self, request: Schedulable, budget: int) -> int:
         """Tokens of this prefill that fit the budget and the free blocks (0 if none)."""
+        if request.num_computed_tokens < self.planned_prefix:
+            budget = min(budget, self.planned_prefix - request.num_computed_tokens)
         chunk = min(budget, _pending(request))
         free_tokens = (len(request.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size
         chunk = min(chunk, free_tokens - request.num_computed_tokens)

@@ -8,7 +8,7 @@
 // only its logits, and runs on the plan's own threads. The projections run the VNNI kernel
 // over rearranged weights where the CPU has it (interleaved.h), else the operators' own
 // GEMV (gemv_into); norms and RoPE are the operators' (rms_norm_rows, rope_heads); attention
-// is split-K (decode_attention.h).
+// is split-K (decode_attention.h), over a KV cache of float, float16 or bfloat16 (kv_elements.h).
 #include "decode_attention.h"
 #include "ggml_blocks.h"
 #include "interleaved.h"
@@ -144,10 +144,10 @@ class DecodePlan {
       : threads_(static_cast<int>(threads)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)),
         embedding_(embedding.contiguous()), cos_(cos.contiguous()), sin_(sin.contiguous()),
         final_norm_(final_norm.contiguous()), kv_cache_(kv_cache), block_size_(block_size),
-        attention_(heads, kv_heads, head_dim, block_size) {
+        attention_(heads, kv_heads, head_dim, block_size), write_and_attend_(write_and_attend_for(kv_cache)) {
     TORCH_CHECK(embedding_.dtype() == torch::kFloat32 && embedding_.dim() == 2, "embedding must be float32 [vocab, hidden]");
-    TORCH_CHECK(kv_cache_.dtype() == torch::kFloat32 && kv_cache_.is_contiguous() && kv_cache_.dim() == 5,
-                "the KV cache must be contiguous float32 [layers, 2, rows, kv_heads, head_dim]");
+    TORCH_CHECK(kv_cache_.is_contiguous() && kv_cache_.dim() == 5,
+                "the KV cache must be contiguous [layers, 2, rows, kv_heads, head_dim]");
     TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "heads must group evenly onto kv_heads");
     hidden_ = embedding_.size(1);
   }
@@ -230,7 +230,7 @@ class DecodePlan {
     float* x = x_.data();
     rms_norm_rows(x, L.input_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
     L.qkv.apply(h_.data(), B, scratch_, qkv_.data(), threads_);
-    write_and_attend(index, B, pos);
+    (this->*write_and_attend_)(index, B, pos);
     L.o.apply(attn_.data(), B, scratch_, out_.data(), threads_);
     for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
     rms_norm_rows(x, L.post_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
@@ -253,22 +253,36 @@ class DecodePlan {
     return static_cast<int64_t>(table[position / block_size_]) * block_size_ + position % block_size_;
   }
 
-  // RoPE on the new q and k, k and v into the cache, then attention over each sequence's keys.
+  using WriteAndAttend = void (DecodePlan::*)(size_t, int64_t, const int64_t*);
+
+  // The cache's element type, chosen once: the step's writes and attention are compiled for it.
+  static WriteAndAttend write_and_attend_for(const torch::Tensor& kv_cache) {
+    switch (kv_cache.scalar_type()) {
+      case torch::kFloat32: return &DecodePlan::write_and_attend<float>;
+      case torch::kFloat16: return &DecodePlan::write_and_attend<c10::Half>;
+      case torch::kBFloat16: return &DecodePlan::write_and_attend<c10::BFloat16>;
+      default: TORCH_CHECK(false, "the KV cache must be float32, float16 or bfloat16, got ", kv_cache.scalar_type());
+    }
+  }
+
+  // RoPE on the new q and k, k and v into the cache (T: its element type), then attention
+  // over each sequence's keys.
+  template <typename T>
   void write_and_attend(size_t index, int64_t B, const int64_t* pos) {
     const int64_t D = head_dim_, width = (heads_ + 2 * kv_heads_) * D, rows = kv_cache_.size(2);
-    float* k_cache = kv_cache_.data_ptr<float>() + index * 2 * rows * kv_heads_ * D;
-    float* v_cache = k_cache + rows * kv_heads_ * D;
+    T* k_cache = static_cast<T*>(kv_cache_.data_ptr()) + index * 2 * rows * kv_heads_ * D;
+    T* v_cache = k_cache + rows * kv_heads_ * D;
     for (int64_t b = 0; b < B; ++b) {
       float* q = qkv_.data() + b * width;
       const float* c = cos_.data_ptr<float>() + pos[b] * D;
       const float* s = sin_.data_ptr<float>() + pos[b] * D;
       rope_heads(q, heads_ + kv_heads_, D, c, s);  // q's heads, then k's, are consecutive
       const int64_t row = cache_row(b, pos[b]);
-      std::memcpy(k_cache + row * kv_heads_ * D, q + heads_ * D, kv_heads_ * D * sizeof(float));
-      std::memcpy(v_cache + row * kv_heads_ * D, q + (heads_ + kv_heads_) * D, kv_heads_ * D * sizeof(float));
+      store_row(q + heads_ * D, kv_heads_ * D, k_cache + row * kv_heads_ * D);
+      store_row(q + (heads_ + kv_heads_) * D, kv_heads_ * D, v_cache + row * kv_heads_ * D);
     }
-    attention_.run(qkv_.data(), width, B, pos, tables_.data(), table_width_, k_cache, v_cache,
-                   attn_.data(), threads_);
+    attention_.run<T>(qkv_.data(), width, B, pos, tables_.data(), table_width_, k_cache, v_cache,
+                      attn_.data(), threads_);
   }
 
   WorkerPool threads_;   // first: started before, and stopped after, everything that uses it
@@ -279,6 +293,7 @@ class DecodePlan {
   std::vector<Layer> layers_;
   PackedMatrix head_;
   DecodeAttention attention_;
+  WriteAndAttend write_and_attend_;
   std::vector<float> x_, h_, qkv_, attn_, gate_up_, act_, out_;
   std::vector<int32_t> tables_;   // this step's block tables, [B, table_width_]
   int64_t table_width_ = 0;

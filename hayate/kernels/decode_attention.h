@@ -1,14 +1,19 @@
 // Attention of a decode step's new queries over the paged KV cache, split-K ("flash
-// decoding"): each (sequence, chunk of 32 keys) is one work item, so one sequence keeps every
-// thread busy once its context passes a few chunks; an item reads its cache rows whole (all kv
-// heads of a position are contiguous), prefetched ahead; the query heads that share a kv head
-// read its keys and values together; the chunks' partial softmaxes are merged at the end.
+// decoding"): each (chunk of 32 keys, rows of one sequence) is one work item, so one sequence
+// keeps every thread busy once its context passes a few chunks; an item prefetches its cache
+// rows whole (all kv heads of a position are contiguous), and the rows of a prompt chunk read
+// them from L1 one after the other; the query heads that share a kv head read its keys and
+// values together; the chunks' partial softmaxes are merged at the end.
+// The cache holds float, c10::Half or c10::BFloat16 (the template parameter T); scores,
+// softmax and the weighted values are fp32 whatever it holds (kv_elements.h widens).
 #pragma once
 #include "ggml_blocks.h"
+#include "kv_elements.h"
 #include "worker_pool.h"
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 
 namespace {
 
@@ -42,40 +47,70 @@ inline void exp_in_place(float* x, int64_t n) {
 #endif
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// x - max(x), exponentiated in place; returns (max, sum of the exponentials): one chunk's
+// partial softmax, 16 lanes at a time (a scalar chain of 32 adds waits ~4 cycles an add).
+inline std::pair<float, float> exp_shifted(float* x, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 highest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    highest = _mm512_mask_max_ps(highest, lanes, highest, _mm512_maskz_loadu_ps(lanes, x + i));
+  }
+  const float top = _mm512_reduce_max_ps(highest);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(x + i, lanes, _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), _mm512_set1_ps(top)));
+  }
+  exp_in_place(x, n);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(lanes, x + i));
+  }
+  return {top, _mm512_reduce_add_ps(total)};
+#else
+  const float top = *std::max_element(x, x + n);
+  for (int64_t i = 0; i < n; ++i) x[i] -= top;
+  exp_in_place(x, n);
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += x[i];
+  return {top, total};
+#endif
+}
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   float total = 0.f;
 #pragma omp simd reduction(+ : total)
-  for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) total += a[i] * to_float(b[i]);
   return total;
 }
 
 // Scores of one chunk's n keys (cache rows `rows`, kv-head-strided) for the G query heads
 // at q (G x D, consecutive), and the exponentials' weighted sum of its values: the portable
 // loops, and below them AVX-512 ones with the G heads' accumulators in registers.
-inline void chunk_scores(const float* q, int64_t group, const float* k_cache, const int64_t* rows, int64_t n,
+template <typename T>
+inline void chunk_scores(const float* q, int64_t group, const T* k_cache, const int64_t* rows, int64_t n,
                          int64_t D, float scale, float (*scores)[kKeysPerChunk]) {
   for (int64_t t = 0; t < n; ++t)
     for (int64_t g = 0; g < group; ++g) scores[g][t] = dot(q + g * D, k_cache + rows[t] * D, D) * scale;
 }
 
-inline void chunk_values(const float* v_cache, const int64_t* rows, int64_t n, int64_t D, int64_t group,
+template <typename T>
+inline void chunk_values(const T* v_cache, const int64_t* rows, int64_t n, int64_t D, int64_t group,
                          float (*weights)[kKeysPerChunk], float* acc) {
   std::fill(acc, acc + group * D, 0.f);
   for (int64_t t = 0; t < n; ++t) {
-    const float* v = v_cache + rows[t] * D;
+    const T* v = v_cache + rows[t] * D;
     for (int64_t g = 0; g < group; ++g) {
       const float w = weights[g][t];
 #pragma omp simd
-      for (int64_t i = 0; i < D; ++i) acc[g * D + i] += w * v[i];
+      for (int64_t i = 0; i < D; ++i) acc[g * D + i] += w * to_float(v[i]);
     }
   }
 }
 
 #if defined(__AVX512F__)
-inline void prefetch_row(const float* row, int64_t floats) {
-  for (int64_t i = 0; i < floats; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
-}
-
 // Sixteen vectors' lane sums as one vector (out[t] = sum of a[t]): a tree of lane shuffles
 // and adds, ~3 instructions a vector where reducing each alone takes ~10.
 inline __m512 sums_of_16(__m512* a) {
@@ -93,42 +128,45 @@ inline __m512 sums_of_16(__m512* a) {
 }
 
 // Scores of up to 16 keys at a time: one head's products with the 16 keys summed lane-wise,
-// then reduced together.
-template <int G>
-void chunk_scores_avx(const float* q, const float* k_cache, const float* v_cache, const int64_t* rows, int64_t n,
+// then reduced together. The 16 accumulators stay in registers (a short last group repeats
+// its last key, masked out at the store), and each step of the dot products issues 16
+// independent FMAs, so none waits on the one before it.
+template <int G, typename T>
+void chunk_scores_avx(const float* q, const T* k_cache, const T* v_cache, const int64_t* rows, int64_t n,
                       int64_t D, float scale, float (*scores)[kKeysPerChunk], int64_t prefetch) {
   for (int64_t t = 0; t < std::min<int64_t>(n, 16); ++t) prefetch_row(k_cache + rows[t] * D, prefetch);
   for (int64_t first = 0; first < n; first += 16) {
     const int64_t keys = std::min<int64_t>(16, n - first);
+    for (int64_t t = 0; t < keys; ++t) {   // the next 16 keys, and these keys' values (read next)
+      if (first + 16 + t < n) prefetch_row(k_cache + rows[first + 16 + t] * D, prefetch);
+      prefetch_row(v_cache + rows[first + t] * D, prefetch);
+    }
+    const T* k[16];
+    for (int t = 0; t < 16; ++t) k[t] = k_cache + rows[first + std::min<int64_t>(t, keys - 1)] * D;
+    const __mmask16 lanes = keys == 16 ? 0xFFFF : static_cast<__mmask16>((1u << keys) - 1);
     for (int g = 0; g < G; ++g) {
       __m512 acc[16];
       for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t t = 0; t < keys; ++t) {
-        if (g == 0) {   // the next 16 keys, and these keys' values (the next pass reads them)
-          if (first + 16 + t < n) prefetch_row(k_cache + rows[first + 16 + t] * D, prefetch);
-          prefetch_row(v_cache + rows[first + t] * D, prefetch);
-        }
-        const float* k = k_cache + rows[first + t] * D;
-        for (int64_t i = 0; i < D; i += 16)
-          acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + i), _mm512_loadu_ps(k + i), acc[t]);
+      for (int64_t i = 0; i < D; i += 16) {
+        const __m512 qi = _mm512_loadu_ps(q + g * D + i);
+        for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(qi, load16(k[t] + i), acc[t]);
       }
-      const __mmask16 lanes = keys == 16 ? 0xFFFF : static_cast<__mmask16>((1u << keys) - 1);
       _mm512_mask_storeu_ps(scores[g] + first, lanes, _mm512_mul_ps(sums_of_16(acc), _mm512_set1_ps(scale)));
     }
   }
 }
 
 // S vectors (16 * S floats) of the value rows from `first`, for the G heads.
-template <int G, int S>
-void value_slab_avx(const float* v_cache, const int64_t* rows, int64_t n, int64_t D, int64_t first,
+template <int G, int S, typename T>
+void value_slab_avx(const T* v_cache, const int64_t* rows, int64_t n, int64_t D, int64_t first,
                     float (*weights)[kKeysPerChunk], float* acc_out) {
   __m512 acc[G][S];
   for (int g = 0; g < G; ++g)
     for (int s = 0; s < S; ++s) acc[g][s] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
-    const float* v = v_cache + rows[t] * D + first;
+    const T* v = v_cache + rows[t] * D + first;
     __m512 value[S];
-    for (int s = 0; s < S; ++s) value[s] = _mm512_loadu_ps(v + 16 * s);
+    for (int s = 0; s < S; ++s) value[s] = load16(v + 16 * s);
     for (int g = 0; g < G; ++g) {
       const __m512 w = _mm512_set1_ps(weights[g][t]);
       for (int s = 0; s < S; ++s) acc[g][s] = _mm512_fmadd_ps(w, value[s], acc[g][s]);
@@ -138,16 +176,16 @@ void value_slab_avx(const float* v_cache, const int64_t* rows, int64_t n, int64_
     for (int s = 0; s < S; ++s) _mm512_storeu_ps(acc_out + g * D + first + 16 * s, acc[g][s]);
 }
 
-template <int G>
-void chunk_values_avx(const float* v_cache, const int64_t* rows, int64_t n, int64_t D,
+template <int G, typename T>
+void chunk_values_avx(const T* v_cache, const int64_t* rows, int64_t n, int64_t D,
                       float (*weights)[kKeysPerChunk], float* acc) {
   int64_t first = 0;
-  for (; first + 64 <= D; first += 64) value_slab_avx<G, 4>(v_cache, rows, n, D, first, weights, acc);
-  for (; first < D; first += 16) value_slab_avx<G, 1>(v_cache, rows, n, D, first, weights, acc);
+  for (; first + 64 <= D; first += 64) value_slab_avx<G, 4, T>(v_cache, rows, n, D, first, weights, acc);
+  for (; first < D; first += 16) value_slab_avx<G, 1, T>(v_cache, rows, n, D, first, weights, acc);
 }
 
-template <int G>
-bool chunk_avx(const float* q, const float* k_cache, const float* v_cache, const int64_t* rows, int64_t n,
+template <int G, typename T>
+bool chunk_avx(const float* q, const T* k_cache, const T* v_cache, const int64_t* rows, int64_t n,
                int64_t D, float scale, float (*scores)[kKeysPerChunk], float* acc, bool values, int64_t prefetch) {
   if (values) chunk_values_avx<G>(v_cache, rows, n, D, scores, acc);
   else chunk_scores_avx<G>(q, k_cache, v_cache, rows, n, D, scale, scores, prefetch);
@@ -156,20 +194,21 @@ bool chunk_avx(const float* q, const float* k_cache, const float* v_cache, const
 #endif
 
 // The scores (values = false) or the weighted values (values = true) of one chunk;
-// `prefetch`: floats of each key's and value's cache row to prefetch ahead (0: none).
-inline void chunk_step(const float* q, int64_t group, const float* k_cache, const float* v_cache,
+// `prefetch`: elements of each key's and value's cache row to prefetch ahead (0: none).
+template <typename T>
+inline void chunk_step(const float* q, int64_t group, const T* k_cache, const T* v_cache,
                        const int64_t* rows, int64_t n, int64_t D, float scale, float (*scores)[kKeysPerChunk],
                        float* acc, bool values, int64_t prefetch) {
 #if defined(__AVX512F__)
   if (D % 16 == 0) {
     switch (group) {
-      case 1: chunk_avx<1>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
-      case 2: chunk_avx<2>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
-      case 3: chunk_avx<3>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
-      case 4: chunk_avx<4>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
-      case 5: chunk_avx<5>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
-      case 6: chunk_avx<6>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
-      case 8: chunk_avx<8>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 1: chunk_avx<1, T>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 2: chunk_avx<2, T>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 3: chunk_avx<3, T>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 4: chunk_avx<4, T>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 5: chunk_avx<5, T>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 6: chunk_avx<6, T>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
+      case 8: chunk_avx<8, T>(q, k_cache, v_cache, rows, n, D, scale, scores, acc, values, prefetch); return;
       default: break;
     }
   }
@@ -188,30 +227,55 @@ class DecodeAttention {
 
   // q: the B new tokens' query heads, row b at q + b * q_stride; keys 0..pos[b] of sequence b
   // in the cache rows its block table (tables + b * table_width) names. out [B, heads * D].
+  template <typename T>
   void run(const float* q, int64_t q_stride, int64_t B, const int64_t* pos, const int32_t* tables,
-           int64_t table_width, const float* k_cache, const float* v_cache, float* out, WorkerPool& threads) {
+           int64_t table_width, const T* k_cache, const T* v_cache, float* out, WorkerPool& threads) {
     const int64_t chunks = (*std::max_element(pos, pos + B) + 1 + kKeysPerChunk - 1) / kKeysPerChunk;
     maxima_.resize(B * heads_ * chunks);
     sums_.resize(B * heads_ * chunks);
     partial_.resize(B * heads_ * chunks * head_dim_);
-    // An item is one chunk of one sequence's keys, every kv head: the cache rows (all kv
-    // heads of a position, contiguous) are read whole, the first head's pass fetching them.
-    threads.parallel_for(B * chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / chunks, chunk = item % chunks;
+    plan_items(B, pos, tables, table_width, chunks, threads.size());
+    // An item is one chunk of keys for a few rows of one sequence: per kv head, its keys and
+    // values (16 KB for 32 keys of a 64-wide head) stay in L1 while every row reads them.
+    threads.parallel_for(static_cast<int64_t>(items_.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const Item& item = items_[i];
         for (int64_t kv = 0; kv < kv_heads_; ++kv)
-          chunk_of(q + b * q_stride, b * heads_ + kv * group_, chunks, chunk, pos[b] + 1,
-                   tables + b * table_width, k_cache, v_cache, kv);
+          for (int64_t b = item.first; b < item.first + item.rows; ++b)
+            chunk_of(q + b * q_stride, b * heads_ + kv * group_, chunks, item.chunk, pos[b] + 1,
+                     tables + b * table_width, k_cache, v_cache, kv, kv == 0 && b == item.first);
       }
     });
     for (int64_t row = 0; row < B * heads_; ++row) merge(row, chunks, out + row * head_dim_);
   }
 
  private:
+  struct Item {
+    int64_t first, rows, chunk;   // rows first.. of one sequence, over keys [chunk * C, ..)
+  };
+
+  // Rows of one sequence (a prompt chunk's: consecutive positions, one block table) share
+  // their keys; each such run is cut into parts small enough to give every thread ~4 items.
+  void plan_items(int64_t B, const int64_t* pos, const int32_t* tables, int64_t width, int64_t chunks,
+                  int64_t threads) {
+    items_.clear();
+    for (int64_t first = 0, last = 0; first < B; first = last) {
+      for (last = first + 1; last < B && pos[last] == pos[last - 1] + 1 &&
+                             std::equal(tables + last * width, tables + (last + 1) * width, tables + first * width);
+           ++last) {
+      }
+      const int64_t run = last - first, part = std::clamp<int64_t>(run * chunks / (4 * threads), 1, run);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk)
+        for (int64_t b = first; b < last; b += part) items_.push_back({b, std::min(part, last - b), chunk});
+    }
+  }
+
   // Scores, their exponentials and the weighted values of keys [chunk * C, ..) for the
   // `group_` query heads of kv head `kv`; `first` is the first head's row in [B * heads].
+  // `fetch`: prefetch the chunk's cache rows whole (every kv head), once per item.
+  template <typename T>
   void chunk_of(const float* q, int64_t first, int64_t chunks, int64_t chunk, int64_t keys,
-                const int32_t* table, const float* k_cache, const float* v_cache, int64_t kv) {
+                const int32_t* table, const T* k_cache, const T* v_cache, int64_t kv, bool fetch) {
     const int64_t D = head_dim_, begin = chunk * kKeysPerChunk, end = std::min(keys, begin + kKeysPerChunk);
     if (begin >= end) {
       for (int64_t g = 0; g < group_; ++g) {
@@ -221,20 +285,18 @@ class DecodeAttention {
       return;
     }
     int64_t rows[kKeysPerChunk];
-    for (int64_t t = begin; t < end; ++t)
-      rows[t - begin] = (static_cast<int64_t>(table[t / block_size_]) * block_size_ + t % block_size_) * kv_heads_ + kv;
+    for (int64_t t = begin, block = begin / block_size_, offset = begin % block_size_; t < end; ++t) {
+      rows[t - begin] = (static_cast<int64_t>(table[block]) * block_size_ + offset) * kv_heads_ + kv;
+      if (++offset == block_size_) offset = 0, ++block;
+    }
     const int64_t n = end - begin;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
     const float* q0 = q + (first % heads_) * D;
     float scores[kMaxGroup][kKeysPerChunk];
     float* acc = partial_.data() + first * chunks * D;   // the group's rows: [group][chunks][D]
-    chunk_step(q0, group_, k_cache, v_cache, rows, n, D, scale, scores, nullptr, false, kv == 0 ? kv_heads_ * D : 0);
+    chunk_step(q0, group_, k_cache, v_cache, rows, n, D, scale, scores, nullptr, false, fetch ? kv_heads_ * D : 0);
     for (int64_t g = 0; g < group_; ++g) {
-      const float highest = *std::max_element(scores[g], scores[g] + n);
-      for (int64_t t = 0; t < n; ++t) scores[g][t] -= highest;
-      exp_in_place(scores[g], n);
-      float total = 0.f;
-      for (int64_t t = 0; t < n; ++t) total += scores[g][t];
+      const auto [highest, total] = exp_shifted(scores[g], n);
       maxima_[(first + g) * chunks + chunk] = highest;
       sums_[(first + g) * chunks + chunk] = total;
     }
@@ -264,6 +326,7 @@ class DecodeAttention {
 
   int64_t heads_, kv_heads_, group_, head_dim_, block_size_;
   std::vector<float> maxima_, sums_, partial_;
+  std::vector<Item> items_;
 };
 
 }  // namespace

@@ -3,6 +3,7 @@
 // accumulation (the weights move as 4.5-8.5 bits, the arithmetic stays exact to the stored
 // values up to fp32 rounding: no 8-bit or bf16 activations), dequantization, RMSNorm, RoPE.
 #include "ggml_blocks.h"
+#include "kv_elements.h"
 
 void register_decode_plan(pybind11::module& m);  // decode.cpp
 
@@ -113,6 +114,21 @@ std::vector<int64_t> argmax_rows(torch::Tensor logits) {
   return out;
 }
 
+// float32 `values` stored into `out` (float32, float16 or bfloat16, as many elements) as the
+// planned step stores keys and values in the KV cache: the tests hold its rounding to torch's.
+void store_kv(torch::Tensor values, torch::Tensor out) {
+  TORCH_CHECK(values.dtype() == torch::kFloat32 && values.numel() == out.numel() && out.is_contiguous(),
+              "store_kv takes float32 values and a contiguous out of as many elements");
+  values = values.contiguous();
+  const float* from = values.data_ptr<float>();
+  switch (out.scalar_type()) {
+    case torch::kFloat32: return store_row(from, values.numel(), out.data_ptr<float>());
+    case torch::kFloat16: return store_row(from, values.numel(), out.data_ptr<c10::Half>());
+    case torch::kBFloat16: return store_row(from, values.numel(), out.data_ptr<c10::BFloat16>());
+    default: TORCH_CHECK(false, "out must be float32, float16 or bfloat16, got ", out.scalar_type());
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs, so a server's event loop keeps going meanwhile.
   m.def("gemv", &gemv, "GGUF-block matrix-vector product with fp32 activations",
@@ -122,5 +138,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of a few float32 rows", py::call_guard<py::gil_scoped_release>());
   m.def("rope_", &rope_, "rotary embedding in place (half-split)", py::call_guard<py::gil_scoped_release>());
   m.def("argmax_rows", &argmax_rows, "each row's argmax (the first; NaN counts as greatest)");
+  m.def("store_kv", &store_kv, "float32 values into a KV-cache-typed tensor, as the planned step stores them");
   register_decode_plan(m);
 }

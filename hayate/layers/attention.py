@@ -71,7 +71,9 @@ def _rows(block_table: list[int], num_tokens: int, block_size: int, device: torc
 class Attention(nn.Module):
     """Writes this step's keys/values into the cache, then attends each query to its prefix.
     The cache views (k_cache, v_cache: [rows, kv_heads, head_dim]) are bound by the KV
-    cache at allocation time."""
+    cache at allocation time. A cache of another dtype than the activations' (a float16 /
+    bfloat16 cache) stores keys/values rounded by torch's .to() and is read back widened:
+    attention itself runs in the queries' dtype."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -85,8 +87,8 @@ class Attention(nn.Module):
         """q [tokens, heads, head_dim], k/v [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
         if self.k_cache is None:
             raise RuntimeError("attention used before a KV cache was bound to the model")
-        self.k_cache.index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        self.k_cache.index_copy_(0, meta.slot_mapping, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(0, meta.slot_mapping, v.to(self.v_cache.dtype))
         if meta.decode_only:
             return self._attend_decodes(q, meta)
         outputs, offset = [], 0
@@ -105,15 +107,16 @@ class Attention(nn.Module):
             width = meta.padded_key_rows.shape[1]
             keys = self.k_cache.index_select(0, meta.padded_key_rows.reshape(-1))
             values = self.v_cache.index_select(0, meta.padded_key_rows.reshape(-1))
-        keys = keys.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = values.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # .to() is a no-op (still the view) for a cache of the queries' dtype
+        keys = keys.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2).to(q.dtype)
+        values = values.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2).to(q.dtype)
         out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.padding_mask,
                                              scale=self.scale, enable_gqa=True)
         return out.reshape(batch, self.num_heads * self.head_dim)  # [batch, heads, 1, head_dim] flat
 
     def _attend(self, q: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
-        keys = self.k_cache.index_select(0, rows).transpose(0, 1)    # [kv_heads, end, head_dim]
-        values = self.v_cache.index_select(0, rows).transpose(0, 1)
+        keys = self.k_cache.index_select(0, rows).to(q.dtype).transpose(0, 1)   # [kv_heads, end, head_dim]
+        values = self.v_cache.index_select(0, rows).to(q.dtype).transpose(0, 1)
         query = q.transpose(0, 1)                                    # [heads, length, head_dim]
         mask = None
         if query.shape[1] > 1 and start > 0:

@@ -70,12 +70,13 @@ def _random_packed(linear: nn.Linear, ggml_type: int) -> PackedLinear:
                         linear.bias)
 
 
-def dispatch_seconds(loaded: LoadedModel, context: int, steps: int = 24) -> float:
-    """Median time of one decode step of the twin, at `context` cached tokens."""
+def dispatch_seconds(loaded: LoadedModel, context: int, kv_cache_dtype: str = "auto", steps: int = 24) -> float:
+    """Median time of one decode step of the twin, at `context` cached tokens, over a KV
+    cache of the real engine's kv_cache_dtype."""
     from hayate.engine.engine import Engine
 
     twin = dataclasses.replace(loaded, model=build_twin(loaded), config=twin_config(loaded.config))
-    engine = Engine(twin, EngineConfig(kv_cache_tokens=max(loaded.max_model_len, 16)))
+    engine = Engine(twin, EngineConfig(kv_cache_tokens=max(loaded.max_model_len, 16), kv_cache_dtype=kv_cache_dtype))
     prompt = [i % TWIN_VOCAB for i in range(max(1, min(context, loaded.max_model_len - steps - 2)))]
     engine.add_request("twin", prompt, SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True))
     engine.step()   # the prompt

@@ -11,7 +11,7 @@ from rich.table import Table
 from hayate.config import WEIGHT_MODES, EngineConfig
 from hayate.loading.loader import load_model
 from hayate.engine.decode_plan import decode_path
-from hayate.engine.kv_cache import KVCache
+from hayate.engine.kv_cache import KVCache, kv_cache_dtype
 from hayate.plan.cost import StepCost, decode_cost, group_rows, memory_by_format, prefill_cost
 from hayate.plan.dispatch import dispatch_seconds
 from hayate.plan.hardware import HardwareProfile, datasheet_profiles, probe_cpu
@@ -31,14 +31,16 @@ class Prediction:
         return self.kernel_step_seconds + fixed_seconds
 
 
-def predict(model, config, hardware: HardwareProfile, context: int, prefill_chunk: int) -> Prediction:
-    """The roofline of a decode step and of prefill at PROMPT_LENGTHS."""
-    step = decode_cost(model, config, batch=1, context=context)
+def predict(model, config, hardware: HardwareProfile, context: int, prefill_chunk: int,
+            kv_bytes: int = 4) -> Prediction:
+    """The roofline of a decode step and of prefill at PROMPT_LENGTHS; kv_bytes: the KV
+    cache's element size (KVCache.element_size)."""
+    step = decode_cost(model, config, batch=1, context=context, kv_bytes=kv_bytes)
     seconds = hardware.floor_seconds(step.bytes, step.flops)
     kernel = sum(hardware.kernel_seconds(row.bytes, row.flops, row.ggml_type) for row in step.rows)
     ttft = {}
     for length in PROMPT_LENGTHS:
-        prefill = prefill_cost(model, config, length, prefill_chunk)
+        prefill = prefill_cost(model, config, length, prefill_chunk, kv_bytes=kv_bytes)
         ttft[length] = hardware.floor_seconds(prefill.bytes, prefill.flops)
     return Prediction(1 / seconds, seconds, ttft, kernel)
 
@@ -64,10 +66,14 @@ def add_plan_parser(commands) -> None:
     plan.add_argument("--weights", choices=WEIGHT_MODES, default="auto")
     plan.add_argument("--hardware", choices=["probe", *datasheet_profiles()], default="probe",
                       help="measure this CPU (default) or use a GPU datasheet profile")
+    from hayate.cli import add_kv_cache_option
+
+    add_kv_cache_option(plan)
 
 
 def command_plan(args: argparse.Namespace) -> int:
-    config = EngineConfig(model=args.model, threads=args.threads, weights=args.weights, show_progress=True)
+    config = EngineConfig(model=args.model, threads=args.threads, weights=args.weights,
+                          kv_cache_dtype=args.kv_cache_dtype, show_progress=True)
     if config.threads:
         torch.set_num_threads(config.threads)
     loaded = load_model(config)
@@ -75,16 +81,20 @@ def command_plan(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"{loaded.path.name}: {loaded.config.model_type}, {loaded.config.num_hidden_layers} layers; "
                   f"{hardware.name}: {hardware.bandwidth / 1e9:.1f} GB/s read, {hardware.flops / 1e9:.0f} GFLOP/s")
-    console.print(cost_table(decode_cost(loaded.model, loaded.config, 1, args.context), hardware))
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, next(loaded.model.parameters()).dtype)
+    kv_bytes = kv_dtype.itemsize
+    console.print(cost_table(decode_cost(loaded.model, loaded.config, 1, args.context, kv_bytes), hardware))
     held = memory_by_format(loaded.model)
+    kv_token = KVCache.bytes_per_token(loaded.config, kv_dtype) / 1024
     console.print("weights in memory: " + ", ".join(f"{n / 1e6:.1f} MB {kind}" for kind, n in held.items())
-                  + f" (weights {config.weights}); KV cache {KVCache.bytes_per_token(loaded.config) / 1024:.0f} KB a token")
+                  + f" (weights {config.weights}); KV cache {kv_token:.3g} KB a token "
+                  f"({str(kv_dtype).removeprefix('torch.')})")
     console.print(f"decode: {decode_path(loaded.model)}")
-    floor = predict(loaded.model, loaded.config, hardware, args.context, config.prefill_chunk)
+    floor = predict(loaded.model, loaded.config, hardware, args.context, config.prefill_chunk, kv_bytes)
     console.print(f"floor: {floor.decode_tokens_per_second:.0f} tokens/s decode at batch 1 "
                   f"({floor.decode_step_seconds * 1e3:.2f} ms a token: bytes and FLOPs only)")
     if args.hardware == "probe":
-        dispatch = dispatch_seconds(loaded, args.context)
+        dispatch = dispatch_seconds(loaded, args.context, config.kv_cache_dtype)
         step = floor.expected_step_seconds(dispatch)
         console.print(f"predicted: {1 / step:.0f} tokens/s decode at batch 1 ({step * 1e3:.2f} ms a token: "
                       f"{floor.kernel_step_seconds * 1e3:.2f} ms streaming the weights at the kernels' measured "
