@@ -44,11 +44,13 @@ inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-// A cache row of `elements` values into L1, one 64-byte line at a time.
-template <typename T>
+// A cache row of `elements` values towards the core (Hint: _MM_HINT_T1, into L2), one 64-byte
+// line at a time.
+template <int Hint = _MM_HINT_T1, typename T>
 inline void prefetch_row(const T* row, int64_t elements) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t i = 0; i < elements * static_cast<int64_t>(sizeof(T)); i += 64) _mm_prefetch(bytes + i, _MM_HINT_T0);
+  for (int64_t i = 0; i < elements * static_cast<int64_t>(sizeof(T)); i += 64)
+    _mm_prefetch(bytes + i, static_cast<_mm_hint>(Hint));
 }
 #endif
 
