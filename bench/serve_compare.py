@@ -1,8 +1,10 @@
-"""Serve one GGUF model with llama.cpp and with hayate, load each in turn, and compare.
+"""Serve one GGUF model with llama.cpp and with hayate, load them in turn, and compare.
 
-Each server is started, checked healthy (GET /v1/models answers 200), driven through
-load.py's concurrency levels, and stopped before the next starts, so that the two never
-compete for the cores.  Usage: see bench/README.md or `python bench/serve_compare.py --help`.
+Both servers are started and checked healthy (GET /v1/models answers 200); then each
+concurrency level of load.py runs against one server, then the other (the order alternating
+from level to level), so that the two never compete for the cores and each level sees both
+on the same phase of this noisy machine; the idle server sleeps. Both are stopped at the end.
+Usage: see bench/README.md or `python bench/serve_compare.py --help`.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -139,16 +141,46 @@ def prefixed_printer(name: str) -> Callable[[str], None]:
     return lambda line: print(f"{name}: {line}", file=sys.stderr)
 
 
-def bench_engine(name: str, args: argparse.Namespace, log_dir: Path) -> dict:
-    """Start one engine's server, run every level against it, stop it; returns load.py's report."""
-    spec = llama_cpp_spec(args) if name == "llama.cpp" else hayate_spec(args)
-    print(f"{name}: starting ({' '.join(spec.command)})", file=sys.stderr)
-    with running(spec, log_dir / f"{name}.log", args.startup_timeout):
-        config = BenchConfig(base_url=spec.base_url, concurrency_levels=args.levels,
-                             requests=args.requests, max_tokens=args.max_tokens, label=name)
-        report = asyncio.run(run_benchmark(config, progress=prefixed_printer(name)))
-    print(format_table(report), file=sys.stderr)
-    return report
+def start_servers(names: list[str], args: argparse.Namespace, log_dir: Path, stack: ExitStack,
+                  failures: dict[str, str]) -> dict[str, ServerSpec]:
+    """Every engine's server, healthy, stopped when `stack` closes; failures noted by name."""
+    specs = {}
+    for name in names:
+        spec = llama_cpp_spec(args) if name == "llama.cpp" else hayate_spec(args)
+        print(f"{name}: starting ({' '.join(spec.command)})", file=sys.stderr)
+        try:
+            stack.enter_context(running(spec, log_dir / f"{name}.log", args.startup_timeout))
+            specs[name] = spec
+        except (ServerError, OSError, subprocess.TimeoutExpired) as error:
+            failures[name] = str(error)
+            print(f"{name}: FAILED: {error}", file=sys.stderr)
+    return specs
+
+
+def bench_engines(args: argparse.Namespace, log_dir: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each level against each server in turn; returns load.py's reports (levels joined) and
+    the failures, by engine."""
+    reports: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    with ExitStack() as stack:
+        specs = start_servers(args.engine_names, args, log_dir, stack, failures)
+        for index, level in enumerate(args.levels):
+            for name in list(specs) if index % 2 == 0 else list(specs)[::-1]:
+                if name in failures:
+                    continue
+                config = BenchConfig(base_url=specs[name].base_url, concurrency_levels=[level],
+                                     requests=args.requests, max_tokens=args.max_tokens, label=name)
+                try:
+                    report = asyncio.run(run_benchmark(config, progress=prefixed_printer(name)))
+                except (Unreachable, ValueError, OSError) as error:
+                    failures[name] = str(error)
+                    reports.pop(name, None)
+                    print(f"{name}: FAILED: {error}", file=sys.stderr)
+                    continue
+                reports.setdefault(name, {**report, "levels": []})["levels"] += report["levels"]
+    for report in reports.values():
+        print(format_table(report), file=sys.stderr)
+    return reports, failures
 
 
 # ---- side-by-side table -----------------------------------------------------------------
@@ -236,13 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="hayate-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    reports, failures = {}, {}
-    for name in args.engine_names:
-        try:
-            reports[name] = bench_engine(name, args, log_dir)
-        except (ServerError, Unreachable, ValueError, OSError, subprocess.TimeoutExpired) as error:
-            failures[name] = str(error)
-            print(f"{name}: FAILED: {error}", file=sys.stderr)
+    reports, failures = bench_engines(args, log_dir)
     print(compare_table(reports, failures))
     if args.json:
         args.json.write_text(json.dumps({"reports": reports, "failures": failures}, indent=2) + "\n")
