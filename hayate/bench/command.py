@@ -18,7 +18,8 @@ from hayate.bench.peers import (DEFAULT_LLAMA_PYTHON, PeerFailed, PeerProcess, e
 from hayate.bench.report import BenchReport, notes, results_table, write_json
 from hayate.bench.rounds import run_rounds
 from hayate.bench.timings import EngineResult, failed
-from hayate.config import KV_CACHE_DTYPES, WEIGHT_MODES
+from hayate.cli import add_kv_cache_option
+from hayate.config import WEIGHT_MODES
 
 DEFAULT_PROMPT_LENGTHS = "32,512,2048"
 
@@ -39,8 +40,6 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--model", help="a .gguf file or a Hugging Face folder (default: the default model)")
     bench.add_argument("--threads", type=int, help="CPU threads for every engine (default: all cores)")
     bench.add_argument("--weights", choices=WEIGHT_MODES, default="auto", help="hayate's weight mode")
-    bench.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                       help="hayate's KV cache: auto = exact; float16/bfloat16 as llama.cpp's default f16, lossy")
     bench.add_argument("--prompt-lengths", type=_lengths, default=_lengths(DEFAULT_PROMPT_LENGTHS),
                        help=f"prompt tokens for time to first token (default {DEFAULT_PROMPT_LENGTHS})")
     bench.add_argument("--decode-tokens", type=int, default=256, help="tokens decoded after the first (256)")
@@ -54,6 +53,7 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--llama-python", type=Path, default=DEFAULT_LLAMA_PYTHON,
                        help="the Python that has llama-cpp-python (default: .venv-bench, made by `make bench-env`)")
     bench.add_argument("--peer-timeout", type=float, default=1800, help="seconds allowed per peer (1800)")
+    add_kv_cache_option(bench)
 
 
 def load_hayate(args: argparse.Namespace) -> HayateContender:

@@ -27,11 +27,12 @@ class PlannedDecode:
         # A step of up to this many tokens runs as consecutive planned steps of max_batch rows,
         # which on these CPUs beats the eager model's dequantize-then-matmul below ~500 tokens:
         # 0.33x its time at 17 tokens, 0.5x at 48-160, 0.87x at 384, even at 512
-        # (docs/PERFORMANCE.md); past this, prefill runs eagerly.
+        # (docs/PERFORMANCE.md); past this, a step runs eagerly.
         self.max_tokens = 24 * MAX_NATIVE_ROWS
-        # Each row of a planned prompt chunk reads all the keys before it (rows share no reads
-        # in the decode attention), so past this position the eager model's flash attention
-        # wins; a prompt's first max_tokens run planned and the rest eagerly (scheduler.py).
+        # Each row of a planned prompt chunk reads all the keys before it (the flash attention
+        # of the eager model reads each key once for the whole chunk), so a prompt chunk runs
+        # planned only while it ends by this position; a prompt's first max_tokens are a chunk
+        # of their own (scheduler.py), so every prompt starts planned.
         self.max_prefill_end = 2 * self.max_tokens
 
     @classmethod
