@@ -48,10 +48,10 @@ def count_runs(llm: LLM) -> list[int]:
     return calls
 
 
-def assert_same(ours, theirs) -> None:
+def assert_same(ours, theirs, tolerance: float = 1e-3) -> None:
     assert ours.token_ids == theirs.token_ids
     for a, b in zip(ours.logprobs, theirs.logprobs):
-        assert abs(a.logprob - b.logprob) < 1e-3
+        assert abs(a.logprob - b.logprob) < tolerance
         assert [i for i, _ in a.top] == [i for i, _ in b.top]
 
 

@@ -23,12 +23,11 @@ from hayate.kernels import native_kernels
 from hayate.llm import LLM
 from hayate.plan.cost import decode_cost
 from hayate.sampling import SamplingParams
+from test_decode_plan import PARAMS, PROMPTS, assert_same, planned_and_eager
 from test_gguf import QType, export_hf_model, tiny_model
 from tiny_models import make_tiny_model
 
 HALF = ["float16", "bfloat16"]
-PARAMS = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=5)
-PROMPTS = [[3, 17, 5, 60, 21, 8, 44, 9], [7, 7, 1], list(range(10, 47)), [99]]
 needs_native = pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
 
 
@@ -115,13 +114,6 @@ def test_each_path_stores_torchs_rounding_of_its_keys(gguf_path, dtype, planned)
     assert torch.equal(bits(half), bits(exact.to(half.dtype)))
 
 
-def assert_close_answers(ours, theirs, tolerance: float) -> None:
-    assert ours.token_ids == theirs.token_ids
-    for a, b in zip(ours.logprobs, theirs.logprobs):
-        assert abs(a.logprob - b.logprob) < tolerance
-        assert [i for i, _ in a.top] == [i for i, _ in b.top]
-
-
 @needs_native
 @pytest.mark.parametrize("dtype", HALF)
 def test_planned_steps_over_a_half_cache_equal_eager_steps(gguf_path, dtype):
@@ -129,11 +121,9 @@ def test_planned_steps_over_a_half_cache_equal_eager_steps(gguf_path, dtype):
     in a few elements (0.02-0.6% here), none of them off by much (a step or two at the
     cache's largest values)."""
     for settings in ({}, {"max_num_seqs": 4, "block_size": 4}):
-        planned = LLM(gguf_path, kv_cache_dtype=dtype, **settings)
-        eager = LLM(gguf_path, kv_cache_dtype=dtype, planned_decode=False, **settings)
-        assert planned.engine.runner.plan is not None and eager.engine.runner.plan is None
+        planned, eager = planned_and_eager(gguf_path, kv_cache_dtype=dtype, **settings)
         for ours, theirs in zip(planned.generate(PROMPTS, PARAMS), eager.generate(PROMPTS, PARAMS)):
-            assert_close_answers(ours, theirs, 1e-2)
+            assert_same(ours, theirs, tolerance=1e-2)
         ours, theirs = planned.engine.runner.kv_cache.storage, eager.engine.runner.kv_cache.storage
         assert (bits(ours) != bits(theirs)).float().mean() < 0.02
         largest = theirs.float().abs().max()
