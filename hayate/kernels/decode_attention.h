@@ -21,12 +21,19 @@ constexpr int64_t kKeysPerChunk = 32;
 constexpr int64_t kMaxGroup = 16;  // query heads per kv head
 constexpr int64_t kMaxHeadDim = 256;
 
+#if defined(__AVX512F__)
+// The first min(count, 16) of a vector's 16 lanes.
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+}
+#endif
+
 // e^x in place on n floats (x clamped to [-87.3, 88.7], where float's e^x lives): Cephes'
 // expf polynomial, within 2 ulp, 16 lanes at a time.
 inline void exp_in_place(float* x, int64_t n) {
 #if defined(__AVX512F__)
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 lanes = first_lanes(n - i);
     __m512 v = _mm512_max_ps(_mm512_maskz_loadu_ps(lanes, x + i), _mm512_set1_ps(-87.3f));
     v = _mm512_min_ps(v, _mm512_set1_ps(88.7f));
     const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
@@ -53,18 +60,18 @@ inline std::pair<float, float> exp_shifted(float* x, int64_t n) {
 #if defined(__AVX512F__)
   __m512 highest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 lanes = first_lanes(n - i);
     highest = _mm512_mask_max_ps(highest, lanes, highest, _mm512_maskz_loadu_ps(lanes, x + i));
   }
   const float top = _mm512_reduce_max_ps(highest);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 lanes = first_lanes(n - i);
     _mm512_mask_storeu_ps(x + i, lanes, _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), _mm512_set1_ps(top)));
   }
   exp_in_place(x, n);
   __m512 total = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 lanes = first_lanes(n - i);
     total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(lanes, x + i));
   }
   return {top, _mm512_reduce_add_ps(total)};
@@ -143,7 +150,7 @@ void chunk_scores_avx(const float* q, const T* k_cache, const T* v_cache, const 
     }
     const T* k[16];
     for (int t = 0; t < 16; ++t) k[t] = k_cache + rows[first + std::min<int64_t>(t, keys - 1)] * D;
-    const __mmask16 lanes = keys == 16 ? 0xFFFF : static_cast<__mmask16>((1u << keys) - 1);
+    const __mmask16 lanes = first_lanes(keys);
     for (int g = 0; g < G; ++g) {
       __m512 acc[16];
       for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
