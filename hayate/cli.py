@@ -50,7 +50,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--max-model-len", type=int, help="context length (default: min(model's, 4096))")
     parser.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
-                        help="fp32: dequantize at load; packed: keep GGUF blocks packed; auto: by memory")
+                        help="fp32: dequantize at load; packed: keep GGUF blocks packed; auto: by memory; "
+                             "int4-bf16: packed int4 kernels, bf16 activations (fast, lossy; CPU and CUDA)")
     add_device_options(parser)
     add_kv_cache_option(parser)
 
@@ -59,6 +60,8 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="weights and activations: auto = float32 on the CPU, bfloat16 on CUDA")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on CUDA, run every decode step eagerly instead of replaying captured graphs")
 
 
 def add_kv_cache_option(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +80,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, threads=args.threads, max_model_len=args.max_model_len,
                         weights=args.weights, device=args.device, dtype=args.dtype,
-                        kv_cache_dtype=args.kv_cache_dtype, show_progress=True)
+                        cuda_graphs=not args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
+                        show_progress=True)
 
 
 def stream_to_stdout(outputs: Iterator[RequestOutput]) -> RequestOutput | None:

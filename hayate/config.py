@@ -25,7 +25,8 @@ class EngineConfig:
     encoder_cache_mb: int = 256       # image embeddings kept by content hash (vision models)
     planned_decode: bool = True       # decode steps as one native call where the model allows
     prefix_caching: bool = True       # share the KV blocks of prompts' common prefixes (block_manager.py)
-    device: str = "cpu"               # "cpu", or "cuda" / "cuda:N": weights dequantized, the eager step
+    device: str = "cpu"               # "cpu", or "cuda" / "cuda:N": weights dequantized (or int4-bf16)
+    cuda_graphs: bool = True          # on CUDA, decode steps replay graphs captured per batch and context bucket
     dtype: str = "auto"               # weights and activations: auto = float32 on the CPU, bfloat16 on CUDA
     # KV cache elements: auto = the weights' dtype (float32 on the CPU: exact). float16 / bfloat16
     # halve the cache's bytes (twice the tokens where sizing is by memory) and attention's reads,
@@ -54,8 +55,8 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
-        if self.device != "cpu" and self.weights not in ("auto", "fp32"):
+        if self.device != "cpu" and self.weights not in ("auto", "fp32", "int4-bf16"):
             raise ValueError(f"weights {self.weights} run on the CPU only; on {self.device} weights are "
-                             "dequantized at load (weights auto or fp32)")
+                             "dequantized at load (weights auto or fp32) or int4-bf16")
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

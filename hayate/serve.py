@@ -71,7 +71,8 @@ def command_serve(args: argparse.Namespace) -> int:
                           max_num_seqs=args.max_batch, kv_cache_tokens=args.kv_cache_tokens,
                           weights=args.weights, encoder_cache_mb=args.encoder_cache_mb,
                           prefix_caching=args.prefix_caching,
-                          device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+                          device=args.device, dtype=args.dtype, cuda_graphs=not args.enforce_eager,
+                          kv_cache_dtype=args.kv_cache_dtype)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     failures: list[str] = []
 

@@ -29,7 +29,9 @@ class Engine:
         blocks = BlockManager(_kv_cache_blocks(config, loaded, kv_dtype), config.block_size, config.prefix_caching)
         self.runner = ModelRunner(loaded.model, loaded.config, blocks.num_blocks, config.block_size,
                                   encoder_cache_bytes=config.encoder_cache_mb * 1024 * 1024,
-                                  planned_decode=config.planned_decode, kv_dtype=kv_dtype)
+                                  planned_decode=config.planned_decode, kv_dtype=kv_dtype,
+                                  graphs=config.cuda_graphs, max_batch=config.max_num_seqs,
+                                  max_len=loaded.max_model_len)
         self.image_token_id: int | None = getattr(loaded.model, "image_token_id", None)
         plan = self.runner.plan
         self.scheduler = Scheduler(blocks, config.max_num_seqs, token_budget=config.prefill_chunk,

@@ -10,6 +10,7 @@ from hayate.engine.decode_plan import PlannedDecode
 from hayate.engine.images import ImageEmbedder
 from hayate.engine.kv_cache import KVCache
 from hayate.engine.scheduler import ScheduledSequence, SchedulerOutput
+from hayate.engine.static_decode import StaticDecode
 from hayate.layers.attention import AttentionMetadata
 from hayate.layers.sampler import SampleResult, Sampler
 from hayate.models.config import ModelConfig
@@ -28,18 +29,33 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def graphs_available(device: torch.device) -> bool:
+    """Whether decode steps can be captured as graphs on this device (CUDA)."""
+    return device.type == "cuda"
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 encoder_cache_bytes: int = 0, planned_decode: bool = True, kv_dtype: torch.dtype | None = None):
-        """kv_dtype: the KV cache's element type; None = the weights'."""
+                 encoder_cache_bytes: int = 0, planned_decode: bool = True, kv_dtype: torch.dtype | None = None,
+                 graphs: bool = True, max_batch: int = 1, max_len: int | None = None):
+        """kv_dtype: the KV cache's element type; None = the weights'. graphs: capture decode
+        steps of up to max_batch sequences and max_len tokens where the device can (CUDA)."""
         self.model = model
         weight = next(model.parameters())
         self.device = weight.device
-        self.kv_cache = KVCache(config, num_blocks, block_size, dtype=kv_dtype or weight.dtype, device=weight.device)
+        static = graphs and graphs_available(self.device)
+        # A static step's padding sequences write to one more block, which no request owns.
+        self.kv_cache = KVCache(config, num_blocks + (1 if static else 0), block_size, dtype=kv_dtype or weight.dtype,
+                                device=weight.device)
         self.kv_cache.bind(model)
         self.sampler = Sampler()
         self.images = ImageEmbedder(model, EncoderCache(encoder_cache_bytes))
         self.plan = PlannedDecode.build(model, self.kv_cache) if planned_decode else None
+        self.static = None
+        if static and self.plan is None:
+            self.static = StaticDecode(model, self.kv_cache, num_blocks, max_batch,
+                                       max_len or config.max_position_embeddings,
+                                       capture=self.device.type == "cuda")
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> tuple[list[int], SampleResult | None]:
@@ -49,7 +65,12 @@ class ModelRunner:
         # Only sequences whose every token is now cached sample the next one.
         sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
         planned = self._planned(sequences)
-        logits = self._planned_logits(sequences, sampling) if planned else self._eager_logits(sequences, sampling)
+        if planned:
+            logits = self._planned_logits(sequences, sampling)
+        elif self._static(sequences):
+            logits = self._static_logits(sequences, sampling)
+        else:
+            logits = self._eager_logits(sequences, sampling)
         if not sampling:
             return [], None
         states = [sequences[i].request.sampling for i in sampling]
@@ -66,6 +87,17 @@ class ModelRunner:
             return False
         return total <= self.plan.max_batch or all(s.start + s.num_tokens <= self.plan.max_prefill_end
                                                    for s in sequences)
+
+    def _static(self, sequences: list[ScheduledSequence]) -> bool:
+        """One new token per sequence (decodes), none of them an image's, within the buckets."""
+        return (self.static is not None and all(s.num_tokens == 1 for s in sequences)
+                and self.static.fits(len(sequences), max(s.start for s in sequences) + 1)
+                and not self.images.touches(sequences))
+
+    def _static_logits(self, sequences: list[ScheduledSequence], sampling: list[int]) -> torch.Tensor:
+        logits = self.static.run([s.request.token_ids(s.start, 1)[0] for s in sequences],
+                                 [s.start for s in sequences], [s.request.block_table for s in sequences])
+        return logits if len(sampling) == len(sequences) else logits[sampling]
 
     def _planned_logits(self, sequences: list[ScheduledSequence], sampling: list[int]) -> torch.Tensor:
         token_ids, positions, tables, last_rows = [], [], [], []
