@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hayate.config import EngineConfig
+from hayate.layers.fast_linear import Int4Linear
 from hayate.llm import LLM
 from hayate.loading.loader import ModelLoadError
 from hayate.sampling import SamplingParams
@@ -36,6 +37,7 @@ def test_bad_device_and_dtype_settings():
         EngineConfig(dtype="float8")
     with pytest.raises(ValueError, match="run on the CPU only"):
         EngineConfig(device="cuda", weights="packed")
+    assert EngineConfig(device="cuda", weights="int4-bf16").weights == "int4-bf16"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -60,6 +62,21 @@ def test_bfloat16_runs_the_dequantized_eager_path_close_to_float32(folder):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     batched = half.generate([PROMPT, PROMPT[:3]], params)        # chunked, batched, decoded in bf16
     assert [len(r.token_ids) for r in batched] == [12, 12]
+
+
+def test_int4_in_bfloat16_runs_the_int4_kernels_close_to_float32(tmp_path):
+    """The int4 path on CUDA (weights-only int4, bf16 everything else), here on the CPU."""
+    path = str(export_hf_model(tmp_path / "m.gguf", tiny_model("llama"), "llama", QType.Q4_1))
+    int4, full = LLM(path, dtype="bfloat16", weights="int4-bf16"), LLM(path, weights="fp32")
+    model = int4.engine.runner.model
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 2 * 4 + 1   # qkv, o, gate_up, down; head
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ours, reference = first_token(int4), first_token(full)
+    # bf16 residuals, norms and cache on top of bf16 activations: tails move up to ~1 nat on
+    # this model (weights N(0, 1), logits ~25); the choice and the top five stay.
+    best = next(iter(reference))
+    assert next(iter(ours)) == best and abs(ours[best] - reference[best]) < 0.1
+    assert set(ours) == set(reference)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

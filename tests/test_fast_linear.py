@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hayate.layers.fast_linear import BF16Linear, Int4Linear, convert_to_fast, unpack_q4
+from hayate.layers.fast_linear import BF16Linear, Int4Linear, convert_to_fast, cuda_nibbles, int4_fits, unpack_q4
 from hayate.layers.linear import PackedLinear
 from hayate.layers.quant import PackedWeight, QType, dequantize
 
@@ -52,3 +52,34 @@ def test_convert_to_fast_swaps_every_linear():
     assert [type(m) for m in model] == [BF16Linear, Int4Linear, BF16Linear]
     q8 = packed(QType.Q8_0, 16, 64)
     assert torch.equal(model[2].weight, dequantize(q8.data, q8.ggml_type, q8.shape).to(torch.bfloat16))
+
+
+def test_cuda_nibbles_put_even_columns_high():
+    q = torch.tensor([[1, 2, 15, 0], [7, 8, 3, 12]], dtype=torch.int32)
+    assert cuda_nibbles(q).tolist() == [[0x12, 0xF0], [0x78, 0x3C]]
+    assert cuda_nibbles(q).dtype == torch.uint8
+
+
+def test_which_weights_each_device_packs_as_int4():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert int4_fits((20, 64), cpu) and not int4_fits((20, 48), cpu)
+    assert int4_fits((24, 64), cuda) and int4_fits((24, 96), cuda)   # tinygemm's tiles of 32
+    assert not int4_fits((20, 64), cuda)                               # rows in eights
+    assert not int4_fits((24, 64), torch.device("meta"))
+
+
+def test_int4_linear_answers_in_the_input_dtype():
+    layer = Int4Linear(packed(QType.Q4_1), torch.randn(96))
+    x = torch.randn(3, 128)
+    full, half = layer(x), layer(x.to(torch.bfloat16))
+    assert full.dtype == torch.float32 and half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), full, rtol=0, atol=2e-2 * full.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1])
+def test_int4_linear_on_cuda_matches_the_cpu_kernel(qtype):
+    weight, x = packed(qtype), torch.randn(5, 128, dtype=torch.bfloat16)
+    expected = Int4Linear(weight)(x).float()
+    actual = Int4Linear(weight, device="cuda")(x.cuda()).float().cpu()
+    assert (actual - expected).abs().max() <= 2e-2 * expected.abs().max()

@@ -68,7 +68,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model = _build(model_config, max_len, dtype)
     if isinstance(source, GGUFModelFile):
         exact_cpu = (device.type, dtype) == ("cpu", torch.float32)   # where the packed kernels run
-        packing = _packing(config.weights, fp32_nbytes) if exact_cpu else (False, None)
+        int4 = config.weights == "int4-bf16"   # packed int4 kernels on any device
+        packing = _packing(config.weights, fp32_nbytes) if exact_cpu or int4 else (False, None)
         weights = source.tensors(*packing)
     else:
         weights = source.tensors()
@@ -76,7 +77,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         model.load_weights(track(weights, total=len(source), description=f"loading {path.name}",
                                  enabled=config.show_progress))
     if config.weights == "int4-bf16":
-        convert_to_fast(model)
+        convert_to_fast(model, device)
     if (device.type, dtype) != ("cpu", torch.float32):
         model = model.to(device=device, dtype=dtype)
     tokenizer = _tokenizer(source, path)
