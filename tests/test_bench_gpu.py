@@ -14,4 +14,8 @@ import gpu_decode  # noqa: E402
 def test_tiny_shape_on_the_cpu(capsys, dtype):
     gpu_decode.main(["--device", "cpu", "--shape", "tiny", "--tokens", "4", "--dtype", dtype])
     out = capsys.readouterr().out
-    assert "tokens/s at batch 1" in out and "floor on NVIDIA H200" in out
+    for way in ("eager", "graphs", "int4 + graphs"):
+        assert f"tiny {dtype} {way} on cpu" in out
+    assert out.count("floor on NVIDIA H200") == 3
+    # The fixed-shape step gives the eager step's greedy tokens.
+    assert "greedy tokens as eager: 4/4" in out
