@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -240,3 +241,23 @@ def test_serve_compare_table_shows_ratios_and_failures(monkeypatch):
                       "ITL p99 ms": "2.00", "errors": "-"}
     failed = compare.compare_table({"llama.cpp": report(80.0, 12.0)}, {"hayate": "no serve command"})
     assert "hayate: FAILED: no serve command" in failed
+
+
+def test_serve_floor_bare_app_streams_paced_chunks(monkeypatch):
+    monkeypatch.syspath_prepend(str(LOAD_PATH.parent))  # serve_floor imports its neighbours
+    spec = importlib.util.spec_from_file_location("bench_serve_floor", LOAD_PATH.parent / "serve_floor.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(floor.bare_app(3, 0.001)({"type": "http"}, receive, send))
+    assert sent[0]["status"] == 200 and [m.get("body") for m in sent[1:]] == [floor.CHUNK] * 3 + [b"data: [DONE]\n\n"]
+    assert sent[-1]["more_body"] is False
+    user, system = floor.main_thread_cpu(os.getpid())
+    assert user > 0 and system >= 0
