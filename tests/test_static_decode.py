@@ -103,3 +103,13 @@ def test_padding_touches_only_the_scratch_block(folder, static_everywhere):
 def test_graphs_are_off_on_the_cpu_and_by_setting(folder):
     assert LLM(folder, dtype="bfloat16").engine.runner.static is None         # no CUDA here
     assert not model_runner.graphs_available(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("command", [["run", "hi"], ["chat"], ["serve"]])
+def test_enforce_eager_turns_the_graphs_off(command):
+    from hayate.cli import build_parser, engine_config
+
+    args = build_parser().parse_args([command[0], "--enforce-eager", *command[1:]])
+    assert args.enforce_eager and not build_parser().parse_args(command).enforce_eager
+    if command[0] == "run":
+        assert engine_config(args).cuda_graphs is False
