@@ -52,28 +52,25 @@ def engine(args: argparse.Namespace) -> None:
         print(json.dumps(statistics.median(gaps_ms(times[1:]))), flush=True)
 
 
-def relay(args: argparse.Namespace) -> None:
-    """The bare ASGI app: every byte read from the pipe becomes one SSE chunk."""
-    import uvicorn
-
-    os.set_blocking(args.pipe, False)
+def relay_app(pipe: int):
+    """The bare ASGI app: every byte read from the pipe becomes one SSE chunk, until DONE."""
+    os.set_blocking(pipe, False)
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
             return
         await receive()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        loop.add_reader(args.pipe, lambda: [queue.put_nowait(byte) for byte in os.read(args.pipe, 4096)])
+        loop.add_reader(pipe, lambda: [queue.put_nowait(byte) for byte in os.read(pipe, 4096)])
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         try:
             while await queue.get() != DONE[0]:
                 await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
         finally:
-            loop.remove_reader(args.pipe)
+            loop.remove_reader(pipe)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="error", loop="uvloop", http="httptools")
+    return app
 
 
 def main() -> int:
@@ -90,7 +87,10 @@ def main() -> int:
         engine(args)
         return 0
     if args.role == "relay":
-        relay(args)
+        import uvicorn
+
+        uvicorn.run(relay_app(args.pipe), host="127.0.0.1", port=args.port, log_level="error",
+                    loop="uvloop", http="httptools")
         return 0
     read_end, write_end = os.pipe()
     port = free_port()

@@ -261,3 +261,26 @@ def test_serve_floor_bare_app_streams_paced_chunks(monkeypatch):
     assert sent[-1]["more_body"] is False
     user, system = floor.main_thread_cpu(os.getpid())
     assert user > 0 and system >= 0
+
+
+def test_serve_relay_turns_each_byte_into_a_chunk(monkeypatch):
+    monkeypatch.syspath_prepend(str(LOAD_PATH.parent))
+    spec = importlib.util.spec_from_file_location("bench_serve_relay", LOAD_PATH.parent / "serve_relay.py")
+    relay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(relay)
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"ttt" + relay.DONE)
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    try:
+        asyncio.run(relay.relay_app(read_end)({"type": "http"}, receive, send))
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert [m.get("body") for m in sent[1:]] == [relay.CHUNK] * 3 + [b"data: [DONE]\n\n"]
