@@ -43,15 +43,18 @@ struct InterleavedWeight {
     return weights;
   }
 
-  // x [M <= 16, K] -> [M, N], on PyTorch's threads (the eager model's few-row steps)
+  // x [M, K] -> [M, N], 16 rows a pass, on PyTorch's threads (the eager model's steps)
   torch::Tensor apply(torch::Tensor x) const {
-    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(0) <= kMaxRows && x.size(1) == matrix.K(),
-                "x must be float32 [M <= 16, in_features]");
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == matrix.K(),
+                "x must be float32 [M, in_features]");
     x = x.contiguous();
     ActivationPlanes planes;
-    auto out = torch::empty({x.size(0), matrix.N()}, x.options());
+    const int64_t M = x.size(0), K = matrix.K(), N = matrix.N();
+    auto out = torch::empty({M, N}, x.options());
     IntraOpThreads threads;
-    interleaved_gemv(x.data_ptr<float>(), x.size(0), matrix, planes, out.data_ptr<float>(), threads);
+    for (int64_t m = 0; m < M; m += kMaxRows)
+      interleaved_gemv(x.data_ptr<float>() + m * K, std::min(kMaxRows, M - m), matrix, planes,
+                       out.data_ptr<float>() + m * N, threads);
     return out;
   }
 
