@@ -27,8 +27,8 @@ from serve_compare import free_port
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
-def offline_worker(args: argparse.Namespace) -> None:
-    """For each line on stdin, stream one request and print its gaps (ms) as a JSON list."""
+def warm_engine(args: argparse.Namespace):
+    """The offline engine, PROMPT's ids and greedy --max-tokens params, one request run."""
     from hayate.llm import LLM
     from hayate.sampling import SamplingParams
 
@@ -36,6 +36,12 @@ def offline_worker(args: argparse.Namespace) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     prompt = llm.encode_chat(PROMPT)
     llm.generate(prompt, params)
+    return llm, prompt, params
+
+
+def offline_worker(args: argparse.Namespace) -> None:
+    """For each line on stdin, stream one request and print its gaps (ms) as a JSON list."""
+    llm, prompt, params = warm_engine(args)
     print("ready", flush=True)
     for _ in sys.stdin:
         times = [time.perf_counter() for _ in llm.stream(prompt, params)]
@@ -104,12 +110,17 @@ def main() -> int:
         worker.kill()
         server.terminate()
         server.wait()
-    ratios = [served / offline for offline, served in pairs]
-    print(f"ITL p50, median of {args.pairs} pairs: offline {statistics.median(p[0] for p in pairs):.3f} ms, "
-          f"served {statistics.median(p[1] for p in pairs):.3f} ms")
-    print(f"served / offline per pair: median {statistics.median(ratios):.3f}, mean {statistics.mean(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    print_pairs(pairs, "served")
     return 0
+
+
+def print_pairs(pairs: list[tuple[float, float]], label: str) -> None:
+    """The medians of (offline, `label`) ITL p50 pairs, and their ratios' spread."""
+    ratios = [other / offline for offline, other in pairs]
+    print(f"ITL p50, median of {len(pairs)} pairs: offline {statistics.median(p[0] for p in pairs):.3f} ms, "
+          f"{label} {statistics.median(p[1] for p in pairs):.3f} ms")
+    print(f"{label} / offline per pair: median {statistics.median(ratios):.3f}, mean {statistics.mean(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
 
 
 def served_model_name(port: int) -> str:

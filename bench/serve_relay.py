@@ -25,7 +25,7 @@ import time
 # bench/ is on sys.path: it is this script's folder.
 from serve_compare import free_port
 from serve_floor import CHUNK, wait_for_port
-from serve_overhead import PROMPT, gaps_ms
+from serve_overhead import gaps_ms, print_pairs, warm_engine
 
 DONE = b"D"
 
@@ -33,13 +33,7 @@ DONE = b"D"
 def engine(args: argparse.Namespace) -> None:
     """For each line on stdin ("offline" or "served"), stream --max-tokens greedy tokens, a byte
     to the pipe per token when served; print the run's ITL p50 (ms)."""
-    from hayate.llm import LLM
-    from hayate.sampling import SamplingParams
-
-    llm = LLM(args.model, threads=args.threads)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-    prompt = llm.encode_chat(PROMPT)
-    llm.generate(prompt, params)
+    llm, prompt, params = warm_engine(args)
     print("ready", flush=True)
     for line in sys.stdin:
         served, times = line.strip() == "served", []
@@ -140,11 +134,7 @@ def main() -> int:
         worker.kill()
         server.terminate()
         server.wait()
-    ratios = [served / offline for offline, served in pairs]
-    print(f"ITL p50, median of {args.pairs} pairs: offline {statistics.median(p[0] for p in pairs):.3f} ms, "
-          f"relayed {statistics.median(p[1] for p in pairs):.3f} ms")
-    print(f"relayed / offline per pair: median {statistics.median(ratios):.3f}, mean {statistics.mean(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    print_pairs(pairs, "relayed")
     return 0
 
 
