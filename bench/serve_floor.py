@@ -30,6 +30,16 @@ from serve_overhead import http_request, served_gaps, served_model_name
 CHUNK = (b'data: {"id":"chatcmpl-0123456789abcdef","object":"chat.completion.chunk","created":1764400000,'
          b'"model":"SmolLM2-135M-Instruct.Q4_1","choices":[{"index":0,"delta":{"content":" word"},'
          b'"finish_reason":null}]}\n\n')
+BARE_REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"   # what the bare apps answer
+
+
+async def stream_chunks(send, queue: asyncio.Queue, end) -> None:
+    """The bare apps' response: a CHUNK for every item taken from `queue` until `end`, then [DONE]."""
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")]})
+    while await queue.get() != end:
+        await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
 
 def bare_app(tokens: int, interval_s: float):
@@ -48,11 +58,7 @@ def bare_app(tokens: int, interval_s: float):
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
         threading.Thread(target=produce, daemon=True).start()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
-        while await queue.get() is not None:
-            await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        await stream_chunks(send, queue, None)
     return app
 
 
@@ -107,8 +113,7 @@ def main() -> int:
                 bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(ours[2]),
                                          "--port", str(bare_port)], stderr=subprocess.DEVNULL)
                 wait_for_port(bare_port)
-            floor = stream_cost(bare.pid, bare_port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                                args.tokens)
+            floor = stream_cost(bare.pid, bare_port, BARE_REQUEST, args.tokens)
             rows.append((ours, floor))
             print(f"hayate serve: {sum(ours[:2]):.0f} µs a token (user {ours[0]:.0f}, system {ours[1]:.0f}), "
                   f"ITL p50 {ours[2]:.2f} ms | bare ASGI app: {sum(floor[:2]):.0f} µs (user {floor[0]:.0f}, "

@@ -24,7 +24,7 @@ import time
 
 # bench/ is on sys.path: it is this script's folder.
 from serve_compare import free_port
-from serve_floor import CHUNK, wait_for_port
+from serve_floor import BARE_REQUEST, stream_chunks, wait_for_port
 from serve_overhead import gaps_ms, print_pairs, warm_engine
 
 DONE = b"D"
@@ -56,14 +56,10 @@ def relay_app(pipe: int):
         await receive()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         loop.add_reader(pipe, lambda: [queue.put_nowait(byte) for byte in os.read(pipe, 4096)])
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
         try:
-            while await queue.get() != DONE[0]:
-                await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
+            await stream_chunks(send, queue, DONE[0])
         finally:
             loop.remove_reader(pipe)
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
     return app
 
 
@@ -109,7 +105,7 @@ def main() -> int:
 
         def served() -> float:
             with socket.create_connection(("127.0.0.1", port)) as connection:
-                connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                connection.sendall(BARE_REQUEST)
                 connection.recv(65536)   # the headers: the relay is listening to the pipe
                 start("served")
                 times = []
