@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from hayate.cli import engine_config, sampling_params, stream_to_stdout, summary_line, user_message
+from hayate.engine.request import RequestFailedError
 from hayate.multimodal.image import ImageLimits, MediaError
 
 HELP = ("commands: /image PATH (attach an image to your next message), /reset (forget the "
@@ -38,7 +39,7 @@ def command_chat(args: argparse.Namespace) -> int:
         images = []
         try:
             answer = _answer(llm, system + history + [turn], params)
-        except (ValueError, OSError) as error:   # e.g. a text-only model given an image
+        except (ValueError, OSError, RequestFailedError) as error:   # e.g. a text-only model given an image
             print(f"hayate: error: {error}", file=sys.stderr)
             continue
         history += [turn, {"role": "assistant", "content": answer}]

@@ -6,7 +6,7 @@ import sys
 from typing import Iterator
 
 from hayate.config import DTYPES, KV_CACHE_DTYPES, WEIGHT_MODES, EngineConfig
-from hayate.engine.request import ImageTimings, RequestOutput
+from hayate.engine.request import ImageTimings, RequestFailedError, RequestOutput
 from hayate.sampling import SamplingParams
 
 EXIT_USAGE = 2
@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, CliError) as error:
         print(f"hayate: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except RequestFailedError as error:   # a fault inside the engine, not the user's mistake
+        print(f"hayate: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

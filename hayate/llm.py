@@ -10,7 +10,7 @@ import torch
 
 from hayate.config import EngineConfig
 from hayate.engine.engine import Engine
-from hayate.engine.request import RequestOutput, RequestTimings, TokenLogprob
+from hayate.engine.request import RequestFailedError, RequestOutput, RequestTimings, TokenLogprob
 from hayate.loading.chat_template import ChatTemplate, default_chat_template
 from hayate.loading.loader import load_model
 from hayate.multimodal.features import PromptImages
@@ -106,6 +106,8 @@ class LLM:
                 for output in self.engine.step():
                     if output.request_id == request_id:
                         finished = output.finished
+                        if output.finish_reason == "error":
+                            raise RequestFailedError.of(output)
                         yield output
         finally:
             if not finished:
@@ -120,6 +122,9 @@ class LLM:
         finally:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
+        failed = [parts[request_id][-1] for request_id in request_ids if parts[request_id][-1].finish_reason == "error"]
+        if failed:
+            raise RequestFailedError.of(failed[0])
         return [_result(parts[request_id]) for request_id in request_ids]
 
 

@@ -5,7 +5,11 @@ import math
 from dataclasses import dataclass, field
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024        # per stop string: the matcher holds back up to this much text
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024        # entries per request: every step of the batch applies them
+MAX_TOP_K = 2**31 - 1        # larger values mean "off" as well; beyond it is a mistake
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def _is_int(value: object) -> bool:
@@ -73,8 +77,8 @@ class SamplingParams:
     def _check_lengths(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be a 64-bit integer or None, got {self.seed!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, "
@@ -84,8 +88,8 @@ class SamplingParams:
         _check_range("temperature", self.temperature, 0.0, 100.0)
         _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_range("min_p", self.min_p, 0.0, 1.0)
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= 1, or 0 / -1 to disable it, "
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be an integer in [1, {MAX_TOP_K}], or 0 / -1 to disable it, "
                              f"got {self.top_k!r}")
 
     def _check_penalties(self) -> None:
@@ -102,6 +106,8 @@ class SamplingParams:
             raise ValueError(f"stop allows at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
         return list(stops)
 
     @staticmethod
@@ -114,9 +120,12 @@ class SamplingParams:
     def _normalised_logit_bias(bias: object) -> dict[int, float]:
         if not isinstance(bias, dict):
             raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias allows at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
         normalised: dict[int, float] = {}
         for key, value in bias.items():
-            token_id = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+            digits = key.strip() if isinstance(key, str) else ""
+            token_id = int(digits) if digits.isascii() and digits.isdigit() else key
             if not _is_int(token_id) or token_id < 0:
                 raise ValueError(f"logit_bias keys must be non-negative token ids, got {key!r}")
             _check_range(f"logit_bias[{token_id}]", value, -100.0, 100.0)
@@ -169,10 +178,14 @@ class StopStringMatcher:
         return None if best is None else (best[1], best[2])
 
     def _partial_start(self, text: str) -> int:
-        """Index where the longest tail of `text` that begins some stop string starts."""
-        longest = max((len(stop) for stop in self.stops), default=1)
-        for start in range(max(0, len(text) - longest + 1), len(text)):
-            tail = text[start:]
-            if any(stop.startswith(tail) for stop in self.stops):
-                return start
-        return len(text)
+        """Index where the longest tail of `text` that begins some stop string starts.
+        Only places holding a stop's first character are tried: linear in practice."""
+        best = len(text)
+        for stop in self.stops:
+            start = text.find(stop[0], max(0, len(text) - len(stop) + 1), best)
+            while start != -1:
+                if stop.startswith(text[start:]):
+                    best = start
+                    break
+                start = text.find(stop[0], start + 1, best)
+        return best

@@ -64,6 +64,7 @@ def command_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hayate.server import ServerSettings, create_app
+    from hayate.server.lifecycle import Server
 
     _check_options(args)
     settings = ServerSettings(api_keys=api_keys(args), max_n=args.max_n, media=media_policy(args))
@@ -81,8 +82,8 @@ def command_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app = create_app(settings, partial(load_model, config, args.max_queue), on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=args.shutdown_timeout), app)
     with _sigterm_exits_cleanly():
         server.run()
     if failures:

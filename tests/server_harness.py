@@ -5,12 +5,14 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import uvicorn
 
 from hayate.llm import LLM
 from hayate.server import ServedModel, ServerSettings, create_app
+from hayate.server.lifecycle import Server
 
 
 class ServerThread:
@@ -23,7 +25,7 @@ class ServerThread:
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
-        self.server = uvicorn.Server(config)
+        self.server = Server(config, app)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
@@ -50,16 +52,20 @@ class ServerThread:
 
 
 def tiny_server(folder: Path, *, max_batch: int = 16, max_queue: int = 64, step_delay: float = 0.0,
-                settings: ServerSettings | None = None) -> ServerThread:
+                settings: ServerSettings | None = None, shutdown_timeout: float = 5.0,
+                prepare: Callable[[LLM], None] | None = None) -> ServerThread:
     """A started server for the tiny model saved in `folder`; `step_delay` seconds are added to
-    every engine step, so requests last long enough to be caught queued or mid-stream."""
+    every engine step, so requests last long enough to be caught queued or mid-stream;
+    `prepare` may change the loaded LLM (inject a fault) before it serves."""
     def load() -> ServedModel:
         llm = LLM(str(folder), max_num_seqs=max_batch)
         if step_delay:
             llm.engine.step = _slowed(llm.engine.step, step_delay)
+        if prepare is not None:
+            prepare(llm)
         return ServedModel.from_llm(llm, max_queue)
 
-    return ServerThread(create_app(settings or ServerSettings(), load)).start()
+    return ServerThread(create_app(settings or ServerSettings(), load), shutdown_timeout).start()
 
 
 def wait_until(condition, timeout: float = 5.0, interval: float = 0.01) -> bool:

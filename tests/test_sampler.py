@@ -203,6 +203,9 @@ def test_row_count_mismatch_is_an_error():
         Sampler()(random_logits(2), [make_state()])
 
 
-def test_large_seed_is_accepted():
-    state = make_state(seed=2**70 + 5)
-    assert len(Sampler()(random_logits(1), [state]).token_ids) == 1
+def test_seeds_span_64_bits_and_no_more():
+    for seed in (2**64 - 1, -(2**63)):
+        assert len(Sampler()(random_logits(1), [make_state(seed=seed)]).token_ids) == 1
+    for seed in (2**64, -(2**63) - 1, 2**70 + 5):
+        with pytest.raises(ValueError, match="seed must be a 64-bit integer"):
+            SamplingParams(seed=seed)

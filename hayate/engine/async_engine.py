@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, TypeVar
 
 from hayate.engine.engine import Engine
-from hayate.engine.request import EngineStats, RequestOutput
+from hayate.engine.request import EngineStats, RequestFailedError, RequestOutput
 from hayate.multimodal.features import PromptImages
 from hayate.sampling import SamplingParams
 
@@ -42,6 +42,11 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _EndAll:
+    reason: BaseException
 
 
 class AsyncEngine:
@@ -144,6 +149,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    def end_all(self, reason: BaseException) -> None:
+        """Abort every request in flight, raising `reason` in each one's outputs (shutdown)."""
+        self._commands.put(_EndAll(reason))
+
     def _submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                 images: PromptImages | None) -> asyncio.Queue:
         if not self.is_alive:
@@ -185,6 +194,8 @@ class AsyncEngine:
             elif isinstance(command, _Abort):
                 self.engine.abort_request(command.request_id)
                 self._streams.pop(command.request_id, None)
+            elif isinstance(command, _EndAll):
+                self._abort_all(command.reason)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
@@ -199,6 +210,11 @@ class AsyncEngine:
         except ValueError as error:
             self._send(command, error)
             return
+        except Exception as error:   # a fault of this request's, not the loop's
+            log.exception("could not add request %s", command.request_id)
+            self._send(command, RequestFailedError(f"the engine could not start this request "
+                                                   f"({type(error).__name__}: {error})"))
+            return
         self._streams[command.request_id] = command
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
@@ -208,7 +224,10 @@ class AsyncEngine:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            self._send(target, output)
+            if output.finish_reason == "error":
+                self._send(target, RequestFailedError.of(output))
+            else:
+                self._send(target, output)
 
     def _send(self, target: _Add, item: RequestOutput | BaseException) -> None:
         """Hand an item to the requester's event loop; if that loop is gone, drop the request

@@ -1,6 +1,7 @@
 """The engine core: step() = schedule, run the model, turn sampled tokens into outputs."""
 from __future__ import annotations
 
+import logging
 import time
 
 import psutil
@@ -10,15 +11,17 @@ from hayate.config import EngineConfig
 from hayate.engine.block_manager import BlockManager
 from hayate.engine.kv_cache import KVCache, kv_cache_dtype
 from hayate.engine.images import RequestImages
-from hayate.engine.model_runner import ModelRunner
+from hayate.engine.model_runner import ModelRunner, StepResult
 from hayate.engine.request import EngineStats, RequestOutput, RequestStatus, RequestTimings, TokenLogprob
-from hayate.engine.scheduler import Scheduler
+from hayate.engine.scheduler import Scheduler, SchedulerOutput
 from hayate.engine.sequence import Sequence
 from hayate.layers.sampler import SampleResult, SamplingState
 from hayate.loading.loader import LoadedModel
 from hayate.loading.tokenizer import IncrementalDetokenizer
 from hayate.multimodal.features import PromptImages
 from hayate.sampling import SamplingParams, StopStringMatcher
+
+log = logging.getLogger("hayate.engine")
 
 
 class Engine:
@@ -105,23 +108,74 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        """Schedule, run, postprocess. A request whose part of the step raises fails alone
+        (finish_reason "error"); the batch, the KV cache and the loop go on."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
+        self._mark_scheduled(batch)
+        step = self._execute(batch)
+        failed = [self._fail(batch.sequences[i].request, error) for i, error in step.failed.items()]
+        self._advance(batch)
+        return failed + [self._append_or_fail(batch.sequences[i].request, result, row)
+                         for i, result, row in step.sampled]
+
+    def _mark_scheduled(self, batch: SchedulerOutput) -> None:
         now = time.perf_counter()
         for preempted in batch.preempted:
             preempted.status = RequestStatus.WAITING
         for scheduled in batch.sequences:
             scheduled.request.status = RequestStatus.RUNNING
             scheduled.request.timings.first_scheduled = scheduled.request.timings.first_scheduled or now
-        indices, result = self.runner.execute(batch)
+
+    def _execute(self, batch: SchedulerOutput) -> StepResult:
+        """The runner's step; if it raises, each sequence again on its own (its keys and values
+        are rewritten with the same values), so only the requests that raise alone fail."""
+        try:
+            return self.runner.execute(batch)
+        except Exception as error:
+            if len(batch.sequences) == 1:
+                return StepResult(failed={0: error})
+            log.warning("a step of %d requests failed (%s); running them one by one",
+                        len(batch.sequences), error)
+        step = StepResult()
+        for index, scheduled in enumerate(batch.sequences):
+            try:
+                alone = self.runner.execute(SchedulerOutput([scheduled], []))
+            except Exception as error:
+                step.failed[index] = error
+                continue
+            step.sampled += [(index, result, row) for _, result, row in alone.sampled]
+            step.failed.update({index: error for error in alone.failed.values()})
+        return step
+
+    def _advance(self, batch: SchedulerOutput) -> None:
+        """Count the tokens this step cached, and register the blocks it filled."""
         blocks = self.scheduler.blocks
         for scheduled in batch.sequences:
             request = scheduled.request
+            if request.status is RequestStatus.FINISHED:   # failed in this step
+                continue
             request.num_computed_tokens += scheduled.num_tokens
-            if request.cache_prefix:   # the blocks this step filled
+            if request.cache_prefix:
                 blocks.register(request, request.num_computed_tokens)
-        return [self._append(batch.sequences[i].request, result, row) for row, i in enumerate(indices)]
+
+    def _fail(self, sequence: Sequence, error: Exception) -> RequestOutput:
+        """End one request on an error of its own; its KV blocks are freed at once."""
+        log.error("request %s failed: %s: %s", sequence.request_id, type(error).__name__, error,
+                  exc_info=(type(error), error, error.__traceback__))
+        self._finish(sequence, "error")
+        return RequestOutput(
+            request_id=sequence.request_id, text="", token_ids=[], finished=True, finish_reason="error",
+            num_prompt_tokens=len(sequence.prompt_token_ids), num_output_tokens=len(sequence.output_token_ids),
+            timings=sequence.timings, num_cached_tokens=sequence.num_cached_tokens,
+            error=f"{type(error).__name__}: {error}")
+
+    def _append_or_fail(self, sequence: Sequence, result: SampleResult, row: int) -> RequestOutput:
+        try:
+            return self._append(sequence, result, row)
+        except Exception as error:   # detokenizing or stop matching this request
+            return self._fail(sequence, error)
 
     def _append(self, sequence: Sequence, result: SampleResult, row: int) -> RequestOutput:
         token_id = result.token_ids[row]

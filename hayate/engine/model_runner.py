@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +28,14 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@dataclass
+class StepResult:
+    """What one run of a batch produced: (index into batch.sequences, its SampleResult, its
+    row there) for each sequence that sampled a token, and the sequences whose sampling failed."""
+    sampled: list[tuple[int, SampleResult, int]] = field(default_factory=list)
+    failed: dict[int, Exception] = field(default_factory=dict)
 
 
 def graphs_available(device: torch.device) -> bool:
@@ -58,9 +67,9 @@ class ModelRunner:
                                        capture=self.device.type == "cuda")
 
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput) -> tuple[list[int], SampleResult | None]:
-        """Run the batch; return the indices (into batch.sequences) that produced a token,
-        and the sampled tokens for them, in that order."""
+    def execute(self, batch: SchedulerOutput) -> StepResult:
+        """Run the batch and sample a token for each sequence whose tokens are all cached now.
+        An error in the forward pass raises; one in sampling fails only the rows that raise."""
         sequences = batch.sequences
         # Only sequences whose every token is now cached sample the next one.
         sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
@@ -72,10 +81,27 @@ class ModelRunner:
         else:
             logits = self._eager_logits(sequences, sampling)
         if not sampling:
-            return [], None
+            return StepResult()
         states = [sequences[i].request.sampling for i in sampling]
         with one_thread() if planned and not self.sampler.argmax_only(states) else contextlib.nullcontext():
-            return sampling, self.sampler(logits, states)
+            try:
+                result = self.sampler(logits, states)
+            except Exception:
+                if len(sampling) == 1:
+                    raise
+                return self._sample_rows(logits, sampling, states)
+        return StepResult([(index, result, row) for row, index in enumerate(sampling)])
+
+    def _sample_rows(self, logits: torch.Tensor, sampling: list[int], states: list) -> StepResult:
+        """Each row on its own, after the batch's sampling raised: rows sample independently
+        (each with its own generator), so the rows that do not raise get the same tokens."""
+        step = StepResult()
+        for row, (index, state) in enumerate(zip(sampling, states)):
+            try:
+                step.sampled.append((index, self.sampler(logits[row:row + 1], [state]), 0))
+            except Exception as error:
+                step.failed[index] = error
+        return step
 
     def _planned(self, sequences: list[ScheduledSequence]) -> bool:
         """Steps of at most plan.max_tokens tokens in all (decodes, and short prompt chunks,

@@ -5,6 +5,14 @@ import enum
 from dataclasses import dataclass, field
 
 
+class RequestFailedError(RuntimeError):
+    """A request failed inside the engine (a bug or a fault of its own); the others went on."""
+
+    @classmethod
+    def of(cls, output: "RequestOutput") -> "RequestFailedError":
+        return cls(f"the engine failed on request {output.request_id} ({output.error})")
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"      # queued (or preempted), holds no KV blocks
     RUNNING = "running"      # holds KV blocks: prefilling or decoding
@@ -53,12 +61,13 @@ class RequestOutput:
     text: str                       # new text since the previous output
     token_ids: list[int]            # new token ids since the previous output
     finished: bool
-    finish_reason: str | None       # "stop" | "length" | "abort" when finished
+    finish_reason: str | None       # "stop" | "length" | "abort" | "error" when finished
     num_prompt_tokens: int
     num_output_tokens: int
     timings: RequestTimings
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_cached_tokens: int = 0      # prompt tokens whose keys and values came from the prefix cache
+    error: str | None = None        # with finish_reason "error": what failed (the log has the traceback)
 
 
 @dataclass

@@ -121,8 +121,8 @@ def _top_k_top_p(logits: torch.Tensor, states: list[SamplingState]) -> torch.Ten
     """Mask by top-k (ties with the k-th kept) then top-p (at least one kept), as HF does."""
     vocab = logits.shape[1]
     sorted_logits, sorted_ids = torch.sort(logits, dim=1)   # ascending, as HF's top-p
-    top_k = [state.params.top_k if state.params.top_k > 0 else vocab for state in states]
-    kth_index = vocab - torch.tensor(top_k, device=logits.device).clamp(max=vocab).unsqueeze(1)
+    top_k = [min(state.params.top_k, vocab) if state.params.top_k > 0 else vocab for state in states]
+    kth_index = vocab - torch.tensor(top_k, device=logits.device).unsqueeze(1)
     kth_value = sorted_logits.gather(1, kth_index)
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_value, float("-inf"))
     top_p = _row_values(states, "top_p", logits.device)

@@ -19,6 +19,17 @@ if TYPE_CHECKING:
     from hayate.multimodal.processor import ImageProcessor
 
 
+class PromptTooLong(ValueError):
+    """The prompt's text is longer than any prompt that fits the context: refused before the
+    tokenizer spends seconds on it."""
+
+
+def check_prompt_chars(num_chars: int, max_chars: int | None) -> None:
+    if max_chars is not None and num_chars > max_chars:
+        raise PromptTooLong(f"the prompt is {num_chars} characters long, more than this model's context "
+                            f"can hold (at most {max_chars} characters)")
+
+
 @dataclass
 class ChatPrompt:
     token_ids: list[int]
@@ -32,8 +43,11 @@ def message_images(messages: list[dict]) -> list[DecodedImage]:
 
 
 def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer,
-                processor: ImageProcessor | None, add_generation_prompt: bool = True) -> ChatPrompt:
-    """Raises MediaError (an image the model cannot take) and ChatTemplateError."""
+                processor: ImageProcessor | None, add_generation_prompt: bool = True,
+                max_chars: int | None = None) -> ChatPrompt:
+    """Raises MediaError (an image the model cannot take), ChatTemplateError, and PromptTooLong
+    when the messages' text, or the rendered prompt, is longer than max_chars."""
+    check_prompt_chars(sum(map(_text_chars, messages)), max_chars)
     images = message_images(messages)
     if images and processor is None:
         raise MediaError("this model does not accept images")
@@ -41,6 +55,7 @@ def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokeniz
     features = [processor.process(image.image, image.content_hash) for image in images]
     conversation = [_template_message(message, vision=processor is not None) for message in messages]
     text = template.render(conversation, add_generation_prompt=add_generation_prompt)
+    check_prompt_chars(len(text), max_chars)
     if processor is not None:
         text = _expand(processor, text, features)
     # The template writes its own special tokens (BOS included).
@@ -49,6 +64,15 @@ def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokeniz
         return ChatPrompt(token_ids, None)
     return ChatPrompt(token_ids, PromptImages(features, preprocess_s=time.perf_counter() - begin,
                                               load_s=sum(image.load_seconds for image in images)))
+
+
+def _text_chars(message: dict) -> int:
+    content = message.get("content")
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(part["text"]) for part in content if isinstance(part.get("text"), str))
+    return 0
 
 
 def _expand(processor: ImageProcessor, text: str, features: list) -> str:

@@ -13,7 +13,7 @@ from hayate.engine.request import RequestOutput
 from hayate.loading.chat_template import ChatTemplateError
 from hayate.multimodal.image import ImageLimits, MediaError, check_image_count
 from hayate.multimodal.media import MediaPolicy, load_image_url
-from hayate.multimodal.prompt import ChatPrompt, encode_chat
+from hayate.multimodal.prompt import ChatPrompt, PromptTooLong, encode_chat
 from hayate.server.errors import ERROR_RESPONSES, APIError
 from hayate.server.generation import ChoiceRun, ChoiceState, choice_specs
 from hayate.server.logprobs import chat_logprobs
@@ -65,7 +65,10 @@ def encode_messages(model: ServedModel, messages: list[ChatMessage], media: Medi
     conversation = [{"role": "system" if m.role == "developer" else m.role,
                      "content": _message_content(m, index, media)} for index, m in enumerate(messages)]
     try:
-        return encode_chat(conversation, model.chat_template, model.tokenizer, model.processor)
+        return encode_chat(conversation, model.chat_template, model.tokenizer, model.processor,
+                           max_chars=model.max_prompt_chars)
+    except PromptTooLong as error:
+        raise APIError(400, str(error), param="messages", code="context_length_exceeded") from None
     except ChatTemplateError as error:
         raise APIError(400, str(error), param="messages") from None
     except MediaError as error:

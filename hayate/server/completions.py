@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from hayate.engine.request import RequestOutput
+from hayate.multimodal.prompt import PromptTooLong, check_prompt_chars
 from hayate.server.errors import ERROR_RESPONSES, APIError
 from hayate.server.generation import ChoiceRun, ChoiceState, choice_specs
 from hayate.server.logprobs import completion_logprobs
@@ -50,6 +51,11 @@ def check_completion_request(body: CompletionRequest, settings: ServerSettings) 
 
 def encode_prompts(model: ServedModel, prompts: list[str | list[int]]) -> list[list[int]]:
     """Token ids of each prompt; text gets the model's usual special tokens (BOS)."""
+    try:
+        for prompt in prompts:
+            check_prompt_chars(len(prompt) if isinstance(prompt, str) else 0, model.max_prompt_chars)
+    except PromptTooLong as error:
+        raise APIError(400, str(error), param="prompt", code="context_length_exceeded") from None
     return [model.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt) for prompt in prompts]
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from hayate.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from hayate.engine.request import ImageTimings, RequestOutput, TokenLogprob
+from hayate.engine.request import ImageTimings, RequestFailedError, RequestOutput, TokenLogprob
 from hayate.multimodal.features import PromptImages
 from hayate.sampling import SamplingParams
 from hayate.server.errors import RETRY_AFTER_S, SERVER_ERROR, APIError
@@ -210,6 +210,8 @@ def engine_error(error: Exception) -> Exception:
                         code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(error, EngineDeadError):
         return APIError(503, str(error), type=SERVER_ERROR, code="engine_unavailable")
+    if isinstance(error, RequestFailedError):   # the server's fault, this request's alone
+        return APIError(500, f"{error}; see the server log", type=SERVER_ERROR, code="internal_error")
     if isinstance(error, ValueError):
         return APIError(400, str(error))
     return error

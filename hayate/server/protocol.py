@@ -9,11 +9,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hayate.sampling import MAX_LOGPROBS, SamplingParams
+from hayate.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
+
+MAX_MESSAGES = 2048        # OpenAI's limit on one conversation
+MAX_CONTENT_PARTS = 1024   # parts in one message's content
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def _at_most(value: Any, limit: int, what: str) -> Any:
+    """Refuse a list or dict longer than `limit` before its items are validated one by one."""
+    if isinstance(value, (list, dict)) and len(value) > limit:
+        raise ValueError(f"at most {limit} {what}, got {len(value)}")
+    return value
 
 
 def _either(value: Any, handler, description: str) -> Any:
@@ -31,11 +41,11 @@ class StreamOptions(StrictModel):
 class SamplingFields(StrictModel):
     """What chat and text completions share: the model, sampling and output options."""
     model: str
-    n: int = Field(1, ge=1, description="choices to generate (up to the server's limit)")
+    n: int = Field(1, ge=1, le=128, description="choices to generate (up to the server's limit)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
-    temperature: float | None = Field(None, ge=0, description="default 1; 0 = greedy")
+    temperature: float | None = Field(None, ge=0, le=2, description="default 1; 0 = greedy")
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, description="with n > 1, choice i uses seed + i")
@@ -54,6 +64,11 @@ class SamplingFields(StrictModel):
     @classmethod
     def _stop(cls, value: Any, handler) -> Any:
         return _either(value, handler, "a string or a list of strings")
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias(cls, value: Any) -> Any:
+        return _at_most(value, MAX_LOGIT_BIAS, "entries")
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -97,6 +112,7 @@ class ChatMessage(StrictModel):
     @field_validator("content", mode="wrap")
     @classmethod
     def _content(cls, value: Any, handler) -> Any:
+        _at_most(value, MAX_CONTENT_PARTS, "content parts")
         return _either(value, handler, 'a string or a list of {"type": "text", "text": ...} parts')
 
 
@@ -110,6 +126,11 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict | None = None
     functions: list[dict] | None = None
     response_format: dict | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages(cls, value: Any) -> Any:
+        return _at_most(value, MAX_MESSAGES, "messages")
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -42,6 +42,10 @@ class ServedModel:
     chat_template: ChatTemplate
     processor: ImageProcessor | None = None     # set for vision models
     created: int = field(default_factory=lambda: int(time.time()))
+    max_prompt_chars: int = field(init=False)   # longer prompt text cannot fit the context
+
+    def __post_init__(self) -> None:
+        self.max_prompt_chars = prompt_char_limit(self.engine.tokenizer, self.engine.max_model_len)
 
     @classmethod
     def load(cls, build_llm, max_queue: int) -> "ServedModel":
@@ -63,6 +67,13 @@ class ServedModel:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+
+def prompt_char_limit(tokenizer, max_model_len: int) -> int:
+    """Characters past which a prompt cannot fit the context: a token spans at most the text of
+    the longest one, and Unicode normalisation folds at most two characters into one."""
+    longest = max(map(len, tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
+    return 2 * max(longest, 1) * max_model_len
 
 
 def model_name(path: Path) -> str:
