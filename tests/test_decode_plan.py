@@ -14,19 +14,29 @@ import torch
 from hayate.kernels import native_kernels
 from hayate.llm import LLM
 from hayate.sampling import SamplingParams
+from kquant_blocks import K_CONFIG, export_mixed_model, q4_k_m_type
 from test_gguf import QType, export_hf_model, tiny_model
 
 pytestmark = pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
 PARAMS = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=5)
 PROMPTS = [[3, 17, 5, 60, 21, 8, 44, 9], [7, 7, 1], list(range(10, 47)), [99]]
+# A type, or a function of each tensor's GGUF name (a Q4_K_M-like mix of K-quants, Q5_0,
+# Q5_1, Q8_0; its q, k and v differ in type, so they run unfused, side by side).
 CASES = [("llama", QType.Q4_1, {}), ("qwen2", QType.Q4_0, {}), ("llama", QType.Q8_0, {}),
-         ("llama", QType.Q4_1, {"tie_word_embeddings": True})]
+         ("llama", QType.Q4_1, {"tie_word_embeddings": True}), ("qwen2", q4_k_m_type, K_CONFIG)]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda case: f"{case[0]}-{case[1].name}-{len(case[2])}")
+def case_id(case) -> str:
+    arch, qtype, overrides = case
+    return f"{arch}-{getattr(qtype, 'name', 'Q4_K_M')}-{len(overrides)}"
+
+
+@pytest.fixture(scope="module", params=CASES, ids=case_id)
 def gguf_path(request, tmp_path_factory):
     arch, qtype, overrides = request.param
     path = tmp_path_factory.mktemp("plan") / f"{arch}.gguf"
+    if not isinstance(qtype, QType):
+        return str(export_mixed_model(path, tiny_model(arch, **overrides), arch, qtype))
     return str(export_hf_model(path, tiny_model(arch, **overrides), arch, qtype))
 
 

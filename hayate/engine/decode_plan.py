@@ -1,6 +1,8 @@
 """The decode step planned once at start-up: a Llama-family model whose projections are all
-natively readable GGUF blocks runs a whole step (embedding to logits) as one native call
-over weights, KV cache and buffers fixed at construction (hayate/kernels/decode.cpp).
+natively readable GGUF blocks (NATIVE_TYPES, mixed as a file mixes them; q, k and v of
+different types, which do not fuse, run side by side in one call) runs a whole step
+(embedding to logits) as one native call over weights, KV cache and buffers fixed at
+construction (hayate/kernels/decode.cpp).
 
 A step is up to MAX_NATIVE_ROWS rows, each a token at its position: decodes, and short
 prompt chunks (a chunk's rows are consecutive positions of one sequence); a step of up to
@@ -55,11 +57,10 @@ class PlannedDecode:
             final_norm=text.norm.weight, kv_cache=kv_cache.storage, block_size=kv_cache.block_size,
             threads=torch.get_num_threads())
         for layer in text.layers:
-            attention, mlp = layer.self_attn, layer.mlp
+            qkv, o, gate_up, down = _projections(layer)
             plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                           *_matrix(attention.qkv_proj), *_matrix(attention.o_proj),
-                           *_matrix(mlp.gate_up_proj), *_matrix(mlp.down_proj))
-        plan.set_head(*_matrix(model.lm_head)[:2])
+                           *_matrix(qkv), *_matrix(o), *_matrix(gate_up), *_matrix(down))
+        plan.set_head(*_matrix([model.lm_head])[:2])
         planned = cls(plan, kv_cache.block_size)
         planned.warm_up()
         return planned
@@ -98,19 +99,32 @@ def decode_path(model: nn.Module) -> str:
         return "eager PyTorch model (not all projections natively read GGUF blocks, or no C++ compiler)"
     if hasattr(kernels, "InterleavedWeight"):
         return ("planned native step; AVX-512 VNNI kernel over the weights rearranged in groups of 16 rows "
-                "(Q4_0 holds its offsets too: 20 bytes a block), activations exact to fp32")
+                "(Q4_0 holds its offsets too: 20 bytes a block; K-quants' 6-bit scales as bytes), activations exact to fp32")
     return "planned native step; GGUF blocks read in place with fp32 activations (no AVX-512 VNNI)"
 
 
-def _matrix(linear: PackedLinear) -> tuple:
-    """The layer's weight for the plan: its rearranged one (shared), else its GGUF blocks."""
-    weight = linear.packed if linear.interleaved is None else linear.interleaved
-    return weight, linear.ggml_type, linear.bias
+def _matrix(linears: list[PackedLinear]) -> tuple:
+    """A projection's weight for the plan: each layer's rearranged one (shared), else its GGUF
+    blocks; several layers (unfused q, k, v) as lists, side by side, with one bias."""
+    weights = [linear.packed if linear.interleaved is None else linear.interleaved for linear in linears]
+    types = [linear.ggml_type for linear in linears]
+    biases = [linear.bias for linear in linears]
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    if len(linears) == 1:
+        return weights[0], types[0], bias
+    return weights, types, bias
+
+
+def _projections(layer: nn.Module) -> list[list]:
+    """A layer's qkv, o, gate_up and down projections, each as its fused layer or its parts."""
+    attention, mlp = layer.self_attn, layer.mlp
+    qkv = [attention.qkv_proj] if attention.qkv_proj is not None else [attention.q_proj, attention.k_proj, attention.v_proj]
+    gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+    return [qkv, [attention.o_proj], gate_up, [mlp.down_proj]]
 
 
 def _linears(model: nn.Module) -> list:
-    return [model.lm_head] + [m for layer in model.model.layers for m in (
-        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    return [model.lm_head] + [m for layer in model.model.layers for part in _projections(layer) for m in part]
 
 
 def _plannable(model: nn.Module) -> bool:
@@ -120,4 +134,8 @@ def _plannable(model: nn.Module) -> bool:
     if text.embed_tokens.weight.dtype != torch.float32 or text.embed_tokens.weight.device.type != "cpu":
         return False
     eps = {text.norm.eps} | {n.eps for layer in text.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
-    return len(eps) == 1 and all(isinstance(m, PackedLinear) and m.ggml_type in NATIVE_TYPES for m in _linears(model))
+    linears = _linears(model)
+    if any(not isinstance(m, PackedLinear) or m.ggml_type not in NATIVE_TYPES for m in linears):
+        return False
+    biases = [[m.bias is None for m in part] for layer in text.layers for part in _projections(layer)]
+    return len(eps) == 1 and all(len(set(part)) == 1 for part in biases)

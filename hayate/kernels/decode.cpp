@@ -6,12 +6,12 @@
 //
 // Weights, the KV cache and all scratch buffers are fixed at construction; a step allocates
 // only its logits, and runs on the plan's own threads. The projections run the VNNI kernel
-// over rearranged weights where the CPU has it (interleaved.h), else the operators' own
+// over rearranged weights where the CPU has it (interleaved.h, interleaved_kernel.h), else the operators' own
 // GEMV (gemv_into); norms and RoPE are the operators' (rms_norm_rows, rope_heads); attention
 // is split-K (decode_attention.h), over a KV cache of float, float16 or bfloat16 (kv_elements.h).
 #include "decode_attention.h"
 #include "ggml_blocks.h"
-#include "interleaved.h"
+#include "interleaved_kernel.h"
 #include "worker_pool.h"
 
 namespace {
@@ -25,7 +25,7 @@ struct InterleavedWeight {
       : matrix(w, ggml_type, K, std::move(storage)) {}
 
   // A model's weights rearranged into one arena of 2 MB pages (one page table walk per 2 MB
-  // for the whole model, no page rounded up per matrix): ws[i] is [N, K_i / 32 * block_bytes].
+  // for the whole model, no page rounded up per matrix): ws[i] is [N, row_bytes_of(types[i], K_i)].
   static std::vector<InterleavedWeight> all(const std::vector<torch::Tensor>& ws, const std::vector<int64_t>& types,
                                             const std::vector<int64_t>& Ks) {
     TORCH_CHECK(ws.size() == types.size() && ws.size() == Ks.size(), "one type and K per weight");
@@ -53,7 +53,7 @@ struct InterleavedWeight {
     auto out = torch::empty({M, N}, x.options());
     IntraOpThreads threads;
     for (int64_t m = 0; m < M; m += kMaxRows)
-      interleaved_gemv(x.data_ptr<float>() + m * K, std::min(kMaxRows, M - m), matrix, planes,
+      interleaved_gemv(x.data_ptr<float>() + m * K, std::min(kMaxRows, M - m), &matrix, 1, planes,
                        out.data_ptr<float>() + m * N, threads);
     return out;
   }
@@ -78,53 +78,75 @@ struct Activations {
 #endif
 };
 
-// A projection's weights: rearranged for the VNNI kernel where the CPU has it (interleaved.h;
-// shared with the model's packed layer), else the GGUF blocks read in place (ggml_blocks.h).
+// A projection's weights: one matrix, or several side by side (q, k and v whose types differ,
+// as in a Q4_K_M file), their outputs consecutive columns. Rearranged for the VNNI kernel
+// where the CPU has it (interleaved.h; shared with the model's packed layers), else the GGUF
+// blocks read in place (ggml_blocks.h).
 struct PackedMatrix {
-  int64_t type = 0, N = 0, K = 0;
+  int64_t N = 0, K = 0;
   torch::Tensor bias;    // float32 [N], or undefined
 #if HAYATE_INTERLEAVED
-  InterleavedMatrix weights;
+  std::vector<InterleavedMatrix> parts;
 #else
-  torch::Tensor blocks;  // uint8 [N, K / 32 * block_bytes]
+  std::vector<torch::Tensor> parts;   // uint8 [N_i, row bytes]
+  std::vector<int64_t> types;
 #endif
 
   PackedMatrix() = default;
-  // weight: an InterleavedWeight (shared), or GGUF blocks uint8 [N, K / 32 * block_bytes]
-  // (rearranged into the plan's own copy where the CPU has VNNI, else read in place).
-  PackedMatrix(const pybind11::object& weight, int64_t ggml_type, int64_t in_features, c10::optional<torch::Tensor> b)
-      : type(ggml_type), K(in_features) {
-#if HAYATE_INTERLEAVED
-    if (pybind11::isinstance<InterleavedWeight>(weight)) {
-      weights = weight.cast<const InterleavedWeight&>().matrix;
-      TORCH_CHECK(weights.K() == K && weights.type() == type, "the rearranged weight does not match its layer");
+  // weight: an InterleavedWeight (shared), or GGUF blocks uint8 [N, row bytes] (rearranged into
+  // the plan's own copy where the CPU has VNNI, else read in place); or a list of them, with a
+  // list of types.
+  PackedMatrix(const pybind11::object& weight, const pybind11::object& ggml_type, int64_t in_features,
+               c10::optional<torch::Tensor> b)
+      : K(in_features) {
+    namespace py = pybind11;
+    if (py::isinstance<py::list>(weight) || py::isinstance<py::tuple>(weight)) {
+      const py::sequence weights = weight.cast<py::sequence>(), types = ggml_type.cast<py::sequence>();
+      TORCH_CHECK(weights.size() == types.size() && weights.size() > 0, "one type per weight");
+      for (size_t i = 0; i < weights.size(); ++i) add(weights[i], types[i].cast<int64_t>());
     } else {
-      weights = InterleavedMatrix(checked_blocks(weight.cast<torch::Tensor>()), type, K);
+      add(weight, ggml_type.cast<int64_t>());
     }
-    N = weights.N();
-#else
-    blocks = checked_blocks(weight.cast<torch::Tensor>()).contiguous();
-    N = blocks.size(0);
-#endif
     if (b.has_value()) {
       bias = b->contiguous();
       TORCH_CHECK(bias.dtype() == torch::kFloat32 && bias.numel() == N, "bias must be float32 [out_features]");
     }
   }
 
-  torch::Tensor checked_blocks(const torch::Tensor& w) const {
+  void add(const pybind11::object& weight, int64_t type) {
+#if HAYATE_INTERLEAVED
+    if (pybind11::isinstance<InterleavedWeight>(weight)) {
+      parts.push_back(weight.cast<const InterleavedWeight&>().matrix);
+      TORCH_CHECK(parts.back().K() == K && parts.back().type() == type, "the rearranged weight does not match its layer");
+    } else {
+      parts.emplace_back(checked_blocks(weight.cast<torch::Tensor>(), type), type, K);
+    }
+    N += parts.back().N();
+#else
+    parts.push_back(checked_blocks(weight.cast<torch::Tensor>(), type).contiguous());
+    types.push_back(type);
+    N += parts.back().size(0);
+#endif
+  }
+
+  torch::Tensor checked_blocks(const torch::Tensor& w, int64_t type) const {
     TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "packed weights must be 2-D uint8");
-    TORCH_CHECK(K % kBlock == 0 && w.size(1) == K / kBlock * block_bytes_of(type), "weight bytes do not match K");
+    TORCH_CHECK(w.size(1) == row_bytes_of(type, K), "weight bytes do not match K");
     return w;
   }
 
   // out [M, N] = x [M, K] W^T (+ bias)
   void apply(const float* x, int64_t M, Activations& scratch, float* out, WorkerPool& threads) const {
 #if HAYATE_INTERLEAVED
-    interleaved_gemv(x, M, weights, scratch.planes, out, threads);
+    interleaved_gemv(x, M, parts.data(), parts.size(), scratch.planes, out, threads);
 #else
     scratch.sums.resize(M * K / kBlock);
-    gemv_into(x, M, K, blocks.data_ptr<uint8_t>(), N, type, scratch.sums.data(), out, threads);
+    int64_t column = 0;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      gemv_into(x, M, K, parts[i].data_ptr<uint8_t>(), parts[i].size(0), types[i], scratch.sums.data(), out + column,
+                N, threads);
+      column += parts[i].size(0);
+    }
 #endif
     if (bias.defined()) {
       const float* b = bias.data_ptr<float>();
@@ -155,10 +177,11 @@ class DecodePlan {
     hidden_ = embedding_.size(1);
   }
 
-  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, pybind11::object qkv, int64_t qkv_type,
-                 c10::optional<torch::Tensor> qkv_bias, pybind11::object o, int64_t o_type,
-                 c10::optional<torch::Tensor> o_bias, pybind11::object gate_up, int64_t gate_up_type,
-                 c10::optional<torch::Tensor> gate_up_bias, pybind11::object down, int64_t down_type,
+  // Each projection: a weight and its type, or lists of them side by side (see PackedMatrix).
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, pybind11::object qkv, pybind11::object qkv_type,
+                 c10::optional<torch::Tensor> qkv_bias, pybind11::object o, pybind11::object o_type,
+                 c10::optional<torch::Tensor> o_bias, pybind11::object gate_up, pybind11::object gate_up_type,
+                 c10::optional<torch::Tensor> gate_up_bias, pybind11::object down, pybind11::object down_type,
                  c10::optional<torch::Tensor> down_bias) {
     Layer layer;
     layer.input_norm = input_norm.contiguous();
@@ -172,7 +195,7 @@ class DecodePlan {
     layers_.push_back(std::move(layer));
   }
 
-  void set_head(pybind11::object lm_head, int64_t ggml_type) {
+  void set_head(pybind11::object lm_head, pybind11::object ggml_type) {
     head_ = PackedMatrix(lm_head, ggml_type, hidden_, c10::nullopt);
   }
 

@@ -1,13 +1,16 @@
-// GGUF blocks (Q4_0, Q4_1, Q8_0) read directly by fp32 kernels, shared by the operator
-// wrappers (native.cpp) and the planned decode step (decode.cpp).
+// GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) read directly by fp32 kernels,
+// shared by the operator wrappers (native.cpp) and the planned decode step (decode.cpp).
 //
-// out[m, n] = sum_b ( d[n,b] * sum_j x[m, 32b+j] * q[n,b,j]  +  m[n,b] * sum_j x[m, 32b+j] )
+// Over sub-blocks b of 32 weights (block_formats.h):
+// out[m, n] = sum_b ( d[n,b] * sum_j x[m, 32b+j] * q[n,b,j]  +  offset[n,b] * sum_j x[m, 32b+j] )
 #pragma once
+#include "block_formats.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
@@ -27,9 +30,22 @@ inline float half_to_float(const uint8_t* p) {
 #endif
 }
 
-// Dequantize one block into 32 floats (q values and the block's scale / offset).
+// Types whose weights have an offset times the block's sum of x (Q4_0's classic path: -8 d).
+constexpr bool has_offset(int kType) {
+  return kType == kQ4_0 || kType == kQ4_1 || kType == kQ5_1 || kType == kQ4_K || kType == kQ5_K;
+}
+
+// Q4_0, Q4_1 and Q8_0 have vector unpacking below; the other types decode a sub-block in scalar code.
+constexpr bool is_classic(int kType) { return kType == kQ4_0 || kType == kQ4_1 || kType == kQ8_0; }
+
+// Sub-block b (32 weights) of a row: its q values (less their zero) and scale / offset.
 template <int kType>
-inline void block_values(const uint8_t* block, float* q, float* d, float* offset) {
+inline void block_values(const uint8_t* row, int64_t b, float* q, float* d, float* offset) {
+  if constexpr (!is_classic(kType)) {
+    sub_block_values(kType, row, b, q, d, offset);
+    return;
+  }
+  const uint8_t* block = row + b * block_format(kType).bytes;
   *d = half_to_float(block);
   if (kType == 8) {
     const int8_t* qs = reinterpret_cast<const int8_t*>(block + 2);
@@ -49,9 +65,23 @@ inline void block_values(const uint8_t* block, float* q, float* d, float* offset
 constexpr int64_t kMaxRows = 16;  // activation rows handled per pass over the weights
 
 #if defined(__AVX512F__)
-// The block's 32 q values as two vectors of 16 floats (elements 0..15 and 16..31).
+// Sub-block b of a row as two vectors of 16 floats (elements 0..15 and 16..31), its scale
+// and offset.
 template <int kType>
-inline void block_vectors(const uint8_t* block, __m512* lo, __m512* hi) {
+inline void block_vectors(const uint8_t* row, int64_t b, __m512* lo, __m512* hi, float* d, float* offset) {
+  if constexpr (!is_classic(kType)) {   // the weights themselves, exact: one fp32 dot as F.linear's
+    alignas(64) float q[32];
+    sub_block_values(kType, row, b, q, d, offset);
+    const __m512 scale = _mm512_set1_ps(*d), add = _mm512_set1_ps(*offset);
+    *lo = _mm512_fmadd_ps(scale, _mm512_load_ps(q), add);
+    *hi = _mm512_fmadd_ps(scale, _mm512_load_ps(q + 16), add);
+    *d = 1.f;
+    *offset = 0.f;
+    return;
+  }
+  const uint8_t* block = row + b * block_format(kType).bytes;
+  *d = half_to_float(block);
+  *offset = kType == 8 ? 0.f : (kType == 2 ? -8.f * *d : half_to_float(block + 2));
   if (kType == 8) {
     const __m128i* qs = reinterpret_cast<const __m128i*>(block + 2);
     *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs)));
@@ -70,7 +100,7 @@ inline void block_vectors(const uint8_t* block, __m512* lo, __m512* hi) {
 // Per-block products are scaled by d in vector registers and reduced once per row.
 template <int kType, int kRows>
 void rows_fixed(const float* x, const float* x_sums, const uint8_t* w, float* out, int64_t M, int64_t N,
-                int64_t K, int64_t block_bytes, int64_t n_begin, int64_t n_end);
+                int64_t K, int64_t row_bytes, int64_t n_begin, int64_t n_end);
 
 #if defined(__AVX512F__)
 constexpr int kRowGroup = 8;   // activation rows whose accumulators fit in registers together
@@ -80,16 +110,15 @@ constexpr int kRowGroup = 8;   // activation rows whose accumulators fit in regi
 // the block sums, stored [blocks][kRowGroup].
 template <int kType, int kRows>
 void row_group(const float* x, const float* sums_by_block, const uint8_t* row, float* out, int64_t N,
-               int64_t K, int64_t block_bytes, int64_t n) {
+               int64_t K, int64_t row_bytes, int64_t n) {
   const int64_t blocks = K / kBlock;
   __m512 acc[kRows];
   for (int m = 0; m < kRows; ++m) acc[m] = _mm512_setzero_ps();
   __m256 offsets = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = row + b * block_bytes;
     __m512 lo, hi;
-    block_vectors<kType>(block, &lo, &hi);
-    const float d = half_to_float(block);
+    float d, offset;
+    block_vectors<kType>(row, b, &lo, &hi, &d, &offset);
     const __m512 dv = _mm512_set1_ps(d);
     // The single row's arithmetic, exactly: a row's result does not depend on its batch.
     for (int m = 0; m < kRows; ++m) {
@@ -97,8 +126,7 @@ void row_group(const float* x, const float* sums_by_block, const uint8_t* row, f
       const __m512 dot = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 16), hi, _mm512_mul_ps(_mm512_loadu_ps(xb), lo));
       acc[m] = _mm512_fmadd_ps(dv, dot, acc[m]);
     }
-    if (kType != 8) {
-      const float offset = kType == 2 ? -8.f * d : half_to_float(block + 2);
+    if (has_offset(kType)) {
       offsets = _mm256_fmadd_ps(_mm256_set1_ps(offset), _mm256_loadu_ps(sums_by_block + b * kRowGroup), offsets);
     }
   }
@@ -109,16 +137,16 @@ void row_group(const float* x, const float* sums_by_block, const uint8_t* row, f
 
 template <int kType>
 void row_group_of(int64_t rows, const float* x, const float* sums, const uint8_t* row, float* out, int64_t N,
-                  int64_t K, int64_t block_bytes, int64_t n) {
+                  int64_t K, int64_t row_bytes, int64_t n) {
   switch (rows) {
-    case 1: return row_group<kType, 1>(x, sums, row, out, N, K, block_bytes, n);
-    case 2: return row_group<kType, 2>(x, sums, row, out, N, K, block_bytes, n);
-    case 3: return row_group<kType, 3>(x, sums, row, out, N, K, block_bytes, n);
-    case 4: return row_group<kType, 4>(x, sums, row, out, N, K, block_bytes, n);
-    case 5: return row_group<kType, 5>(x, sums, row, out, N, K, block_bytes, n);
-    case 6: return row_group<kType, 6>(x, sums, row, out, N, K, block_bytes, n);
-    case 7: return row_group<kType, 7>(x, sums, row, out, N, K, block_bytes, n);
-    default: return row_group<kType, 8>(x, sums, row, out, N, K, block_bytes, n);
+    case 1: return row_group<kType, 1>(x, sums, row, out, N, K, row_bytes, n);
+    case 2: return row_group<kType, 2>(x, sums, row, out, N, K, row_bytes, n);
+    case 3: return row_group<kType, 3>(x, sums, row, out, N, K, row_bytes, n);
+    case 4: return row_group<kType, 4>(x, sums, row, out, N, K, row_bytes, n);
+    case 5: return row_group<kType, 5>(x, sums, row, out, N, K, row_bytes, n);
+    case 6: return row_group<kType, 6>(x, sums, row, out, N, K, row_bytes, n);
+    case 7: return row_group<kType, 7>(x, sums, row, out, N, K, row_bytes, n);
+    default: return row_group<kType, 8>(x, sums, row, out, N, K, row_bytes, n);
   }
 }
 
@@ -126,7 +154,7 @@ void row_group_of(int64_t rows, const float* x, const float* sums, const uint8_t
 // weight row is read from memory once, and again from cache for the second group.
 template <int kType>
 void rows_many(const float* x, const float* x_sums, const uint8_t* w, float* out, int64_t M, int64_t N,
-               int64_t K, int64_t block_bytes, int64_t n_begin, int64_t n_end) {
+               int64_t K, int64_t row_bytes, int64_t n_begin, int64_t n_end) {
   const int64_t blocks = K / kBlock, groups = (M + kRowGroup - 1) / kRowGroup;
   thread_local std::vector<float> sums;   // [groups][blocks][kRowGroup]
   sums.assign(groups * blocks * kRowGroup, 0.f);
@@ -134,47 +162,45 @@ void rows_many(const float* x, const float* x_sums, const uint8_t* w, float* out
     for (int64_t b = 0; b < blocks; ++b)
       sums[((m / kRowGroup) * blocks + b) * kRowGroup + m % kRowGroup] = x_sums[m * blocks + b];
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* row = w + n * blocks * block_bytes;
+    const uint8_t* row = w + n * row_bytes;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t first = g * kRowGroup;
       row_group_of<kType>(std::min<int64_t>(kRowGroup, M - first), x + first * K,
-                          sums.data() + g * blocks * kRowGroup, row, out + first * N, N, K, block_bytes, n);
+                          sums.data() + g * blocks * kRowGroup, row, out + first * N, N, K, row_bytes, n);
     }
   }
 }
 #endif
 
 // Single-row decode is the hot case: a loop whose row count is a constant; a few rows (a
-// batch of decodes, a short prompt chunk) get one too.
+// batch of decodes, a short prompt chunk) get one too. N here is out's row stride.
 template <int kType>
 void rows(const float* x, const float* x_sums, const uint8_t* w, float* out, int64_t M, int64_t N,
-          int64_t K, int64_t block_bytes, int64_t n_begin, int64_t n_end) {
-  if (M == 1) return rows_fixed<kType, 1>(x, x_sums, w, out, 1, N, K, block_bytes, n_begin, n_end);
+          int64_t K, int64_t row_bytes, int64_t n_begin, int64_t n_end) {
+  if (M == 1) return rows_fixed<kType, 1>(x, x_sums, w, out, 1, N, K, row_bytes, n_begin, n_end);
 #if defined(__AVX512F__)
-  rows_many<kType>(x, x_sums, w, out, M, N, K, block_bytes, n_begin, n_end);
+  rows_many<kType>(x, x_sums, w, out, M, N, K, row_bytes, n_begin, n_end);
 #else
-  rows_fixed<kType, 0>(x, x_sums, w, out, M, N, K, block_bytes, n_begin, n_end);
+  rows_fixed<kType, 0>(x, x_sums, w, out, M, N, K, row_bytes, n_begin, n_end);
 #endif
 }
 
 // kRows: the row count when known at compile time (1), else 0 and M is used.
 template <int kType, int kRows>
 void rows_fixed(const float* x, const float* x_sums, const uint8_t* w, float* out, int64_t M_, int64_t N,
-                int64_t K, int64_t block_bytes, int64_t n_begin, int64_t n_end) {
+                int64_t K, int64_t row_bytes, int64_t n_begin, int64_t n_end) {
   const int64_t M = kRows > 0 ? kRows : M_;
   const int64_t blocks = K / kBlock;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* row = w + n * blocks * block_bytes;
+    const uint8_t* row = w + n * row_bytes;
     float offsets[kMaxRows] = {0.f};
 #if defined(__AVX512F__)
     __m512 acc[kMaxRows];
     for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* block = row + b * block_bytes;
       __m512 lo, hi;
-      block_vectors<kType>(block, &lo, &hi);
-      const float d = half_to_float(block);
-      const float offset = kType == 8 ? 0.f : (kType == 2 ? -8.f * d : half_to_float(block + 2));
+      float d, offset;
+      block_vectors<kType>(row, b, &lo, &hi, &d, &offset);
       const __m512 dv = _mm512_set1_ps(d);
       for (int64_t m = 0; m < M; ++m) {
         const float* xb = x + m * K + b * kBlock;
@@ -189,7 +215,7 @@ void rows_fixed(const float* x, const float* x_sums, const uint8_t* w, float* ou
     float q[kBlock];
     for (int64_t b = 0; b < blocks; ++b) {
       float d, offset;
-      block_values<kType>(row + b * block_bytes, q, &d, &offset);
+      block_values<kType>(row, b, q, &d, &offset);
       for (int64_t m = 0; m < M; ++m) {
         const float* xb = x + m * K + b * kBlock;
         float dot = 0.f;
@@ -205,13 +231,13 @@ void rows_fixed(const float* x, const float* x_sums, const uint8_t* w, float* ou
 
 // Dequantize rows n_begin..n_end into fp32 [N, K].
 template <int kType>
-void dequantize_rows(const uint8_t* w, float* out, int64_t K, int64_t block_bytes, int64_t n_begin,
+void dequantize_rows(const uint8_t* w, float* out, int64_t K, int64_t row_bytes, int64_t n_begin,
                      int64_t n_end) {
   const int64_t blocks = K / kBlock;
   for (int64_t n = n_begin; n < n_end; ++n) {
     for (int64_t b = 0; b < blocks; ++b) {
       float q[kBlock], d, offset;
-      block_values<kType>(w + (n * blocks + b) * block_bytes, q, &d, &offset);
+      block_values<kType>(w + n * row_bytes, b, q, &d, &offset);
       float* dst = out + n * K + b * kBlock;
 #pragma omp simd
       for (int j = 0; j < kBlock; ++j) dst[j] = d * q[j] + offset;
@@ -220,34 +246,45 @@ void dequantize_rows(const uint8_t* w, float* out, int64_t K, int64_t block_byte
 }
 
 
-inline int64_t block_bytes_of(int64_t ggml_type) {
-  TORCH_CHECK(ggml_type == 2 || ggml_type == 3 || ggml_type == 8, "unsupported GGML type ", ggml_type);
-  return ggml_type == 2 ? 18 : (ggml_type == 3 ? 20 : 34);
-}
-
 // Runs fn(begin, end) over [0, n) on PyTorch's intra-op threads.
 struct IntraOpThreads {
   template <class F>
   void parallel_for(int64_t n, int64_t grain, const F& fn) const { at::parallel_for(0, n, grain, fn); }
 };
 
-// out [M, N] = x [M, K] times the packed weight w [N, K / 32 * block_bytes] (M <= kMaxRows),
-// output rows split over `threads` (anything with parallel_for(n, grain, fn)). x_sums:
-// scratch of M * K / 32 floats.
+// Calls fn(std::integral_constant<int, type>) for a natively read GGML type.
+template <class F>
+void with_type(int64_t ggml_type, const F& fn) {
+  switch (ggml_type) {
+    case kQ4_0: return fn(std::integral_constant<int, kQ4_0>());
+    case kQ4_1: return fn(std::integral_constant<int, kQ4_1>());
+    case kQ5_0: return fn(std::integral_constant<int, kQ5_0>());
+    case kQ5_1: return fn(std::integral_constant<int, kQ5_1>());
+    case kQ8_0: return fn(std::integral_constant<int, kQ8_0>());
+    case kQ4_K: return fn(std::integral_constant<int, kQ4_K>());
+    case kQ5_K: return fn(std::integral_constant<int, kQ5_K>());
+    case kQ6_K: return fn(std::integral_constant<int, kQ6_K>());
+    default: TORCH_CHECK(false, "unsupported GGML type ", ggml_type);
+  }
+}
+
+// out [M, ldo] (columns 0..N) = x [M, K] times the packed weight w [N, row_bytes_of(type, K)]
+// (M <= kMaxRows), output rows split over `threads` (anything with parallel_for(n, grain,
+// fn)). x_sums: scratch of M * K / 32 floats.
 template <class Threads>
 void gemv_into(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t ggml_type,
-               float* x_sums, float* out, Threads& threads) {
-  const int64_t block_bytes = block_bytes_of(ggml_type);
-  // Per-block sums of x, shared by every output row (Q4's offsets multiply them).
+               float* x_sums, float* out, int64_t ldo, Threads& threads) {
+  const int64_t row_bytes = row_bytes_of(ggml_type, K);
+  // Per-block sums of x, shared by every output row (the offsets multiply them).
   for (int64_t i = 0; i < M * (K / kBlock); ++i) {
     float sum = 0.f;
     for (int j = 0; j < kBlock; ++j) sum += x[i * kBlock + j];
     x_sums[i] = sum;
   }
-  threads.parallel_for(N, 16, [&](int64_t begin, int64_t end) {
-    if (ggml_type == 8) rows<8>(x, x_sums, w, out, M, N, K, block_bytes, begin, end);
-    else if (ggml_type == 2) rows<2>(x, x_sums, w, out, M, N, K, block_bytes, begin, end);
-    else rows<3>(x, x_sums, w, out, M, N, K, block_bytes, begin, end);
+  with_type(ggml_type, [&](auto type) {
+    threads.parallel_for(N, 16, [&](int64_t begin, int64_t end) {
+      rows<decltype(type)::value>(x, x_sums, w, out, M, ldo, K, row_bytes, begin, end);
+    });
   });
 }
 

@@ -1,5 +1,5 @@
 // Operators over GGUF blocks and a decode step's few rows, for PyTorch: matrix-vector
-// products that read Q4_0 / Q4_1 / Q8_0 blocks directly with fp32 activations and fp32
+// products that read GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) directly with fp32 activations and fp32
 // accumulation (the weights move as 4.5-8.5 bits, the arithmetic stays exact to the stored
 // values up to fp32 rounding: no 8-bit or bf16 activations), dequantization, RMSNorm, RoPE.
 #include "ggml_blocks.h"
@@ -7,34 +7,31 @@
 
 void register_decode_plan(pybind11::module& m);  // decode.cpp
 
-// x [M, K] float32 (M <= 16); w [N, K / 32 * block_bytes] uint8; ggml_type 2 (Q4_0),
-// 3 (Q4_1) or 8 (Q8_0). Returns [M, N] float32.
+// x [M, K] float32 (M <= 16); w [N, row bytes] uint8 of a natively read ggml_type
+// (block_formats.h). Returns [M, N] float32.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, int64_t ggml_type) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be a 2-D float32 tensor");
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be a 2-D uint8 tensor");
-  const int64_t block_bytes = block_bytes_of(ggml_type);
   x = x.contiguous();
   w = w.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(M <= kMaxRows, "at most ", kMaxRows, " activation rows, got ", M);
-  TORCH_CHECK(K % kBlock == 0, "in_features must be a multiple of 32");
-  TORCH_CHECK(w.size(1) == K / kBlock * block_bytes, "weight bytes do not match in_features");
+  TORCH_CHECK(w.size(1) == row_bytes_of(ggml_type, K), "weight bytes do not match in_features");
   std::vector<float> x_sums(M * (K / kBlock));
   auto out = torch::empty({M, N}, x.options());
   IntraOpThreads threads;
   gemv_into(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, ggml_type, x_sums.data(), out.data_ptr<float>(),
-            threads);
+            N, threads);
   return out;
 }
 
-// w [N, K / 32 * block_bytes] uint8 -> fp32 [N, K], computed as w = d * q + offset, into
+// w [N, row bytes] uint8 -> fp32 [N, K], computed as w = d * q + offset, into
 // `out` when given (a reused workspace: no fresh pages to fault in for every prefill chunk).
 torch::Tensor dequantize(torch::Tensor w, int64_t ggml_type, int64_t K, c10::optional<torch::Tensor> into) {
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be a 2-D uint8 tensor");
-  const int64_t block_bytes = block_bytes_of(ggml_type);
   w = w.contiguous();
-  const int64_t N = w.size(0);
-  TORCH_CHECK(K % kBlock == 0 && w.size(1) == K / kBlock * block_bytes, "weight bytes do not match K");
+  const int64_t N = w.size(0), row_bytes = row_bytes_of(ggml_type, K);
+  TORCH_CHECK(w.size(1) == row_bytes, "weight bytes do not match K");
   torch::Tensor out;
   if (into.has_value()) {
     out = *into;
@@ -45,10 +42,10 @@ torch::Tensor dequantize(torch::Tensor w, int64_t ggml_type, int64_t K, c10::opt
   }
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    if (ggml_type == 8) dequantize_rows<8>(wp, op, K, block_bytes, begin, end);
-    else if (ggml_type == 2) dequantize_rows<2>(wp, op, K, block_bytes, begin, end);
-    else dequantize_rows<3>(wp, op, K, block_bytes, begin, end);
+  with_type(ggml_type, [&](auto type) {
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      dequantize_rows<decltype(type)::value>(wp, op, K, row_bytes, begin, end);
+    });
   });
   return out;
 }

@@ -9,8 +9,10 @@ from torch import nn
 from hayate.kernels import kernels_for_rows, native_kernels
 from hayate.layers.quant import PackedWeight, QType, dequantize
 
-# Types the native kernel reads directly (fp32 activations and accumulation).
-NATIVE_TYPES = frozenset({QType.Q4_0, QType.Q4_1, QType.Q8_0})
+# Types the native kernels read directly (fp32 activations and accumulation): GEMV over the
+# blocks, the planned step's VNNI kernel over them rearranged, and dequantization.
+NATIVE_TYPES = frozenset({QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
+                          QType.Q4_K, QType.Q5_K, QType.Q6_K})
 
 
 class DequantWorkspace:
@@ -36,7 +38,7 @@ def share_workspace(model: nn.Module) -> None:
 
 class PackedLinear(nn.Module):
     """A linear layer whose weight stays in its GGUF packed form: a decode step's few rows
-    are multiplied by the blocks directly (native kernels, Q4_0 / Q4_1 / Q8_0); otherwise the
+    are multiplied by the blocks directly (native kernels, NATIVE_TYPES); otherwise the
     weight is dequantized for the forward."""
 
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None):

@@ -64,8 +64,12 @@ def _random_packed(linear: nn.Linear, ggml_type: int) -> PackedLinear:
     values = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     try:
         blocks = gguf.quants.quantize(values, QType(ggml_type))
-    except NotImplementedError:   # a type gguf cannot encode: time the fp32 path instead
-        return linear
+    except (NotImplementedError, gguf.quants.QuantError):
+        if ggml_type == QType.Q8_0:
+            return linear   # time the fp32 path instead
+        # K-quants (gguf cannot encode them; the twin's rows are shorter than 256): a natively
+        # read type of 32-element blocks costs the same fixed work per step
+        return _random_packed(linear, QType.Q8_0)
     return PackedLinear(PackedWeight(torch.from_numpy(blocks.reshape(shape[0], -1).copy()), ggml_type, shape),
                         linear.bias)
 

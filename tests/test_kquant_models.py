@@ -1,0 +1,65 @@
+"""Tiny GGUF models in Q4_K, Q5_K, Q6_K, Q5_0, Q5_1 and a Q4_K_M-like mix run natively: the
+loader keeps them packed, the planned step takes them (q, k and v of different types side by
+side), and its greedy tokens and logprobs are the eager model's and the fp32 reference's."""
+from __future__ import annotations
+
+import pytest
+
+from hayate.kernels import native_kernels
+from hayate.layers.linear import PackedLinear
+from hayate.llm import LLM
+from hayate.sampling import SamplingParams
+from kquant_blocks import K_CONFIG, NEW_TYPES, export_mixed_model, q4_k_m_type
+from test_gguf import QType, tiny_model
+
+pytestmark = pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
+PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=5)
+PROMPTS = [[3, 17, 5, 60, 21, 8, 44, 9], list(range(10, 47))]
+
+
+def assert_same(ours, theirs, tolerance: float = 1e-3) -> None:
+    assert ours.token_ids == theirs.token_ids
+    for a, b in zip(ours.logprobs, theirs.logprobs):
+        assert abs(a.logprob - b.logprob) < tolerance
+        assert [i for i, _ in a.top] == [i for i, _ in b.top]
+
+
+def export(tmp_path, arch: str, type_of, **overrides) -> str:
+    model = tiny_model(arch, **K_CONFIG, **overrides)
+    return str(export_mixed_model(tmp_path / f"{arch}.gguf", model, arch, type_of))
+
+
+def packed_types(llm: LLM) -> set[QType]:
+    return {QType(m.ggml_type) for m in llm.engine.runner.model.modules() if isinstance(m, PackedLinear)}
+
+
+def check_against_eager_and_fp32(path: str) -> LLM:
+    planned, eager, fp32 = LLM(path), LLM(path, planned_decode=False), LLM(path, weights="fp32")
+    assert planned.engine.runner.plan is not None
+    for prompt in PROMPTS:
+        ours = planned.generate(prompt, PARAMS)
+        assert_same(ours, eager.generate(prompt, PARAMS))
+        assert_same(ours, fp32.generate(prompt, PARAMS))
+    return planned
+
+
+@pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
+def test_one_type_models_run_planned(tmp_path, qtype):
+    planned = check_against_eager_and_fp32(export(tmp_path, "llama", lambda name: qtype))
+    assert packed_types(planned) == {qtype}
+
+
+def test_a_q4_k_m_mix_runs_planned_with_unfused_projections(tmp_path):
+    """Q4_K with Q6_K for attn_v / ffn_down / output, and Q5_0, Q5_1, Q5_K, Q8_0 in the second
+    layer; Qwen2's q, k and v biases go with their unfused projections."""
+    planned = check_against_eager_and_fp32(export(tmp_path, "qwen2", q4_k_m_type))
+    assert packed_types(planned) == {QType.Q4_K, QType.Q6_K, QType.Q5_0, QType.Q5_1, QType.Q5_K, QType.Q8_0}
+    layers = planned.engine.runner.model.model.layers
+    assert all(layer.self_attn.qkv_proj is None for layer in layers)   # q, k, v of different types
+    assert layers[0].mlp.gate_up_proj is not None and layers[1].mlp.gate_up_proj is not None
+
+
+def test_a_tied_k_quant_head_runs_planned(tmp_path):
+    """A tied vocabulary head reads the embedding's Q4_K blocks."""
+    planned = check_against_eager_and_fp32(export(tmp_path, "llama", q4_k_m_type, tie_word_embeddings=True))
+    assert QType(planned.engine.runner.model.lm_head.ggml_type) == QType.Q4_K
