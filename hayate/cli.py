@@ -28,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(chat)
     from hayate.bench.command import add_bench_parser
     from hayate.plan.report import add_plan_parser
+    from hayate.pull import add_pull_parsers
     from hayate.serve import add_serve_parser
 
     add_serve_parser(commands)
+    add_pull_parsers(commands)
     add_plan_parser(commands)
     add_bench_parser(commands)
     return parser
@@ -148,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     from hayate.bench.command import command_bench
     from hayate.chat import command_chat
     from hayate.plan.report import command_plan
+    from hayate.pull import command_list, command_pull
     from hayate.serve import command_serve
 
     commands = {"run": command_run, "chat": command_chat, "serve": command_serve, "plan": command_plan,
-                "bench": command_bench}
+                "bench": command_bench, "pull": command_pull, "list": command_list}
     try:
         return commands[args.command](args)
     except (ValueError, OSError, CliError) as error:

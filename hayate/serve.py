@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from hayate.config import WEIGHT_MODES, EngineConfig
+from hayate.loading.catalogue import model_path
 
 log = logging.getLogger("hayate.server")
 API_KEY_ENV = "HAYATE_API_KEY"
@@ -111,7 +112,7 @@ def media_policy(args: argparse.Namespace):
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    if args.model is not None and not Path(args.model).exists():
+    if args.model is not None and not model_path(args.model).exists():   # a path, or a pulled model's name
         raise ValueError(f"no such file or folder: {args.model}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"port must be between 0 and 65535, got {args.port}")
