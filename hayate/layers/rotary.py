@@ -10,6 +10,8 @@ from torch import nn
 
 from hayate.kernels import kernels_for_rows
 
+MAX_POSITIONS = 2 ** 24   # a context longer than this is a corrupt setting, not a model's
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """[head_dim // 2] inverse frequencies, scaled as the config asks."""
@@ -21,14 +23,23 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
     if kind == "llama3":
         return _llama3_scaling(inv_freq, scaling)
     if kind == "linear":
-        return inv_freq / float(scaling["factor"])
+        return inv_freq / _scaling_value(scaling, "factor")
     raise ValueError(f"RoPE scaling type {kind!r} is not supported (supported: llama3, linear)")
 
 
+def _scaling_value(scaling: dict[str, Any], key: str) -> float:
+    value = scaling.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{scaling.get('rope_type')} RoPE scaling needs {key} as a positive number, got {value!r}")
+    return float(value)
+
+
 def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
-    factor = float(scaling["factor"])
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_context = float(scaling["original_max_position_embeddings"])
+    factor = _scaling_value(scaling, "factor")
+    low, high = _scaling_value(scaling, "low_freq_factor"), _scaling_value(scaling, "high_freq_factor")
+    old_context = _scaling_value(scaling, "original_max_position_embeddings")
+    if low >= high:
+        raise ValueError(f"llama3 RoPE scaling needs low_freq_factor < high_freq_factor, got {low} and {high}")
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
     # Between the two wavelengths, interpolate smoothly between scaled and unscaled.
@@ -44,6 +55,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None = None):
         super().__init__()
+        if head_dim <= 0 or head_dim % 2 or not 0 < max_positions <= MAX_POSITIONS:
+            raise ValueError(f"rotary embeddings need an even head size and 1 to {MAX_POSITIONS} positions, "
+                             f"got head size {head_dim} and {max_positions} positions")
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         # Built on the CPU even while the rest of the model is built on the meta device.
         freqs = torch.arange(max_positions, dtype=torch.float32, device="cpu")[:, None] * inv_freq[None, :]

@@ -1,8 +1,10 @@
 """GGUF files: metadata, tensors (packed or dequantized), tokenizer and chat template."""
 from __future__ import annotations
 
+import math
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 
 from hayate.layers.quant import PackedWeight, QType, can_dequantize, dequantize, is_quantized
+from hayate.loading.gguf_checks import GGUFError, check_array_length, check_model, check_tensor_info, describe
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 ValueType = gguf.GGUFValueType
@@ -37,28 +40,61 @@ _SKIPPED_TENSORS = frozenset({"rope_freqs.weight"})
 _EMBEDDING = "model.embed_tokens.weight"
 
 
-class GGUFError(ValueError):
-    """A GGUF file hayate cannot use; the message is one sentence for the user."""
+# What a mutated header can make the gguf package's reader raise.
+_PARSE_ERRORS = (ValueError, KeyError, IndexError, TypeError, ArithmeticError, MemoryError, RecursionError,
+                 struct.error)
+# Fewest bytes a metadata field (key length, a 1-byte key, type, a 1-byte value) and a tensor
+# entry (name length, a 1-byte name, dimension count, type, offset) take.
+_MIN_FIELD_BYTES, _MIN_TENSOR_BYTES = 14, 25
 
 
 class _FastReader(gguf.GGUFReader):
-    """GGUFReader that parses metadata arrays in bulk.
+    """GGUFReader that parses metadata arrays in bulk, and refuses (ValueError) any count,
+    length or offset that reaches past the end of the file before acting on it.
 
     The stock reader makes several numpy views per array element, which costs ~2 s for a
     49k-token vocabulary. The fields built here have the same parts/data layout.
     """
 
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        # The stock reader would return a short (or empty) view and read on from there.
+        if int(offset) + np.dtype(dtype).itemsize * int(count) > self.data.size:
+            raise ValueError(f"the field at byte {int(offset)} runs past the end of the file")
+        return super()._get(offset, dtype, count, override_order)
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        if self.byte_order != "I":
+            raise ValueError("its byte order is not this machine's, which hayate does not read")
+        if int(count) * _MIN_FIELD_BYTES > self.data.size - offs:
+            raise ValueError(f"the header claims {int(count)} metadata fields, more than the file holds")
+        return super()._build_fields(offs, count)
+
+    def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list]:
+        if int(count) * _MIN_TENSOR_BYTES > self.data.size - offs:
+            raise ValueError(f"the header claims {int(count)} tensors, more than the file holds")
+        return super()._build_tensor_info(offs, count)
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        for field in fields:
+            _name_length, name, _n_dims, dims, raw_type, offset = field.parts
+            check_tensor_info(bytes(name).decode("utf-8", errors="replace"), [int(d) for d in dims],
+                              int(raw_type[0]), int(offset[0]), start_offs, self.data.size)
+        super()._build_tensors(start_offs, fields)
+
     def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list]:
-        if raw_type != ValueType.ARRAY or self.byte_order != "I":
+        if _value_type(raw_type, orig_offs) != ValueType.ARRAY:
             return super()._get_field_parts(orig_offs, raw_type)
         item_type, count = struct.unpack_from("=IQ", self.data, orig_offs)
+        scalar = self.gguf_scalar_to_np.get(_value_type(item_type, orig_offs))
+        item_bytes = {ValueType.STRING: 8, ValueType.ARRAY: 12}.get(item_type) or np.dtype(scalar).itemsize
+        check_array_length(count, item_bytes, self.data.size - orig_offs - 12, orig_offs)
         header = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
         offs = orig_offs + 12
         if item_type == ValueType.STRING:
             parts, offs = self._string_parts(offs, count)
-        elif (scalar := self.gguf_scalar_to_np.get(ValueType(item_type))) is not None:
+        elif scalar is not None:
             parts, offs = self._scalar_parts(offs, count, np.dtype(scalar))
-        else:
+        else:  # arrays of arrays, each read through this method again
             return super()._get_field_parts(orig_offs, raw_type)
         # Each element is a (length, bytes) pair for strings and a single part otherwise.
         step = 2 if item_type == ValueType.STRING else 1
@@ -86,6 +122,13 @@ class _FastReader(gguf.GGUFReader):
         return list(values.reshape(count, 1)), end
 
 
+def _value_type(raw_type: int, offset: int) -> ValueType:
+    try:
+        return ValueType(int(raw_type))
+    except ValueError:
+        raise ValueError(f"the field at byte {offset} has unknown value type {int(raw_type)}") from None
+
+
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     """All key/value fields of a GGUF file as plain Python values (str, int, float, bool, list)."""
     return {name: _field_value(field) for name, field in reader.fields.items()
@@ -96,6 +139,8 @@ def _field_value(field: gguf.ReaderField) -> Any:
     if field.types == [ValueType.FLOAT32]:
         # The shortest decimal that rounds to this float32: 1e-05, not 9.999999747378752e-06.
         return float(str(field.parts[-1][0]))
+    if field.types == [ValueType.STRING]:
+        return field.parts[-1].tobytes().decode("utf-8", errors="replace")
     if len(field.types) != 2 or field.types[0] != ValueType.ARRAY:
         return field.contents()  # scalars, strings, empty and nested arrays
     if field.types[1] == ValueType.STRING:
@@ -110,11 +155,10 @@ class GGUFModelFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.reader = _open_reader(self.path)
-        self.metadata = read_metadata(self.reader)
-        self.architecture = str(self.metadata.get("general.architecture", ""))
+        self.reader, self.metadata = _open_reader(self.path)
+        self.architecture = self.metadata.get("general.architecture", "")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise GGUFError(f"{self.path.name} has architecture '{self.architecture}', which hayate "
+            raise GGUFError(f"{self.path.name} has architecture {describe(self.architecture)}, which hayate "
                             f"does not support (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         self._by_name = {tensor.name: tensor for tensor in self.reader.tensors}
         self._hf_names = {t.name: _hf_name(t.name, self.path) for t in self.reader.tensors
@@ -128,7 +172,9 @@ class GGUFModelFile:
         return self.metadata.get("tokenizer.chat_template")
 
     def hf_config(self) -> dict[str, Any]:
-        """The model's settings under the names of a Hugging Face config.json."""
+        """The model's settings under the names of a Hugging Face config.json, once the
+        metadata and tensor shapes have been checked against each other (GGUFError if not)."""
+        check_model(self.metadata, self._by_name, self.architecture, self.path.name)
         heads = int(self._arch_key("attention.head_count"))
         hidden = int(self._arch_key("embedding_length"))
         return {
@@ -171,6 +217,10 @@ class GGUFModelFile:
     def dequantized_nbytes(self) -> int:
         """Bytes all weights take once dequantized to fp32."""
         return sum(4 * int(self._by_name[name].n_elements) for name in self._hf_names)
+
+    def stored_nbytes(self) -> int:
+        """Bytes all weights take as stored (packed) in the file."""
+        return sum(int(self._by_name[name].n_bytes) for name in self._hf_names)
 
     def _load(self, tensor: gguf.ReaderTensor, hf_name: str, keep_packed: bool) -> torch.Tensor | PackedWeight:
         shape = tuple(int(dim) for dim in reversed(tensor.shape.tolist()))  # torch order
@@ -237,17 +287,26 @@ def llama3_rope_scaling(factors: np.ndarray, rope_theta: float, path: Path) -> d
     wavelength = 2 * np.pi * rope_theta ** (np.arange(0, dim, 2) / dim)
     medium = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
     low, high, original_context = 1.0, 4.0, 8192.0  # the Llama 3.x values
-    if medium.sum() >= 2:
-        # smooth = (original_context / wavelength - low) / (high - low), linear in 1 / wavelength;
-        # only the factors matter, so fixing low = 1 loses nothing.
-        smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
-        slope, intercept = np.polyfit(1 / wavelength[medium], smooth, 1)
-        high, original_context = 1 - 1 / intercept, -slope / intercept
-    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-               "high_freq_factor": round(float(high), 4),
-               "original_max_position_embeddings": int(round(original_context))}
-    if not np.allclose(llama3_rope_factors(scaling, rope_theta, dim), factors, rtol=1e-3):
-        raise GGUFError(f"{path.name} has llama3 rope frequencies hayate cannot interpret")
+    unreadable = GGUFError(f"{path.name} has llama3 rope frequencies hayate cannot interpret")
+    # Hostile factors make a degenerate fit: refused below, without numpy's warnings on stderr.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if medium.sum() >= 2:
+            # smooth = (original_context / wavelength - low) / (high - low), linear in 1 / wavelength;
+            # only the factors matter, so fixing low = 1 loses nothing.
+            smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+            try:
+                slope, intercept = np.polyfit(1 / wavelength[medium], smooth, 1)
+            except np.linalg.LinAlgError:
+                raise unreadable from None
+            high, original_context = 1 - 1 / intercept, -slope / intercept
+        if not (math.isfinite(high) and high > low and 1 <= original_context < 2 ** 31):
+            raise unreadable
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                   "high_freq_factor": round(float(high), 4),
+                   "original_max_position_embeddings": int(round(original_context))}
+        if not np.allclose(llama3_rope_factors(scaling, rope_theta, dim), factors, rtol=1e-3):
+            raise unreadable
     return scaling
 
 
@@ -263,7 +322,8 @@ def llama3_rope_factors(scaling: dict[str, Any], rope_theta: float, dim: int) ->
                     np.where(wavelength > low_wavelength, scaling["factor"], medium))
 
 
-def _open_reader(path: Path) -> gguf.GGUFReader:
+def _open_reader(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
+    """The file's reader and metadata; any parse failure is one GGUFError."""
     if not path.is_file():
         raise GGUFError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
     with path.open("rb") as file:
@@ -271,16 +331,18 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
     if magic != b"GGUF":
         raise GGUFError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        return _FastReader(path)
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, struct.error) as error:
-        raise GGUFError(f"{path} is truncated or corrupt ({error})") from None
+        reader = _FastReader(path)
+        return reader, read_metadata(reader)
+    except _PARSE_ERRORS as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise GGUFError(f"{path} is truncated or corrupt ({reason})") from None
 
 
 def _hf_name(gguf_name: str, path: Path) -> str:
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _GLOBAL_TENSORS and suffix in ("weight", "bias"):
         return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    match = re.fullmatch(r"blk\.(0|[1-9]\d{0,8})\.(\w+)", stem)
     if match and match[2] in _LAYER_TENSORS and suffix in ("weight", "bias"):
         return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{suffix}"
     raise GGUFError(f"{path.name} has a tensor hayate does not know: '{gguf_name}'")

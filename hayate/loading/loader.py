@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from hayate.config import EngineConfig
+from hayate.engine.kv_cache import kv_cache_dtype
 from hayate.kernels import native_kernels
 from hayate.layers.fast_linear import convert_to_fast
 from hayate.layers.linear import NATIVE_TYPES
+from hayate.loading.catalogue import model_path
 from hayate.loading.chat_template import ChatTemplate
 from hayate.loading.gguf import GGUFModelFile
 from hayate.loading.progress import track
@@ -58,21 +60,25 @@ def default_model_path() -> Path:
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
-    path = Path(config.model).expanduser() if config.model else default_model_path()
+    path = model_path(config.model) if config.model else default_model_path()   # a path or a pulled name
     source = _open_source(path)
     model_config = ModelConfig.from_hf(source.hf_config() if isinstance(source, GGUFModelFile) else source.config)
     max_len = _context_length(model_config, config.max_model_len)
     model_class(model_config.model_type)   # an unsupported architecture says so before any weight is read
+    tokenizer = _tokenizer(source, path)   # a broken vocabulary too
+    chat_template = _chat_template(tokenizer)   # and a template that breaks its bounds on any conversation
     fp32_nbytes = source.dequantized_nbytes()
     device, dtype = placement(config, 0 if isinstance(source, GGUFModelFile) else fp32_nbytes)
-    model = _build(model_config, max_len, dtype)
+    packing = (False, None)
     if isinstance(source, GGUFModelFile):
         exact_cpu = (device.type, dtype) == ("cpu", torch.float32)   # where the packed kernels run
         int4 = config.weights == "int4-bf16"   # packed int4 kernels on any device
-        packing = _packing(config.weights, fp32_nbytes) if exact_cpu or int4 else (False, None)
-        weights = source.tensors(*packing)
-    else:
-        weights = source.tensors()
+        packing = _packing(config.weights, fp32_nbytes) if exact_cpu or int4 else packing
+    weight_nbytes = source.stored_nbytes() if packing == (True, None) else fp32_nbytes * dtype.itemsize // 4
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype) if device.type == "cpu" else None   # host memory
+    check_memory(path, model_config, max_len, weight_nbytes, kv_dtype)
+    model = _build(model_config, max_len, dtype)
+    weights = source.tensors(*packing) if isinstance(source, GGUFModelFile) else source.tensors()
     with torch.no_grad():
         model.load_weights(track(weights, total=len(source), description=f"loading {path.name}",
                                  enabled=config.show_progress))
@@ -80,9 +86,6 @@ def load_model(config: EngineConfig) -> LoadedModel:
         convert_to_fast(model, device)
     if (device.type, dtype) != ("cpu", torch.float32):
         model = model.to(device=device, dtype=dtype)
-    tokenizer = _tokenizer(source, path)
-    template = tokenizer.chat_template
-    chat_template = ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token) if template else None
     processor = None if isinstance(source, GGUFModelFile) else _processor(path, source.config)
     return LoadedModel(model.eval(), model_config, tokenizer, chat_template, path, max_len, processor)
 
@@ -104,6 +107,29 @@ def placement(config: EngineConfig, unpacked_fp32_nbytes: int = 0) -> tuple[torc
                     unpacked_fp32_nbytes / 1e9)
         return device, torch.bfloat16
     return device, torch.float32
+
+
+def check_memory(path: Path, model_config: ModelConfig, max_len: int, weight_nbytes: int,
+                 kv_dtype: torch.dtype | None) -> None:
+    """Refuse, before allocating, a model whose weights, KV cache for one full context (when
+    it is kept in this memory: kv_dtype) and rotary tables would not fit in the memory available now."""
+    layers, kv_width = model_config.num_hidden_layers, model_config.num_key_value_heads * model_config.head_dim
+    kv_nbytes = 2 * layers * kv_width * kv_dtype.itemsize * max_len if kv_dtype is not None else 0
+    rotary_nbytes = 2 * 4 * model_config.head_dim * max_len   # cos and sin tables, fp32
+    needed, available = weight_nbytes + kv_nbytes + rotary_nbytes, psutil.virtual_memory().available
+    if needed > available:
+        raise ModelLoadError(
+            f"{path.name} needs about {needed / 1e9:.1f} GB (weights {weight_nbytes / 1e9:.1f} GB, KV cache for "
+            f"{max_len} tokens {kv_nbytes / 1e9:.1f} GB), more than the {available / 1e9:.1f} GB of memory "
+            "available; a smaller --max-model-len needs less")
+
+
+def _chat_template(tokenizer: Tokenizer) -> ChatTemplate | None:
+    if not tokenizer.chat_template:
+        return None
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    template.check()
+    return template
 
 
 def _context_length(model_config: ModelConfig, requested: int | None) -> int:
@@ -159,7 +185,7 @@ def _processor(folder: Path, hf_config: dict) -> ImageProcessor | None:
 
 def _tokenizer(source: GGUFModelFile | SafetensorsFolder, path: Path) -> Tokenizer:
     if isinstance(source, GGUFModelFile):
-        return Tokenizer.from_gguf_metadata(source.metadata)
+        return Tokenizer.from_gguf_metadata(source.metadata, source=path.name)
     if not (path / "tokenizer.json").is_file():
         raise ModelLoadError(f"{path} has no tokenizer.json")
     return Tokenizer.from_folder(path)

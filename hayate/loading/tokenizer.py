@@ -13,6 +13,8 @@ from typing import Sequence
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from hayate.loading.gguf_checks import GGUFError, check_tokenizer_metadata
+
 # llama.cpp token types (they are SentencePiece's piece types).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -96,7 +98,17 @@ def _split_merges(merges: Sequence[str]) -> list[tuple[str, str]]:
     return [(pair[0], pair[1]) for pair in pairs if len(pair) == 2]
 
 
-def _byte_level_backend(metadata: dict) -> Backend:
+def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], source: str, **options) -> models.BPE:
+    """models.BPE, once every merge is known to join two tokens into a third (the `tokenizers`
+    library panics, with a Rust backtrace, on a merge whose result is not in the vocabulary)."""
+    for index, (left, right) in enumerate(merges):
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            raise GGUFError(f"{source}: tokenizer.ggml.merges entry {index} ({left} {right}) "
+                            "joins pieces that are not tokens of the vocabulary")
+    return models.BPE(vocab, merges, **options)
+
+
+def _byte_level_backend(metadata: dict, source: str) -> Backend:
     tokens, types = metadata["tokenizer.ggml.tokens"], _token_types(metadata)
     alphabet = set(_byte_alphabet().values())
     spelling = _byte_alphabet()
@@ -111,8 +123,8 @@ def _byte_level_backend(metadata: dict) -> Backend:
 
     spelled = [spell(pair) for pair in enumerate(tokens)]
     family = _FAMILY_BY_PRE.get(metadata.get("tokenizer.ggml.pre", "default"), "gpt2")
-    bpe = models.BPE(_vocab(spelled), _split_merges(metadata.get("tokenizer.ggml.merges", [])),
-                     ignore_merges=family in _IGNORE_MERGES_FAMILIES)
+    bpe = _bpe(_vocab(spelled), _split_merges(metadata.get("tokenizer.ggml.merges", [])), source,
+               ignore_merges=family in _IGNORE_MERGES_FAMILIES)
     backend = Backend(bpe)
     splits = [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in _SPLITS_BY_FAMILY[family]]
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -126,16 +138,19 @@ def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[
 
     Same order as transformers' `generate_merges`, so ties break identically."""
     vocab = {token: token_id for token_id, token in enumerate(tokens)}
+    # Only split points where both pieces have some token's length: linear in a token's length
+    # would be quadratic in all, for a vocabulary with a few enormous tokens.
+    lengths = sorted({len(token) for token in tokens})
     merges = []
     for merged, score in dict(zip(tokens, scores)).items():
-        local = [(merged[:i], merged[i:], score) for i in range(1, len(merged))
-                 if merged[:i] in vocab and merged[i:] in vocab]
+        splits = (i for i in lengths if i < len(merged))
+        local = [(merged[:i], merged[i:], score) for i in splits if merged[:i] in vocab and merged[i:] in vocab]
         merges.extend(sorted(local, key=lambda merge: (vocab[merge[0]], vocab[merge[1]])))
     merges.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
 
 
-def _sentencepiece_backend(metadata: dict) -> Backend:
+def _sentencepiece_backend(metadata: dict, source: str) -> Backend:
     tokens = list(metadata["tokenizer.ggml.tokens"])
     scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     architecture = metadata.get("general.architecture", "")
@@ -148,7 +163,7 @@ def _sentencepiece_backend(metadata: dict) -> Backend:
               else _merges_from_scores(tokens, scores))
     unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if unk_id is not None and unk_id < len(tokens) else None
-    backend = Backend(models.BPE(_vocab(tokens), merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    backend = Backend(_bpe(_vocab(tokens), merges, source, unk_token=unk, fuse_unk=True, byte_fallback=True))
     prefix_space = metadata.get("tokenizer.ggml.add_space_prefix", not is_gemma)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if architecture == "phi3" or is_gemma:
@@ -241,18 +256,15 @@ class Tokenizer:
         self._anchor = anchor[-1:]  # a plain token to decode single tokens after (keeps their spaces)
 
     @classmethod
-    def from_gguf_metadata(cls, metadata: dict) -> "Tokenizer":
-        kind = metadata.get("tokenizer.ggml.model")
-        if "tokenizer.ggml.tokens" not in metadata:
-            raise ValueError("this GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
-        if kind == "gpt2":
-            backend = _byte_level_backend(metadata)
+    def from_gguf_metadata(cls, metadata: dict, source: str = "GGUF metadata") -> "Tokenizer":
+        """From llama.cpp's tokenizer.ggml.* keys; GGUFError (naming `source`) if they are malformed."""
+        check_tokenizer_metadata(metadata, source=source)
+        if metadata["tokenizer.ggml.model"] == "gpt2":
+            backend = _byte_level_backend(metadata, source)
             family = _FAMILY_BY_PRE.get(metadata.get("tokenizer.ggml.pre", "default"), "gpt2")
             default_bos = family in _IGNORE_MERGES_FAMILIES
-        elif kind == "llama":
-            backend, default_bos = _sentencepiece_backend(metadata), True
-        else:
-            raise ValueError(f"unsupported GGUF tokenizer.ggml.model {kind!r}; hayate reads 'gpt2' and 'llama'")
+        else:   # "llama"
+            backend, default_bos = _sentencepiece_backend(metadata, source), True
         tokens = metadata["tokenizer.ggml.tokens"]
         _add_gguf_special_tokens(backend, tokens, _token_types(metadata))
         bos_token, _ = _gguf_token(metadata, "bos_token_id")

@@ -39,24 +39,25 @@ class ModelConfig:
                                "num_hidden_layers", "num_attention_heads") if k not in hf]
         if missing:
             raise ValueError(f"model config lacks {', '.join(missing)}")
-        heads = int(hf["num_attention_heads"])
+        sizes = {key: _positive(hf, key) for key in _SIZE_KEYS}
+        heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         model_type = str(hf["model_type"])
         text_model_type = str(hf.get("text_model_type", model_type))
         return cls(
             model_type=model_type,
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_hidden_layers=int(hf["num_hidden_layers"]),
+            vocab_size=sizes["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=sizes["intermediate_size"],
+            num_hidden_layers=sizes["num_hidden_layers"],
             num_attention_heads=heads,
-            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+            num_key_value_heads=_positive(hf, "num_key_value_heads", heads),
+            head_dim=_positive(hf, "head_dim", hidden // heads),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(_rope_parameters(hf).get("rope_theta", hf.get("rope_theta", 10000.0))),
             rope_scaling=_rope_scaling(hf),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            max_position_embeddings=_positive(hf, "max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", text_model_type == "qwen2")),
             mlp_bias=bool(hf.get("mlp_bias", False)),
@@ -67,6 +68,19 @@ class ModelConfig:
             image_token_id=_image_token_id(original),
             hf_config=dict(original),
         )
+
+
+_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _positive(hf: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A size setting as a positive int (null, 0 or absent: the default, if any); ValueError naming it if not."""
+    value = hf.get(key)
+    value = default if default is not None and not value else value
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or value <= 0:
+        raise ValueError(f"model config: {key} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 # transformers' LlamaConfig defaults, for keys a VLM's (partial) text_config leaves out.
