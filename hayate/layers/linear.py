@@ -7,12 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hayate.kernels import kernels_for_rows, native_kernels
-from hayate.layers.quant import PackedWeight, QType, dequantize
-
-# Types the native kernels read directly (fp32 activations and accumulation): GEMV over the
-# blocks, the planned step's VNNI kernel over them rearranged, and dequantization.
-NATIVE_TYPES = frozenset({QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-                          QType.Q4_K, QType.Q5_K, QType.Q6_K})
+from hayate.layers.quant import NATIVE_TYPES, PackedWeight, QType, dequantize
 
 
 class DequantWorkspace:

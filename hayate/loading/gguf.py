@@ -225,7 +225,7 @@ class GGUFModelFile:
     def _load(self, tensor: gguf.ReaderTensor, hf_name: str, keep_packed: bool) -> torch.Tensor | PackedWeight:
         shape = tuple(int(dim) for dim in reversed(tensor.shape.tolist()))  # torch order
         ggml_type = int(tensor.tensor_type)
-        raw = torch.from_numpy(np.array(tensor.data))  # copied out of the memory map
+        raw = _mapped(tensor.data)
         rows = self._row_order(hf_name, shape[0])
         if keep_packed and len(shape) == 2 and hf_name != _EMBEDDING:
             packed = raw.view(torch.uint8).reshape(shape[0], -1)
@@ -336,6 +336,15 @@ def _open_reader(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
     except _PARSE_ERRORS as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise GGUFError(f"{path} is truncated or corrupt ({reason})") from None
+
+
+def _mapped(data: np.ndarray) -> torch.Tensor:
+    """The tensor's bytes in the file's memory map, not copied: a packed weight is read from
+    the page cache (or rearranged from it once); decoding and loading make their own copies.
+    Never written to: the map is read-only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(data)
 
 
 def _hf_name(gguf_name: str, path: Path) -> str:
