@@ -94,6 +94,19 @@ def test_one_arena_of_mixed_types_equals_each_alone(kernels):
         assert torch.equal(shared.apply(x), rearranged(kernels, blocks, qtype).apply(x))
 
 
+@pytest.mark.parametrize("qtype", ALL_NATIVE, ids=lambda t: t.name)
+def test_arena_filled_in_shared_chunks_keeps_every_bit(kernels, qtype):
+    """The arrangement is filled by chunks of groups taken by whichever thread is free: many
+    chunks (the last group partial), a one-row matrix and a wide one, each byte for byte."""
+    rearranged(kernels, random_blocks(qtype, ROWS, COLS), qtype)   # skips without VNNI
+    shapes = [(16 * 45 + 5, 768), (1, 256), (48, 256 * 5)]
+    weights = [random_blocks(qtype, rows, cols, seed=7 + i) for i, (rows, cols) in enumerate(shapes)]
+    together = kernels.InterleavedWeight.all(weights, [int(qtype)] * len(shapes), [cols for _, cols in shapes])
+    for blocks, shared in zip(weights, together):
+        assert torch.equal(shared.gguf_blocks(), blocks)
+        assert torch.equal(shared.dequantize(), reference(blocks, qtype))
+
+
 @pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
 def test_packed_linear_on_every_path(kernels, qtype):
     """Decode rows (block GEMV), prefill (native dequantization), and the rearranged weight

@@ -21,8 +21,9 @@ namespace {
 // the file's blocks once a plan is built, and the plan shares it (one copy of the weights).
 struct InterleavedWeight {
   InterleavedMatrix matrix;
-  InterleavedWeight(const torch::Tensor& w, int64_t ggml_type, int64_t K, std::shared_ptr<uint8_t> storage = nullptr)
-      : matrix(w, ggml_type, K, std::move(storage)) {}
+  InterleavedWeight(const torch::Tensor& w, int64_t ggml_type, int64_t K, std::shared_ptr<uint8_t> storage = nullptr,
+                    bool fill = true)
+      : matrix(w, ggml_type, K, std::move(storage), fill) {}
 
   // A model's weights rearranged into one arena of 2 MB pages (one page table walk per 2 MB
   // for the whole model, no page rounded up per matrix): ws[i] is [N, row_bytes_of(types[i], K_i)].
@@ -36,10 +37,14 @@ struct InterleavedWeight {
       offsets.push_back(total);
       total += (InterleavedMatrix::bytes_for(types[i], ws[i].size(0), Ks[i]) + kAlign - 1) / kAlign * kAlign;
     }
-    const std::shared_ptr<uint8_t> arena = huge_page_buffer(std::max<int64_t>(total, 1));
+    // every byte of each matrix gets written: no zeroing pass over the arena
+    const std::shared_ptr<uint8_t> arena = huge_page_buffer(std::max<int64_t>(total, 1), /*zeroed=*/false);
     std::vector<InterleavedWeight> weights;
     for (size_t i = 0; i < ws.size(); ++i)   // each shares the arena's ownership
-      weights.emplace_back(ws[i], types[i], Ks[i], std::shared_ptr<uint8_t>(arena, arena.get() + offsets[i]));
+      weights.emplace_back(ws[i], types[i], Ks[i], std::shared_ptr<uint8_t>(arena, arena.get() + offsets[i]), false);
+    std::vector<InterleavedMatrix*> matrices;
+    for (InterleavedWeight& weight : weights) matrices.push_back(&weight.matrix);
+    InterleavedMatrix::fill_all(matrices, ws);   // all matrices' groups shared by all threads
     return weights;
   }
 

@@ -19,7 +19,10 @@
 // file). The last group is padded to 16 rows; all in 2 MB pages where the OS grants them (the
 // weights stream through the TLB every step: 4 KB pages cost ~10% of the step).
 #pragma once
-#include "ggml_blocks.h"
+#include "interleaved_fill.h"
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <atomic>
 #include <torch/extension.h>
 #include <cstdint>
 #include <cstdlib>
@@ -35,21 +38,7 @@
 
 namespace {
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-#define HAYATE_INTERLEAVED 1
-
-constexpr int64_t kRowsPerGroup = 16;
-
-// The integer subtracted from the stored q in the kernel (Q4_0 keeps its -8 d as an offset).
-constexpr int interleaved_zero(int64_t t) { return t == kQ4_0 ? 0 : zero_of(t); }
-constexpr int64_t quant_bytes_of(int64_t t) { return t == kQ8_0 ? 512 : 256 + (q_bits_of(t) - 4) * 64; }
-constexpr int64_t unit_blocks_of(int64_t t) { return is_k_quant(t) ? 8 : 1; }   // blocks of 32 per unit
-constexpr int64_t header_bytes_of(int64_t t) {
-  return t == kQ4_K || t == kQ5_K ? 64 + 256 : t == kQ6_K ? 32 + 256 : has_offset(static_cast<int>(t)) ? 64 : 32;
-}
-// Types with a second fp16 per row: Q4_1/Q5_1's m, the K-quants' dmin.
-constexpr bool has_m(int64_t t) { return t == kQ4_1 || t == kQ5_1 || t == kQ4_K || t == kQ5_K; }
-constexpr int64_t unit_bytes_of(int64_t t) { return unit_blocks_of(t) * quant_bytes_of(t) + header_bytes_of(t); }
+#if HAYATE_INTERLEAVED
 
 // The 8 parts of 64 q values (stored unsigned bytes) of one block of 32 inputs.
 template <int kType>
@@ -87,8 +76,9 @@ inline void load_q(const uint8_t* quant, __m512i* q) {
   }
 }
 
-// Zeroed memory, 2 MB aligned and advised into huge pages where it is that big.
-inline std::shared_ptr<uint8_t> huge_page_buffer(size_t bytes) {
+// Memory 2 MB aligned and advised into huge pages where it is that big.
+// (zeroed unless every byte is about to be written anyway).
+inline std::shared_ptr<uint8_t> huge_page_buffer(size_t bytes, bool zeroed = true) {
   constexpr size_t kHuge = size_t(2) << 20;
   const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
   void* p = nullptr;
@@ -96,7 +86,7 @@ inline std::shared_ptr<uint8_t> huge_page_buffer(size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   madvise(p, rounded, MADV_HUGEPAGE);   // advice only: without it the pages are ordinary
 #endif
-  std::memset(p, 0, rounded);
+  if (zeroed) std::memset(p, 0, rounded);
   return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(p), [](uint8_t* q) { std::free(q); });
 }
 
@@ -110,27 +100,35 @@ class InterleavedMatrix {
   }
 
   // w: uint8 [N, row_bytes_of(type, K)] GGUF blocks of a natively read type.
-  // storage: zeroed memory of bytes_for(...) (a share of one arena), or null for its own.
-  InterleavedMatrix(const torch::Tensor& w, int64_t ggml_type, int64_t K, std::shared_ptr<uint8_t> storage = nullptr)
+  // storage: memory of bytes_for(...) (a share of one arena), or null for its own.
+  // fill: false leaves the arrangement to fill_all (a model's matrices at once).
+  InterleavedMatrix(const torch::Tensor& w, int64_t ggml_type, int64_t K, std::shared_ptr<uint8_t> storage = nullptr,
+                    bool fill = true)
       : type_(ggml_type), N_(w.size(0)), K_(K), groups_((w.size(0) + 15) / 16) {
     const BlockFormat format = block_format(ggml_type);   // checks the type
     TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.size(1) == row_bytes_of(ggml_type, K),
                 "weight bytes do not match K");
     units_ = K / format.elements;
-    const torch::Tensor source = w.contiguous();
-    data_ = storage ? std::move(storage) : huge_page_buffer(nbytes());
-    const uint8_t* src = source.data_ptr<uint8_t>();
-    with_type(type_, [&](auto type) {   // the type a constant: the per-value code folds
-      constexpr int kType = decltype(type)::value;
-      at::parallel_for(0, groups_, 1, [&](int64_t begin, int64_t end) {
-        BlockInts ints;
-        for (int64_t g = begin; g < end; ++g)
-          for (int64_t u = 0; u < units_; ++u)
-            for (int64_t r = 0; r < kRowsPerGroup && g * kRowsPerGroup + r < N_; ++r) {
-              decode_block(kType, src + ((g * kRowsPerGroup + r) * units_ + u) * format.bytes, &ints);
-              place<kType>(ints, unit(g, u), r);
-            }
-      });
+    data_ = storage ? std::move(storage) : huge_page_buffer(nbytes(), /*zeroed=*/false);
+    if (fill) fill_all({this}, {w});
+  }
+
+  // Arranges each matrices[i] from its blocks sources[i]: chunks of groups of all the matrices
+  // handed out to all threads as they come free (no barrier per matrix, small ones included).
+  static void fill_all(const std::vector<InterleavedMatrix*>& matrices, const std::vector<torch::Tensor>& sources) {
+    std::vector<torch::Tensor> blocks;
+    std::vector<std::pair<size_t, int64_t>> chunks;   // (matrix, first group)
+    for (size_t i = 0; i < matrices.size(); ++i) {
+      blocks.push_back(sources[i].contiguous());
+      for (int64_t g = 0; g < matrices[i]->groups_; g += matrices[i]->groups_per_chunk()) chunks.emplace_back(i, g);
+    }
+    std::atomic<size_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (size_t c = next++; c < chunks.size(); c = next++) {
+        const auto [i, g] = chunks[c];
+        const int64_t g_end = std::min(g + matrices[i]->groups_per_chunk(), matrices[i]->groups_);
+        matrices[i]->fill_groups(blocks[i].data_ptr<uint8_t>(), g, g_end);
+      }
     });
   }
 
@@ -168,6 +166,19 @@ class InterleavedMatrix {
 
  private:
   uint8_t* unit(int64_t g, int64_t u) { return data_.get() + (g * units_ + u) * unit_bytes_of(type_); }
+
+  // About 64 units a chunk: big enough to amortise taking it, small enough to balance.
+  int64_t groups_per_chunk() const { return std::max<int64_t>(1, 64 / units_); }
+
+  void fill_groups(const uint8_t* src, int64_t g_begin, int64_t g_end) {
+    with_type(type_, [&](auto type) {   // the type a constant: the shuffles fold
+      constexpr int kType = decltype(type)::value;
+      const int64_t row_bytes = units_ * block_format(kType).bytes;
+      for (int64_t g = g_begin; g < g_end; ++g)
+        fill_group<kType>(src + g * kRowsPerGroup * row_bytes, row_bytes, std::min(kRowsPerGroup, N_ - g * kRowsPerGroup),
+                          units_, unit(g, 0));
+    });
+  }
 
   // Block jb of unit u of group g into out, one row of 32 floats each.
   template <int kType>
@@ -210,39 +221,7 @@ class InterleavedMatrix {
     }
   }
 
-  // One row's block (r: 0..15) into its place in the group's unit.
-  template <int kType>
-  void place(const BlockInts& ints, uint8_t* out, int64_t r) const {
-    const int64_t blocks = unit_blocks_of(kType), quant = quant_bytes_of(kType);
-    for (int64_t jb = 0; jb < blocks; ++jb)
-      for (int i = 0; i < 32; ++i) {
-        const uint8_t v = ints.q[32 * jb + i];
-        uint8_t* part = out + jb * quant;
-        const int t = i / 4, at = 4 * static_cast<int>(r) + i % 4;
-        if constexpr (kType == kQ8_0) {
-          part[t * 64 + at] = v;
-          continue;
-        }
-        part[(t / 2) * 64 + at] |= (v & 0x0F) << (4 * (t % 2));
-        if (q_bits_of(kType) == 5) part[256 + at] |= ((v >> 4) & 1) << t;
-        if (q_bits_of(kType) == 6) part[256 + 64 * (t / 4) + at] |= ((v >> 4) & 3) << (2 * (t % 4));
-      }
-    uint8_t* header = out + blocks * quant;
-    uint16_t* halves = reinterpret_cast<uint16_t*>(header);
-    halves[r] = ints.d;
-    if (kType == kQ4_0) {   // w = d (q - 8) = d q + (-8 d), and -8 d is exact in fp16
-      halves[16 + r] = c10::Half(-8.f * fp16_bits_to_float(ints.d)).x;
-    } else if (has_m(kType)) {
-      halves[16 + r] = ints.m;
-    }
-    for (int j = 0; j < 16 && kType == kQ6_K; ++j) header[32 + j * 16 + r] = ints.scales[j];
-    for (int j = 0; j < 8 && (kType == kQ4_K || kType == kQ5_K); ++j) {
-      header[64 + j * 16 + r] = ints.scales[j];
-      header[192 + j * 16 + r] = ints.mins[j];
-    }
-  }
-
-  // Row r's block back out of a unit (the inverse of place).
+  // Row r's block back out of a unit (the inverse of fill_group).
   void extract(const uint8_t* in, int64_t r, BlockInts* ints) const {
     const int64_t blocks = unit_blocks_of(type_), quant = quant_bytes_of(type_);
     for (int64_t jb = 0; jb < blocks; ++jb)
