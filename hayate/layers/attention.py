@@ -1,7 +1,7 @@
 """Causal attention over a paged KV cache, for a flat batch of sequences."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ class AttentionMetadata:
     padded_key_rows: torch.Tensor | None = None   # [sequences, longest]
     padding_mask: torch.Tensor | None = None      # [sequences, 1, 1, longest] bool
     key_range: tuple[int, int] | None = None
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)   # made by window_mask()
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
@@ -42,6 +43,15 @@ class AttentionMetadata:
             # Padding reads row 0 of the cache; the mask gives it no weight.
             meta.padded_key_rows = torch.nn.utils.rnn.pad_sequence(key_rows, batch_first=True)
         return meta
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """padding_mask less the keys `window` or more places before each sequence's last
+        (its query): computed on the device, once per step and window."""
+        if window not in self.window_masks:
+            lengths = self.padding_mask.sum(-1, keepdim=True)      # [sequences, 1, 1, 1]
+            columns = torch.arange(self.padding_mask.shape[-1], device=lengths.device)
+            self.window_masks[window] = self.padding_mask & (columns >= lengths - window)
+        return self.window_masks[window]
 
     @property
     def num_tokens(self) -> int:
@@ -75,10 +85,13 @@ class Attention(nn.Module):
     bfloat16 cache) stores keys/values rounded by torch's .to() and is read back widened:
     attention itself runs in the queries' dtype."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
+                 window: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        # Sliding window: a query at position i sees keys i - window < j <= i (None: all).
+        self.window = window
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -92,25 +105,30 @@ class Attention(nn.Module):
         if meta.decode_only:
             return self._attend_decodes(q, meta)
         outputs, offset = [], 0
+        attend = self._attend if self.window is None else self._attend_window
         for rows, start, length in zip(meta.key_rows, meta.context_lens, meta.query_lens):
-            outputs.append(self._attend(q[offset:offset + length], rows, start))
+            outputs.append(attend(q[offset:offset + length], rows, start))
             offset += length
         return torch.cat(outputs).reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _attend_decodes(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query per sequence: every sequence at once, keys padded to the longest."""
         batch = len(meta.query_lens)
+        mask = meta.padding_mask
         if meta.key_range is not None:   # no gather: the cache rows themselves, as a view
-            keys, values = (cache[meta.key_range[0]:meta.key_range[1]] for cache in (self.k_cache, self.v_cache))
-            width = meta.key_range[1] - meta.key_range[0]
+            first, end = meta.key_range
+            first = first if self.window is None else max(first, end - self.window)
+            keys, values = self.k_cache[first:end], self.v_cache[first:end]
+            width = end - first
         else:
             width = meta.padded_key_rows.shape[1]
             keys = self.k_cache.index_select(0, meta.padded_key_rows.reshape(-1))
             values = self.v_cache.index_select(0, meta.padded_key_rows.reshape(-1))
+            mask = mask if self.window is None else meta.window_mask(self.window)
         # .to() is a no-op (still the view) for a cache of the queries' dtype
         keys = keys.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2).to(q.dtype)
         values = values.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2).to(q.dtype)
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.padding_mask,
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask,
                                              scale=self.scale, enable_gqa=True)
         return out.reshape(batch, self.num_heads * self.head_dim)  # [batch, heads, 1, head_dim] flat
 
@@ -128,4 +146,16 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             query[None], keys[None], values[None], attn_mask=mask, scale=self.scale,
             is_causal=mask is None and query.shape[1] > 1, enable_gqa=True)[0]
+        return out.transpose(0, 1)                                   # [length, heads, head_dim]
+
+    def _attend_window(self, q: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
+        """_attend for a sliding-window layer: only the keys some query of the chunk can see."""
+        first = max(0, start - self.window + 1)
+        keys = self.k_cache.index_select(0, rows[first:]).to(q.dtype).transpose(0, 1)
+        values = self.v_cache.index_select(0, rows[first:]).to(q.dtype).transpose(0, 1)
+        key_positions = torch.arange(first, rows.shape[0], device=q.device)[None, :]
+        query_positions = torch.arange(start, rows.shape[0], device=q.device)[:, None]
+        mask = (key_positions <= query_positions) & (key_positions > query_positions - self.window)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+                                             scale=self.scale, enable_gqa=True)[0]
         return out.transpose(0, 1)                                   # [length, heads, head_dim]

@@ -15,7 +15,7 @@ import torch
 from hayate.layers.quant import PackedWeight, QType, can_dequantize, dequantize, is_quantized
 from hayate.loading.gguf_checks import GGUFError, check_array_length, check_model, check_tensor_info, describe
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 ValueType = gguf.GGUFValueType
 
 # GGUF tensor name -> Hugging Face name; "{i}" is the layer index.
@@ -34,6 +34,15 @@ _LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+}
+# Gemma 3 norms around both halves of a layer, and QK-norm; its ffn_norm is the FFN's pre-norm.
+_GEMMA3_LAYER_TENSORS = {
+    **_LAYER_TENSORS,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 # llama.cpp stores llama3 rope scaling as per-frequency factors; hf_config() reads them.
 _SKIPPED_TENSORS = frozenset({"rope_freqs.weight"})
@@ -161,7 +170,7 @@ class GGUFModelFile:
             raise GGUFError(f"{self.path.name} has architecture {describe(self.architecture)}, which hayate "
                             f"does not support (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         self._by_name = {tensor.name: tensor for tensor in self.reader.tensors}
-        self._hf_names = {t.name: _hf_name(t.name, self.path) for t in self.reader.tensors
+        self._hf_names = {t.name: _hf_name(t.name, self.path, self.architecture) for t in self.reader.tensors
                           if t.name not in _SKIPPED_TENSORS}
         _check_tensor_types(self.reader.tensors, self.path)
 
@@ -194,7 +203,16 @@ class GGUFModelFile:
             "attention_bias": self.architecture == "qwen2" or "blk.0.attn_q.bias" in self._by_name,
             "bos_token_id": self.metadata.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self._eos_token_id(),
+            **(self._gemma3_settings(hidden // heads) if self.architecture == "gemma3" else {}),
         }
+
+    def _gemma3_settings(self, default_head_dim: int) -> dict[str, Any]:
+        """What llama.cpp's gemma3 graph fixes rather than reads: the local layers' RoPE base,
+        q scaled by 1/sqrt(key_length), and norms stored as w + 1 (so no offset to add)."""
+        head_dim = int(self._arch_key("attention.key_length", default_head_dim))
+        return {"sliding_window": int(self._arch_key("attention.sliding_window")),
+                "query_pre_attn_scalar": head_dim, "rope_local_base_freq": 10000.0,
+                "norm_weight_offset": 0.0}
 
     def tensors(self, keep_packed: bool,
                 pack_types: frozenset[int] | None = None) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
@@ -347,13 +365,14 @@ def _mapped(data: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(data)
 
 
-def _hf_name(gguf_name: str, path: Path) -> str:
+def _hf_name(gguf_name: str, path: Path, architecture: str) -> str:
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _GLOBAL_TENSORS and suffix in ("weight", "bias"):
         return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
     match = re.fullmatch(r"blk\.(0|[1-9]\d{0,8})\.(\w+)", stem)
-    if match and match[2] in _LAYER_TENSORS and suffix in ("weight", "bias"):
-        return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{suffix}"
+    layer_tensors = _GEMMA3_LAYER_TENSORS if architecture == "gemma3" else _LAYER_TENSORS
+    if match and match[2] in layer_tensors and suffix in ("weight", "bias"):
+        return f"model.layers.{match[1]}.{layer_tensors[match[2]]}.{suffix}"
     raise GGUFError(f"{path.name} has a tensor hayate does not know: '{gguf_name}'")
 
 

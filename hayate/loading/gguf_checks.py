@@ -144,6 +144,8 @@ def check_model(metadata: Mapping[str, Any], tensors: Mapping[str, Any], archite
     meta.number(meta.key("attention.layer_norm_rms_epsilon"), 1e-6)
     meta.number(meta.key("rope.freq_base"), 10000.0)
     _check_rope(meta, tensors, dims.head_dim)
+    if architecture == "gemma3":
+        meta.integer(meta.key("attention.sliding_window"), required=True, maximum=MAX_CONTEXT)
     _check_tensors(meta, tensors, dims)
     check_tokenizer_metadata(metadata, dims.vocab, source)
     return dims
@@ -230,15 +232,21 @@ def _layer_shapes(dims: ModelDims, meta: _Metadata) -> list[tuple[str, tuple[int
     attention = ("embedding_length", "attention.head_count", "attention.key_length")
     kv = ("embedding_length", "attention.head_count_kv", "attention.key_length")
     ffn = ("embedding_length", "feed_forward_length")
-    return [("attn_norm", (hidden,), keys("embedding_length")),
-            ("ffn_norm", (hidden,), keys("embedding_length")),
-            ("attn_q", (q_rows, hidden), keys(*attention)),
-            ("attn_k", (kv_rows, hidden), keys(*kv)),
-            ("attn_v", (kv_rows, hidden), keys(*kv)),
-            ("attn_output", (hidden, q_rows), keys(*attention)),
-            ("ffn_gate", (dims.ffn, hidden), keys(*ffn)),
-            ("ffn_up", (dims.ffn, hidden), keys(*ffn)),
-            ("ffn_down", (hidden, dims.ffn), keys(*ffn))]
+    # Gemma 3 adds QK-norm and norms after attention and after the FFN (its ffn_norm is the FFN's pre-norm).
+    gemma3 = [("attn_q_norm", (dims.head_dim,), keys("attention.key_length")),
+              ("attn_k_norm", (dims.head_dim,), keys("attention.key_length")),
+              ("post_attention_norm", (hidden,), keys("embedding_length")),
+              ("post_ffw_norm", (hidden,), keys("embedding_length"))]
+    return (gemma3 if meta.architecture == "gemma3" else []) + [
+        ("attn_norm", (hidden,), keys("embedding_length")),
+        ("ffn_norm", (hidden,), keys("embedding_length")),
+        ("attn_q", (q_rows, hidden), keys(*attention)),
+        ("attn_k", (kv_rows, hidden), keys(*kv)),
+        ("attn_v", (kv_rows, hidden), keys(*kv)),
+        ("attn_output", (hidden, q_rows), keys(*attention)),
+        ("ffn_gate", (dims.ffn, hidden), keys(*ffn)),
+        ("ffn_up", (dims.ffn, hidden), keys(*ffn)),
+        ("ffn_down", (hidden, dims.ffn), keys(*ffn))]
 
 
 def _check_tensors(meta: _Metadata, tensors: Mapping[str, Any], dims: ModelDims) -> None:

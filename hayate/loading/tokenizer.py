@@ -13,8 +13,10 @@ from typing import Sequence
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from hayate.loading.chat_template import gemma_chat_template
 from hayate.loading.gguf_checks import GGUFError, check_tokenizer_metadata
 
+_GEMMAS = ("gemma", "gemma2", "gemma3")
 # llama.cpp token types (they are SentencePiece's piece types).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -143,7 +145,8 @@ def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[
     lengths = sorted({len(token) for token in tokens})
     merges = []
     for merged, score in dict(zip(tokens, scores)).items():
-        splits = (i for i in lengths if i < len(merged))
+        # Short tokens (nearly all): every split point, cheaper than filtering the lengths.
+        splits = range(1, len(merged)) if len(merged) <= len(lengths) else (i for i in lengths if i < len(merged))
         local = [(merged[:i], merged[i:], score) for i in splits if merged[:i] in vocab and merged[i:] in vocab]
         merges.extend(sorted(local, key=lambda merge: (vocab[merge[0]], vocab[merge[1]])))
     merges.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=True)
@@ -154,10 +157,10 @@ def _sentencepiece_backend(metadata: dict, source: str) -> Backend:
     tokens = list(metadata["tokenizer.ggml.tokens"])
     scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     architecture = metadata.get("general.architecture", "")
-    is_gemma = architecture in ("gemma", "gemma2", "gemma3")
+    is_gemma = architecture in _GEMMAS
     if is_gemma:
         # Gemma stores runs of spaces as real spaces and orders merges by position, not score.
-        tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        tokens = _gemma_pieces(tokens)
         scores = [-float(i) for i in range(len(tokens))]
     merges = (_split_merges(metadata["tokenizer.ggml.merges"]) if "tokenizer.ggml.merges" in metadata
               else _merges_from_scores(tokens, scores))
@@ -175,6 +178,18 @@ def _sentencepiece_backend(metadata: dict, source: str) -> Backend:
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
     backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix_space else []))
     return backend
+
+
+def _builtin_template(metadata: dict) -> str | None:
+    """Gemma's own chat format for a Gemma 3 file that ships no template (base models' files)."""
+    tokens = metadata["tokenizer.ggml.tokens"]
+    gemma = metadata.get("general.architecture") == "gemma3" and "<start_of_turn>" in tokens
+    return gemma_chat_template() if gemma else None
+
+
+def _gemma_pieces(tokens: Sequence[str]) -> list[str]:
+    """Gemma's vocabulary with its runs of spaces spelled as the pieces text normalizes to."""
+    return ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
 
 
 def _token_types(metadata: dict) -> list[int]:
@@ -195,7 +210,9 @@ def _add_gguf_special_tokens(backend: Backend, tokens: Sequence[str], types: Seq
     so both encode as one id when they appear in text (llama.cpp parses all three)."""
     special_types = (CONTROL, UNKNOWN)
     added = [
-        AddedToken(token, special=token_type in special_types or token in END_OF_TURN_TEXTS, normalized=False)
+        # A run of spaces (Gemma's) is matched in the normalized text, where spaces are "▁".
+        AddedToken(token, special=token_type in special_types or token in END_OF_TURN_TEXTS,
+                   normalized=token.startswith("▁") and not token.strip("▁"))
         for token, token_type in zip(tokens, types)
         if token and (token_type in (*special_types, USER_DEFINED) or token in END_OF_TURN_TEXTS)
     ]
@@ -266,7 +283,8 @@ class Tokenizer:
         else:   # "llama"
             backend, default_bos = _sentencepiece_backend(metadata, source), True
         tokens = metadata["tokenizer.ggml.tokens"]
-        _add_gguf_special_tokens(backend, tokens, _token_types(metadata))
+        gemma = metadata["tokenizer.ggml.model"] == "llama" and metadata.get("general.architecture") in _GEMMAS
+        _add_gguf_special_tokens(backend, _gemma_pieces(tokens) if gemma else tokens, _token_types(metadata))
         bos_token, _ = _gguf_token(metadata, "bos_token_id")
         eos_token, _ = _gguf_token(metadata, "eos_token_id")
         extra_eos = [_gguf_token(metadata, key)[1] for key in ("eot_token_id", "eom_token_id")]
@@ -274,7 +292,7 @@ class Tokenizer:
                    extra_eos_ids=[i for i in extra_eos if i is not None],
                    add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", default_bos)),
                    add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
-                   chat_template=metadata.get("tokenizer.chat_template"))
+                   chat_template=metadata.get("tokenizer.chat_template") or _builtin_template(metadata))
 
     @classmethod
     def from_folder(cls, folder: Path) -> "Tokenizer":

@@ -2,7 +2,7 @@
 config (a vision-language model's text_config, with its top level's architecture name)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -28,6 +28,12 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     text_model_type: str = ""           # the text part's own model_type ("llama" in a VLM; "": model_type)
     image_token_id: int | None = None   # the placeholder a VLM's image embeddings replace
+    # Gemma 3: per-layer attention windows (None: global; () all global), its local RoPE base,
+    # the query scale (None: head_dim ** -0.5), and 1.0 where norms compute x̂ * (1 + w).
+    layer_windows: tuple[int | None, ...] = ()
+    local_rope_theta: float | None = None
+    query_scale: float | None = None
+    norm_weight_offset: float = 0.0
     # The whole config.json, for settings only one architecture reads (a VLM's vision_config).
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -45,7 +51,7 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         model_type = str(hf["model_type"])
         text_model_type = str(hf.get("text_model_type", model_type))
-        return cls(
+        config = cls(
             model_type=model_type,
             vocab_size=sizes["vocab_size"],
             hidden_size=hidden,
@@ -68,6 +74,7 @@ class ModelConfig:
             image_token_id=_image_token_id(original),
             hf_config=dict(original),
         )
+        return replace(config, **_gemma3_settings(hf, config)) if text_model_type in _GEMMA3 else config
 
 
 _SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -117,3 +124,34 @@ def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
     if kind in (None, "default"):
         return None
     return dict(params, rope_type=kind)
+
+
+_GEMMA3 = ("gemma3", "gemma3_text")
+
+
+def _gemma3_settings(hf: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """Gemma 3's local/global layers, RoPE bases and query scale, from a config.json (either
+    transformers 5's rope_parameters per layer type, or the older flat keys)."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(key) is not None:
+            raise ValueError(f"model config sets {key}, which hayate does not implement for Gemma 3")
+    params = dict(hf.get("rope_parameters") or {})
+    full = dict(params.get("full_attention") or hf.get("rope_scaling") or {})
+    local = dict(params.get("sliding_attention") or {})
+    scaling = dict(full, rope_type=full.get("rope_type") or full.get("type"))
+    window = _positive(hf, "sliding_window", 4096)
+    kinds = hf.get("layer_types") or [
+        "full_attention" if (i + 1) % int(hf.get("sliding_window_pattern", 6)) == 0 else "sliding_attention"
+        for i in range(config.num_hidden_layers)]
+    if len(kinds) != config.num_hidden_layers:
+        raise ValueError(f"model config: layer_types has {len(kinds)} entries for {config.num_hidden_layers} layers")
+    return dict(
+        rope_theta=float(full.get("rope_theta", hf.get("rope_theta", 1e6))),
+        rope_scaling=None if scaling["rope_type"] in (None, "default") else scaling,
+        local_rope_theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4))),
+        layer_windows=tuple(None if kind == "full_attention" else window for kind in kinds),
+        query_scale=float(hf.get("query_pre_attn_scalar", config.head_dim)) ** -0.5,
+        norm_weight_offset=float(hf.get("norm_weight_offset", 1.0)),
+        sliding_window=None,   # global layers see the whole context: no cap
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )

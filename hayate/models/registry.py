@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from hayate.models.config import ModelConfig
+from hayate.models.gemma3 import Gemma3ForCausalLM
 from hayate.models.idefics3 import Idefics3ForConditionalGeneration
 from hayate.models.llama import LlamaForCausalLM
 from hayate.models.llava import LlavaForConditionalGeneration
@@ -12,6 +13,8 @@ _MODEL_TYPES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "gemma3_text": Gemma3ForCausalLM,
+    "gemma3": Gemma3ForCausalLM,   # a GGUF file's architecture, or a multimodal folder's text part
     "idefics3": Idefics3ForConditionalGeneration,   # SmolVLM
     "llava": LlavaForConditionalGeneration,
 }
