@@ -44,13 +44,7 @@ class PlannedDecode:
         if kernels is None or not _plannable(model):
             return None
         config, text = model.config, model.model
-        if hasattr(kernels, "InterleavedWeight"):   # AVX-512 VNNI: the weights rearranged, once
-            fresh = [linear for linear in _linears(model) if linear.interleaved is None]
-            weights = kernels.InterleavedWeight.all([linear.packed for linear in fresh],
-                                                    [linear.ggml_type for linear in fresh],
-                                                    [linear.in_features for linear in fresh])
-            for linear, weight in zip(fresh, weights):
-                linear.use_interleaved(weight)
+        rearrange_for_vnni(_linears(model))
         plan = kernels.DecodePlan(
             heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
             eps=text.norm.eps, embedding=text.embed_tokens.weight, cos=text.rotary.cos, sin=text.rotary.sin,
@@ -90,6 +84,21 @@ class PlannedDecode:
             here = [row - first for row in wanted if first <= row < last]
             pieces.append(self._plan.run(token_ids[first:last], positions[first:last], block_tables[first:last], here))
         return torch.cat(pieces)
+
+
+def rearrange_for_vnni(linears: list[PackedLinear]) -> None:
+    """Each natively read packed layer's weight rearranged once, in one arena, for the VNNI
+    kernel (where the CPU has AVX-512 VNNI): the plan's weights, and an unplanned model's
+    (Gemma 3), whose few-row steps then multiply as fast as the plan's."""
+    kernels = native_kernels()
+    fresh = [linear for linear in linears if linear.interleaved is None and linear.ggml_type in NATIVE_TYPES
+             and linear.packed.device.type == "cpu"]
+    if kernels is None or not hasattr(kernels, "InterleavedWeight") or not fresh:
+        return
+    weights = kernels.InterleavedWeight.all([linear.packed for linear in fresh], [linear.ggml_type for linear in fresh],
+                                            [linear.in_features for linear in fresh])
+    for linear, weight in zip(fresh, weights):
+        linear.use_interleaved(weight)
 
 
 def decode_path(model: nn.Module) -> str:
