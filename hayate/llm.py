@@ -11,7 +11,8 @@ import torch
 from hayate.config import EngineConfig
 from hayate.engine.engine import Engine
 from hayate.engine.request import RequestFailedError, RequestOutput, RequestTimings, TokenLogprob
-from hayate.loading.chat_template import ChatTemplate, default_chat_template
+from hayate.loading.builtin_templates import default_chat_template
+from hayate.loading.chat_template import ChatTemplate
 from hayate.loading.loader import load_model
 from hayate.multimodal.features import PromptImages
 from hayate.multimodal.prompt import ChatPrompt, encode_chat

@@ -15,7 +15,9 @@ from test_gguf import TINY_CONFIG, QType, llama_cpp_permute, write_model
 NEW_TYPES = [QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q5_0, QType.Q5_1]
 # Byte offsets of each block's fp16 scale fields (d, and m or dmin).
 HALF_FIELDS = {QType.Q4_0: (0,), QType.Q8_0: (0,), QType.Q5_0: (0,), QType.Q4_1: (0, 2), QType.Q5_1: (0, 2),
-               QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,)}
+               QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q2_K: (80, 82), QType.Q3_K: (108,)}
+# Types read through gguf's numpy decoder only: no quantizer here, random valid blocks instead.
+DECODED_TYPES = [QType.Q2_K, QType.Q3_K]
 
 
 def random_blocks(qtype: QType, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -85,8 +87,11 @@ def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
 
 
 def quantize(values: np.ndarray, qtype: QType) -> np.ndarray:
-    """GGUF bytes [rows, row bytes] of fp32 values [rows, cols] in any natively read type."""
+    """GGUF bytes [rows, row bytes] of fp32 values [rows, cols] in any natively read type
+    (random valid blocks of the right shape for DECODED_TYPES)."""
     rows = values.shape[0]
+    if qtype in DECODED_TYPES:
+        return random_blocks(qtype, rows, values.shape[1], seed=values.size).numpy()
     if qtype in (QType.Q4_K, QType.Q5_K, QType.Q6_K):
         x = values.astype(np.float32).reshape(-1, 256)
         blocks = _quantize_q6_k(x) if qtype == QType.Q6_K else _quantize_q45_k(x, 4 if qtype == QType.Q4_K else 5)

@@ -4,7 +4,6 @@ never the real peers). No timing thresholds."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 from PIL import Image

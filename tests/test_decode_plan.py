@@ -9,7 +9,6 @@ their logits reach ~25 and a few fp32 ulps per layer grow to ~1e-5 of that."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from hayate.kernels import native_kernels
 from hayate.llm import LLM

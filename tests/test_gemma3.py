@@ -16,7 +16,8 @@ from hayate.engine import model_runner, static_decode
 from hayate.engine.decode_plan import _plannable
 from hayate.kernels import native_kernels
 from hayate.llm import LLM
-from hayate.loading.chat_template import ChatTemplate, gemma_chat_template
+from hayate.loading.builtin_templates import gemma_chat_template
+from hayate.loading.chat_template import ChatTemplate
 from hayate.loading.gguf import GGUFModelFile
 from hayate.loading.gguf_checks import GGUFError, check_model
 from hayate.loading.tokenizer import Tokenizer

@@ -133,7 +133,7 @@ def test_tiny_file_loads_and_runs(tmp_path):
 
     llm = LLM(config=EngineConfig(model=str(write_gguf(tmp_path / "m.gguf")), threads=1))
     assert llm.tokenizer.encode("hi", add_special_tokens=False) == [TOKENS.index("hi")]
-    result = llm.generate([1, 5, 6], SamplingParams(max_tokens=2))
+    result = llm.generate([1, 5, 6], SamplingParams(max_tokens=2, ignore_eos=True))
     assert len(result.token_ids) == 2 and all(0 <= t < VOCAB for t in result.token_ids)
 
 

@@ -3,13 +3,16 @@ loader keeps them packed, the planned step takes them (q, k and v of different t
 side), and its greedy tokens and logprobs are the eager model's and the fp32 reference's."""
 from __future__ import annotations
 
+import gguf
+import numpy as np
 import pytest
+import torch
 
 from hayate.kernels import native_kernels
 from hayate.layers.linear import PackedLinear
 from hayate.llm import LLM
 from hayate.sampling import SamplingParams
-from kquant_blocks import K_CONFIG, NEW_TYPES, export_mixed_model, q4_k_m_type
+from kquant_blocks import DECODED_TYPES, K_CONFIG, NEW_TYPES, export_mixed_model, q4_k_m_type
 from test_gguf import QType, tiny_model
 
 pytestmark = pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
@@ -63,3 +66,27 @@ def test_a_tied_k_quant_head_runs_planned(tmp_path):
     """A tied vocabulary head reads the embedding's Q4_K blocks."""
     planned = check_against_eager_and_fp32(export(tmp_path, "llama", q4_k_m_type, tie_word_embeddings=True))
     assert QType(planned.engine.runner.model.lm_head.ggml_type) == QType.Q4_K
+
+
+def test_q2_k_and_q3_k_load_through_gguf_s_decoder(tmp_path):
+    """No native kernel for Q2_K / Q3_K: they load as fp32 linears holding exactly gguf's
+    dequantization of the file's blocks, next to natively kept Q4_K, and the model runs."""
+    def type_of(name: str) -> QType:
+        return DECODED_TYPES[int(name[4])] if name.startswith("blk.") else QType.Q4_K
+
+    path = export(tmp_path, "llama", type_of)
+    llm = LLM(path)
+    layers = llm.engine.runner.model.model.layers
+    checked = 0
+    for tensor in gguf.GGUFReader(path).tensors:
+        if tensor.name.endswith(("attn_output.weight", "ffn_down.weight")):
+            assert tensor.tensor_type == DECODED_TYPES[int(tensor.name[4])]
+            layer = layers[int(tensor.name[4])]
+            weight = layer.self_attn.o_proj.weight if "attn" in tensor.name else layer.mlp.down_proj.weight
+            expected = np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+            assert torch.equal(weight.detach().float(), torch.from_numpy(expected))
+            checked += 1
+    assert checked == 4
+    assert packed_types(llm) == {QType.Q4_K}    # the head
+    result = llm.generate(PROMPTS[0], PARAMS)
+    assert_same(result, LLM(path, weights="fp32").generate(PROMPTS[0], PARAMS))

@@ -2,9 +2,7 @@
 import base64
 import hashlib
 import io
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ reading the embedding's blocks) against the same GGUF file dequantized to fp32."
 from __future__ import annotations
 
 import pytest
-import torch
 
 from hayate.kernels import native_kernels
 from hayate.llm import LLM

@@ -23,7 +23,7 @@ JSON = {"content-type": "application/json"}
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp(MODEL, numbered=False)
+    folder = tmp_path_factory.mktemp("hostile") / MODEL    # served under the name test_server_errors uses
     make_tiny_model("llama", folder)
     return folder
 

@@ -4,7 +4,6 @@ the server keeps serving."""
 from __future__ import annotations
 
 import base64
-import io
 
 import httpx
 import openai

@@ -13,7 +13,7 @@ from typing import Sequence
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
-from hayate.loading.chat_template import gemma_chat_template
+from hayate.loading.builtin_templates import gemma_chat_template
 from hayate.loading.gguf_checks import GGUFError, check_tokenizer_metadata
 
 _GEMMAS = ("gemma", "gemma2", "gemma3")
