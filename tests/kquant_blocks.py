@@ -10,12 +10,10 @@ import gguf
 import numpy as np
 import torch
 
+from hayate.layers.quant import HALF_FIELDS
 from test_gguf import TINY_CONFIG, QType, llama_cpp_permute, write_model
 
 NEW_TYPES = [QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q5_0, QType.Q5_1]
-# Byte offsets of each block's fp16 scale fields (d, and m or dmin).
-HALF_FIELDS = {QType.Q4_0: (0,), QType.Q8_0: (0,), QType.Q5_0: (0,), QType.Q4_1: (0, 2), QType.Q5_1: (0, 2),
-               QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q2_K: (80, 82), QType.Q3_K: (108,)}
 # Types read through gguf's numpy decoder only: no quantizer here, random valid blocks instead.
 DECODED_TYPES = [QType.Q2_K, QType.Q3_K]
 

@@ -98,8 +98,12 @@ def test_probe_measures_the_native_kernel_rates():
     from hayate.kernels import native_kernels
     from hayate.plan.hardware import probe_packed_rates
 
+    from hayate.layers.quant import NATIVE_TYPES
+
     rates = probe_packed_rates(buffer_mb=4, repeats=1)
-    assert set(rates) == ({2, 3, 8} if native_kernels() is not None else set())
+    assert set(rates) == ({int(t) for t in NATIVE_TYPES} if native_kernels() is not None else set())
+    only = probe_packed_rates(buffer_mb=2, repeats=1, types={QType.Q6_K, QType.F32})
+    assert set(only) == ({int(QType.Q6_K)} if native_kernels() is not None else set())
     assert all(rate > 0 for rate in rates.values())
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from hayate.llm import LLM
-from hayate.plan.cost import decode_cost, prefill_cost
+from hayate.plan.cost import decode_cost, packed_types, prefill_cost
 from hayate.plan.hardware import probe_cpu, probe_jitter
 from hayate.plan.dispatch import dispatch_seconds
 from hayate.plan.report import predict
@@ -107,8 +107,8 @@ class PlanFloor:
 
 def plan_floor(llm: LLM, threads: int | None, plan: BenchPlan) -> PlanFloor:
     """Probe this CPU and predict; the decode context is the decode run's mean context."""
-    hardware = probe_cpu(threads)
     model, config = llm.engine.runner.model, llm.model_config
+    hardware = probe_cpu(threads, types=packed_types(model))
     kv_bytes = llm.engine.runner.kv_cache.element_size
     context = plan.decode_prompt_length + plan.decode_tokens // 2
     prediction = predict(model, config, hardware, context, llm.config.prefill_chunk, kv_bytes)

@@ -19,6 +19,9 @@ FLOAT_TYPES = frozenset({QType.F32, QType.F16, QType.BF16})
 # blocks, the planned step's VNNI kernel over them rearranged, and dequantization.
 NATIVE_TYPES = frozenset({QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
                           QType.Q4_K, QType.Q5_K, QType.Q6_K})
+# Byte offsets of each block's fp16 scale fields (d, and m or dmin where the type has one).
+HALF_FIELDS = {QType.Q4_0: (0,), QType.Q8_0: (0,), QType.Q5_0: (0,), QType.Q4_1: (0, 2), QType.Q5_1: (0, 2),
+               QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q2_K: (80, 82), QType.Q3_K: (108,)}
 
 
 @dataclass

@@ -43,6 +43,11 @@ def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values()) + sum(interleaved)
 
 
+def packed_types(model: nn.Module) -> set[int]:
+    """The GGUF types of the model's packed layers (those a probe should measure)."""
+    return {int(m.ggml_type) for m in model.modules() if getattr(m, "ggml_type", None) is not None}
+
+
 def memory_by_format(model: nn.Module) -> dict[str, int]:
     """Bytes the model holds, by the form its weights are kept in: a GGUF type for packed
     layers, else the tensor dtype (each tensor counted once, tied ones too)."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import gguf
 import torch
 
 from hayate.kernels import native_kernels
+from hayate.layers.quant import HALF_FIELDS, NATIVE_TYPES, QType
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,12 @@ def datasheet_profiles() -> dict[str, HardwareProfile]:
     }
 
 
-def probe_cpu(threads: int | None = None, buffer_mb: int = 256, repeats: int = 5) -> HardwareProfile:
+def probe_cpu(threads: int | None = None, buffer_mb: int = 256, repeats: int = 5, types=None) -> HardwareProfile:
     """Measure read bandwidth (summing a buffer far larger than the caches), the matmul rate
     (fp32, or the planned step's byte-plane kernel at 16 rows, which prefills short prompts,
     whichever is faster), and the native kernel's read rate for each GGUF type it takes, with
-    the given thread count; best of `repeats` to skip warm-up noise."""
+    the given thread count (every type, or those of `types`); best of `repeats` to skip warm-up
+    noise."""
     if threads:
         torch.set_num_threads(threads)
     data = torch.ones(buffer_mb * 2**20 // 4)
@@ -54,12 +57,12 @@ def probe_cpu(threads: int | None = None, buffer_mb: int = 256, repeats: int = 5
     flops = 2 * 512 * 1024 * 1024 / _best_time(lambda: a @ b, repeats)
     kernels = native_kernels()
     if kernels is not None and hasattr(kernels, "InterleavedWeight"):
-        q4_1 = 3
-        weight = kernels.InterleavedWeight(_valid_blocks(1024, 1024 // 32, NATIVE_BLOCK_BYTES[q4_1]), q4_1, 1024)
+        q4_1 = QType.Q4_1
+        weight = kernels.InterleavedWeight(_valid_blocks(q4_1, 1024 * 1024 // 32 * 20, 1024), int(q4_1), 1024)
         x = torch.randn(16, 1024)
         flops = max(flops, 2 * 16 * 1024 * 1024 / _best_time(lambda: weight.apply(x), repeats))
     return HardwareProfile(f"this CPU ({torch.get_num_threads()} threads)", bandwidth, flops,
-                           packed_rates=probe_packed_rates(buffer_mb // 2, repeats))
+                           packed_rates=probe_packed_rates(buffer_mb // 2, repeats, types))
 
 
 def probe_jitter(num_bytes: int, repeats: int = 500) -> float:
@@ -77,40 +80,38 @@ def probe_jitter(num_bytes: int, repeats: int = 500) -> float:
     return times[min(len(times) - 1, round(0.99 * (len(times) - 1)))] / times[len(times) // 2]
 
 
-# GGUF types the native GEMV reads, with their bytes per block of 32 weights
-NATIVE_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}   # Q4_0, Q4_1, Q8_0
-
-
-def probe_packed_rates(buffer_mb: int = 128, repeats: int = 5) -> dict[int, float]:
+def probe_packed_rates(buffer_mb: int = 128, repeats: int = 5, types=None) -> dict[int, float]:
     """bytes/s of the planned step's GEMV at one activation row over a matrix far larger than
-    the caches, for each type it reads: the rate at which a decode step streams packed weights.
-    Where the CPU has AVX-512 VNNI that is the kernel over rearranged weights, else the one
-    that reads GGUF blocks in place."""
+    the caches, for each type it reads (or those of `types`): the rate at which a decode step
+    streams packed weights. Where the CPU has AVX-512 VNNI that is the kernel over rearranged
+    weights, else the one that reads GGUF blocks in place."""
     kernels = native_kernels()
     if kernels is None:
         return {}
     rates = {}
-    for ggml_type, block_bytes in NATIVE_BLOCK_BYTES.items():
+    for qtype in sorted(NATIVE_TYPES if types is None else set(types) & NATIVE_TYPES):
         in_features = 1024
-        rows = buffer_mb * 2**20 // (in_features // 32 * block_bytes)
-        blocks = _valid_blocks(rows, in_features // 32, block_bytes)
+        blocks = _valid_blocks(qtype, buffer_mb * 2**20, in_features)
         x = torch.randn(1, in_features)
         if hasattr(kernels, "InterleavedWeight"):
-            weight = kernels.InterleavedWeight(blocks, ggml_type, in_features)
+            weight = kernels.InterleavedWeight(blocks, int(qtype), in_features)
             del blocks   # the rearranged copy is what streams; free the source before timing
-            rates[ggml_type] = weight.nbytes() / _best_time(lambda: weight.apply(x), repeats)
+            rates[int(qtype)] = weight.nbytes() / _best_time(lambda: weight.apply(x), repeats)
         else:
-            rates[ggml_type] = blocks.numel() / _best_time(lambda: kernels.gemv(x, blocks, ggml_type), repeats)
+            rates[int(qtype)] = blocks.numel() / _best_time(lambda: kernels.gemv(x, blocks, int(qtype)), repeats)
     return rates
 
 
-def _valid_blocks(rows: int, blocks_per_row: int, block_bytes: int) -> torch.Tensor:
-    """Random quantized values under small, finite fp16 scales (no NaN or denormal work)."""
+def _valid_blocks(qtype: QType, num_bytes: int, in_features: int) -> torch.Tensor:
+    """About num_bytes of random blocks [rows, row bytes] under small, finite fp16 scales (no
+    NaN or denormal work)."""
+    elements, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks_per_row = in_features // elements
+    rows = max(16, num_bytes // (blocks_per_row * block_bytes))
     data = torch.randint(0, 256, (rows, blocks_per_row, block_bytes), dtype=torch.uint8)
     scale = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)   # 2 bytes
-    data[:, :, 0:2] = scale
-    if block_bytes == 20:   # Q4_1's minimum
-        data[:, :, 2:4] = scale
+    for at in HALF_FIELDS[qtype]:
+        data[:, :, at:at + 2] = scale
     return data.reshape(rows, blocks_per_row * block_bytes)
 
 

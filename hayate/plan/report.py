@@ -12,7 +12,7 @@ from hayate.config import WEIGHT_MODES, EngineConfig
 from hayate.loading.loader import load_model
 from hayate.engine.decode_plan import decode_path
 from hayate.engine.kv_cache import KVCache, kv_cache_dtype
-from hayate.plan.cost import StepCost, decode_cost, group_rows, memory_by_format, prefill_cost
+from hayate.plan.cost import StepCost, decode_cost, group_rows, memory_by_format, packed_types, prefill_cost
 from hayate.plan.dispatch import dispatch_seconds
 from hayate.plan.hardware import HardwareProfile, datasheet_profiles, probe_cpu
 
@@ -77,7 +77,7 @@ def command_plan(args: argparse.Namespace) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
     loaded = load_model(config)
-    hardware = probe_cpu(config.threads) if args.hardware == "probe" else datasheet_profiles()[args.hardware]
+    hardware = probe_cpu(config.threads, types=packed_types(loaded.model)) if args.hardware == "probe" else datasheet_profiles()[args.hardware]
     console = Console()
     console.print(f"{loaded.path.name}: {loaded.config.model_type}, {loaded.config.num_hidden_layers} layers; "
                   f"{hardware.name}: {hardware.bandwidth / 1e9:.1f} GB/s read, {hardware.flops / 1e9:.0f} GFLOP/s")
