@@ -17,7 +17,7 @@ from hayate.layers.norm import RMSNorm
 from hayate.layers.rotary import RotaryEmbedding, apply_rotary
 from hayate.models.config import ModelConfig
 from hayate.models.llama import LlamaAttention, LlamaMLP, finish_loading, without_tied_head
-from hayate.models.weights import WeightValue, load_named_weights
+from hayate.models.weights import WeightValue, embedding, load_named_weights
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -76,7 +76,7 @@ class Gemma3Model(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
         windows = config.layer_windows or (None,) * config.num_hidden_layers
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         # Hugging Face multiplies by sqrt(hidden) held as an fp32 tensor, cast to the weights' dtype.
         self.embed_scale = torch.tensor(config.hidden_size ** 0.5, dtype=torch.float32, device="cpu").item()
         # Global layers: rope_theta (and any scaling); local layers: their own base, unscaled.

@@ -16,7 +16,7 @@ from hayate.layers.fuse import fuse_linears
 from hayate.layers.linear import share_workspace
 from hayate.layers.rotary import RotaryEmbedding, apply_rotary
 from hayate.models.config import ModelConfig
-from hayate.models.weights import WeightValue, load_named_weights
+from hayate.models.weights import WeightValue, embedding, load_named_weights
 
 
 class LlamaAttention(nn.Module):
@@ -94,7 +94,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

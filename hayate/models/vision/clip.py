@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hayate.models.weights import embedding
 from hayate.models.vision.encoder import VisionConfig, VisionEncoder
 
 # transformers' CLIPVisionConfig defaults, for keys a vision_config leaves out.
@@ -19,7 +20,7 @@ class CLIPVisionEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(config.hidden_size))
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
                                          stride=config.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(config.patches_per_side ** 2 + 1, config.hidden_size)
+        self.position_embedding = embedding(config.patches_per_side ** 2 + 1, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [images, 3, size, size] -> [images, 1 + patches, hidden], the class token first."""

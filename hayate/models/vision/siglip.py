@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hayate.models.weights import embedding
 from hayate.models.vision.encoder import VisionConfig, VisionEncoder
 
 # transformers' Idefics3VisionConfig defaults, for keys a vision_config leaves out.
@@ -29,7 +30,7 @@ class SiglipVisionEmbeddings(nn.Module):
         self.patch_size, self.patches_per_side = config.patch_size, config.patches_per_side
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
                                          kernel_size=config.patch_size, stride=config.patch_size)
-        self.position_embedding = nn.Embedding(self.patches_per_side ** 2, config.hidden_size)
+        self.position_embedding = embedding(self.patches_per_side ** 2, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """pixel_values [tiles, 3, H, W], mask [tiles, H / patch, W / patch] -> [tiles, patches, hidden]."""
