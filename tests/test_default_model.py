@@ -9,6 +9,7 @@ from hayate.bench.prompts import PARITY_PROMPTS
 from hayate.llm import LLM
 from hayate.loading.loader import default_model_path
 from hayate.sampling import SamplingParams
+from test_gguf import projections_per_layer
 
 PROMPTS = PARITY_PROMPTS
 NEW_TOKENS = 24
@@ -87,7 +88,8 @@ def fp32_llm():
 def test_default_path_reads_packed_blocks(llm):
     """By default the GGUF blocks stay packed and run through the native kernels."""
     layers = [type(m).__name__ for m in llm.engine.runner.model.modules()]
-    assert layers.count("PackedLinear") == 30 * 4 + 1   # qkv, o, gate_up, down per layer; the tied head
+    assert layers.count("PackedLinear") == 30 * projections_per_layer() + 1   # and the tied head
+    assert layers.count("PackedEmbedding") == 1   # rows decoded as tokens are looked up
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -27,6 +27,14 @@ TINY_CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hi
 
 # ---- writing test files -------------------------------------------------------------------
 
+def projections_per_layer() -> int:
+    """Packed projections a layer holds: q, k, v, o, gate, up, down apart where the VNNI kernel
+    takes them side by side, else qkv, o, gate_up and down fused."""
+    from hayate.kernels import native_kernels
+
+    return 7 if hasattr(native_kernels(), "InterleavedWeight") else 4
+
+
 def encode(values: np.ndarray, qtype: QType) -> np.ndarray:
     """GGUF bytes (or typed array) for fp32 values; K-quants get random blocks (gguf cannot encode them)."""
     if qtype == QType.F32:

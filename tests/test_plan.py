@@ -73,8 +73,10 @@ def test_dispatch_twin_keeps_layers_heads_and_format(tmp_path):
     config = twin_config(real.config)
     assert config.num_hidden_layers == real.config.num_hidden_layers
     assert config.num_attention_heads == real.config.num_attention_heads
-    assert isinstance(twin.model.layers[0].mlp.gate_up_proj, PackedLinear)
-    assert twin.model.layers[0].mlp.gate_up_proj.ggml_type == QType.Q4_1
+    mlp = twin.model.layers[0].mlp   # fused or not, as the real model's layers are
+    up = mlp.gate_up_proj or mlp.up_proj
+    assert isinstance(up, PackedLinear) and up.ggml_type == QType.Q4_1
+    assert (mlp.gate_up_proj is None) == (real.model.model.layers[0].mlp.gate_up_proj is None)
     assert dispatch_seconds(real, context=8, steps=3) > 0
 
 

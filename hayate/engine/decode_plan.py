@@ -16,7 +16,8 @@ from torch import nn
 
 from hayate.engine.kv_cache import KVCache
 from hayate.kernels import MAX_NATIVE_ROWS, native_kernels
-from hayate.layers.linear import NATIVE_TYPES, PackedLinear
+from hayate.layers.embedding import PackedEmbedding
+from hayate.layers.linear import NATIVE_TYPES, PackedLinear, rearrange_for_vnni
 from hayate.models.llama import LlamaForCausalLM
 
 
@@ -47,9 +48,9 @@ class PlannedDecode:
         rearrange_for_vnni(_linears(model))
         plan = kernels.DecodePlan(
             heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
-            eps=text.norm.eps, embedding=text.embed_tokens.weight, cos=text.rotary.cos, sin=text.rotary.sin,
+            eps=text.norm.eps, embedding=_table(text.embed_tokens), cos=text.rotary.cos, sin=text.rotary.sin,
             final_norm=text.norm.weight, kv_cache=kv_cache.storage, block_size=kv_cache.block_size,
-            threads=torch.get_num_threads())
+            threads=torch.get_num_threads(), embedding_type=getattr(text.embed_tokens, "ggml_type", 0))
         for layer in text.layers:
             qkv, o, gate_up, down = _projections(layer)
             plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
@@ -86,21 +87,6 @@ class PlannedDecode:
         return torch.cat(pieces)
 
 
-def rearrange_for_vnni(linears: list[PackedLinear]) -> None:
-    """Each natively read packed layer's weight rearranged once, in one arena, for the VNNI
-    kernel (where the CPU has AVX-512 VNNI): the plan's weights, and an unplanned model's
-    (Gemma 3), whose few-row steps then multiply as fast as the plan's."""
-    kernels = native_kernels()
-    fresh = [linear for linear in linears if linear.interleaved is None and linear.ggml_type in NATIVE_TYPES
-             and linear.packed.device.type == "cpu"]
-    if kernels is None or not hasattr(kernels, "InterleavedWeight") or not fresh:
-        return
-    weights = kernels.InterleavedWeight.all([linear.packed for linear in fresh], [linear.ggml_type for linear in fresh],
-                                            [linear.in_features for linear in fresh])
-    for linear, weight in zip(fresh, weights):
-        linear.use_interleaved(weight)
-
-
 def decode_path(model: nn.Module) -> str:
     """How this model's decode steps will run on this machine, in words (hayate plan)."""
     kernels = native_kernels()
@@ -124,6 +110,12 @@ def _matrix(linears: list[PackedLinear]) -> tuple:
     return weights, types, bias
 
 
+def _table(embedding: nn.Module) -> torch.Tensor:
+    """The embedding's rows as the plan reads them: GGUF blocks (uint8, decoded a row at a
+    time, `ggml_type`) or fp32."""
+    return embedding.packed if isinstance(embedding, PackedEmbedding) else embedding.weight
+
+
 def _projections(layer: nn.Module) -> list[list]:
     """A layer's qkv, o, gate_up and down projections, each as its fused layer or its parts."""
     attention, mlp = layer.self_attn, layer.mlp
@@ -140,7 +132,8 @@ def _plannable(model: nn.Module) -> bool:
     if type(model) is not LlamaForCausalLM or not isinstance(model.lm_head, PackedLinear):
         return False
     text = model.model
-    if text.embed_tokens.weight.dtype != torch.float32 or text.embed_tokens.weight.device.type != "cpu":
+    table = _table(text.embed_tokens)
+    if table.device.type != "cpu" or not (table.dtype == torch.float32 or text.embed_tokens.ggml_type in NATIVE_TYPES):
         return False
     eps = {text.norm.eps} | {n.eps for layer in text.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
     linears = _linears(model)

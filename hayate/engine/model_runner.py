@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hayate.engine.decode_plan import PlannedDecode, rearrange_for_vnni
+from hayate.engine.decode_plan import PlannedDecode
 from hayate.engine.images import ImageEmbedder
 from hayate.engine.kv_cache import KVCache
 from hayate.engine.scheduler import ScheduledSequence, SchedulerOutput
 from hayate.engine.static_decode import StaticDecode
 from hayate.layers.attention import AttentionMetadata
-from hayate.layers.linear import PackedLinear
+from hayate.layers.linear import packed_linears, rearrange_for_vnni
 from hayate.layers.sampler import SampleResult, Sampler
 from hayate.models.config import ModelConfig
 from hayate.multimodal.encoder_cache import EncoderCache
@@ -62,7 +62,7 @@ class ModelRunner:
         self.images = ImageEmbedder(model, EncoderCache(encoder_cache_bytes))
         self.plan = PlannedDecode.build(model, self.kv_cache) if planned_decode else None
         if planned_decode and self.plan is None:   # an unplanned model's packed layers run the VNNI kernel
-            rearrange_for_vnni([module for module in model.modules() if isinstance(module, PackedLinear)])
+            rearrange_for_vnni(packed_linears(model))
         self.static = None
         if static and self.plan is None:
             self.static = StaticDecode(model, self.kv_cache, num_blocks, max_batch,

@@ -168,18 +168,28 @@ struct Layer {
 
 class DecodePlan {
  public:
+  // embedding: float32 [vocab, hidden], or (embedding_type a GGML type) its GGUF blocks, uint8
+  // [vocab, row bytes], a row decoded per token.
   DecodePlan(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, torch::Tensor embedding,
              torch::Tensor cos, torch::Tensor sin, torch::Tensor final_norm, torch::Tensor kv_cache,
-             int64_t block_size, int64_t threads)
+             int64_t block_size, int64_t threads, int64_t embedding_type)
       : threads_(static_cast<int>(threads)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)),
-        embedding_(embedding.contiguous()), cos_(cos.contiguous()), sin_(sin.contiguous()),
+        embedding_(embedding.contiguous()), embedding_type_(embedding_type), cos_(cos.contiguous()), sin_(sin.contiguous()),
         final_norm_(final_norm.contiguous()), kv_cache_(kv_cache), block_size_(block_size),
         attention_(heads, kv_heads, head_dim, block_size), write_and_attend_(write_and_attend_for(kv_cache)) {
-    TORCH_CHECK(embedding_.dtype() == torch::kFloat32 && embedding_.dim() == 2, "embedding must be float32 [vocab, hidden]");
+    TORCH_CHECK(embedding_.dim() == 2, "embedding must be [vocab, hidden] (or its rows' blocks)");
+    if (embedding_type_ == 0) {
+      TORCH_CHECK(embedding_.dtype() == torch::kFloat32, "an unpacked embedding must be float32");
+      hidden_ = embedding_.size(1);
+    } else {
+      TORCH_CHECK(embedding_.dtype() == torch::kUInt8, "a packed embedding must be uint8 blocks");
+      const BlockFormat format = block_format(embedding_type_);
+      TORCH_CHECK(embedding_.size(1) % format.bytes == 0, "embedding rows are not whole blocks");
+      hidden_ = embedding_.size(1) / format.bytes * format.elements;
+    }
     TORCH_CHECK(kv_cache_.is_contiguous() && kv_cache_.dim() == 5,
                 "the KV cache must be contiguous [layers, 2, rows, kv_heads, head_dim]");
     TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "heads must group evenly onto kv_heads");
-    hidden_ = embedding_.size(1);
   }
 
   // Each projection: a weight and its type, or lists of them side by side (see PackedMatrix).
@@ -235,8 +245,7 @@ class DecodePlan {
     auto logits = torch::empty({R, head_.N}, torch::kFloat32);
     reserve(B);
     float* x = x_.data();
-    for (int64_t b = 0; b < B; ++b)
-      std::memcpy(x + b * hidden_, embedding_.data_ptr<float>() + ids[b] * hidden_, hidden_ * sizeof(float));
+    for (int64_t b = 0; b < B; ++b) embed(ids[b], x + b * hidden_);
     for (size_t l = 0; l < layers_.size(); ++l) layer(l, B, pos.data());
     for (int64_t r = 0; r < R; ++r)
       rms_norm_rows(x + logit_rows[r] * hidden_, final_norm_.data_ptr<float>(), h_.data() + r * hidden_, 1, hidden_, eps_);
@@ -319,7 +328,20 @@ class DecodePlan {
   WorkerPool threads_;   // first: started before, and stopped after, everything that uses it
   int64_t heads_, kv_heads_, head_dim_, hidden_ = 0;
   float eps_;
-  torch::Tensor embedding_, cos_, sin_, final_norm_, kv_cache_;
+  // token id's row of the embedding, fp32, into x [hidden]
+  void embed(int64_t id, float* x) const {
+    if (embedding_type_ == 0) {
+      std::memcpy(x, embedding_.data_ptr<float>() + id * hidden_, hidden_ * sizeof(float));
+      return;
+    }
+    const int64_t row_bytes = embedding_.size(1);
+    const uint8_t* row = embedding_.data_ptr<uint8_t>() + id * row_bytes;
+    with_type(embedding_type_, [&](auto type) { dequantize_rows<decltype(type)::value>(row, x, hidden_, row_bytes, 0, 1); });
+  }
+
+  torch::Tensor embedding_;
+  int64_t embedding_type_ = 0;
+  torch::Tensor cos_, sin_, final_norm_, kv_cache_;
   int64_t block_size_;
   std::vector<Layer> layers_;
   PackedMatrix head_;
@@ -349,10 +371,10 @@ void register_decode_plan(pybind11::module& m) {
 #endif
   py::class_<DecodePlan>(m, "DecodePlan", "a Llama-family decode step, planned once, run as one call")
       .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                    torch::Tensor, int64_t, int64_t>(),
+                    torch::Tensor, int64_t, int64_t, int64_t>(),
            py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("embedding"),
            py::arg("cos"), py::arg("sin"), py::arg("final_norm"), py::arg("kv_cache"), py::arg("block_size"),
-           py::arg("threads"))
+           py::arg("threads"), py::arg("embedding_type") = 0)
       .def("add_layer", &DecodePlan::add_layer)
       .def("set_head", &DecodePlan::set_head)
       .def("run", &DecodePlan::run, py::call_guard<py::gil_scoped_release>());

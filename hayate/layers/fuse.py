@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hayate.kernels import native_kernels
 from hayate.layers.linear import PackedLinear
-from hayate.layers.quant import PackedWeight
+from hayate.layers.quant import NATIVE_TYPES, PackedWeight
 
 
 def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
@@ -24,7 +25,15 @@ def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
             fused.bias = nn.Parameter(bias, requires_grad=False)
         return fused
     if all(type(layer) is PackedLinear for layer in layers) and len({l.ggml_type for l in layers}) == 1:
+        if _rearranged(layers[0].ggml_type):
+            return None   # the VNNI kernel takes them side by side, one pass over the input: no copy
         data = torch.cat([layer.packed for layer in layers])
         shape = (sum(layer.out_features for layer in layers), layers[0].in_features)
         return PackedLinear(PackedWeight(data, layers[0].ggml_type, shape), bias)
     return None
+
+
+def _rearranged(ggml_type: int) -> bool:
+    """Whether layers of this type will be rearranged for the VNNI kernel (rearrange_for_vnni)."""
+    kernels = native_kernels()
+    return ggml_type in NATIVE_TYPES and kernels is not None and hasattr(kernels, "InterleavedWeight")

@@ -97,3 +97,36 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         type_name = QType(self.ggml_type).name
         return f"in_features={self.in_features}, out_features={self.out_features}, type={type_name}"
+
+
+def packed_linears(model: nn.Module) -> list[PackedLinear]:
+    return [module for module in model.modules() if isinstance(module, PackedLinear)]
+
+
+# Source bytes rearranged per native call: after each, `after_chunk` may drop the pages read.
+REARRANGE_CHUNK_BYTES = 256 * 2**20
+
+
+def rearrange_for_vnni(linears: list[PackedLinear], after_chunk=None) -> bool:
+    """Each natively read packed layer's weight rearranged once for the VNNI kernel (where the
+    CPU has AVX-512 VNNI), a chunk of layers per arena: the plan's weights, and an unplanned
+    model's (Gemma 3), whose few-row steps then multiply as fast as the plan's. Whether any
+    layer was rearranged."""
+    kernels = native_kernels()
+    fresh = [linear for linear in linears if linear.interleaved is None and linear.ggml_type in NATIVE_TYPES
+             and linear.packed.device.type == "cpu"]
+    if kernels is None or not hasattr(kernels, "InterleavedWeight") or not fresh:
+        return False
+    chunk, chunk_bytes = [], 0
+    for index, linear in enumerate(fresh):
+        chunk.append(linear)
+        chunk_bytes += linear.packed.numel()
+        if chunk_bytes >= REARRANGE_CHUNK_BYTES or index == len(fresh) - 1:
+            weights = kernels.InterleavedWeight.all([m.packed for m in chunk], [m.ggml_type for m in chunk],
+                                                    [m.in_features for m in chunk])
+            for layer, weight in zip(chunk, weights):
+                layer.use_interleaved(weight)
+            if after_chunk is not None:
+                after_chunk()
+            chunk, chunk_bytes = [], 0
+    return True

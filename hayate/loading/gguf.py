@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import re
 import struct
 import warnings
@@ -177,6 +178,14 @@ class GGUFModelFile:
     def __len__(self) -> int:
         return len(self._hf_names)
 
+    def release_pages(self) -> None:
+        """Unmap the pages of the file this process has read (they stay in the OS page cache):
+        weights rearranged into their own memory stop counting twice; a later read (an
+        embedding row) maps its page again. The map is read-only, so nothing is lost."""
+        mapping = getattr(self.reader.data, "_mmap", None)
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
+
     def chat_template(self) -> str | None:
         return self.metadata.get("tokenizer.chat_template")
 
@@ -214,12 +223,13 @@ class GGUFModelFile:
                 "query_pre_attn_scalar": head_dim, "rope_local_base_freq": 10000.0,
                 "norm_weight_offset": 0.0}
 
-    def tensors(self, keep_packed: bool,
-                pack_types: frozenset[int] | None = None) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
+    def tensors(self, keep_packed: bool, pack_types: frozenset[int] | None = None,
+                pack_embedding: bool = False) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
         """(Hugging Face name, weight) pairs: fp32 tensors, or PackedWeight for quantized
-        matrices when keep_packed (only those of `pack_types`, when given). A model whose
-        head is tied to a packable embedding also gets that embedding's blocks as a packed
-        `lm_head.weight`, so the head reads the stored bytes too."""
+        matrices when keep_packed (only those of `pack_types`, when given; the embedding table
+        too when pack_embedding). A model whose head is tied to a packable embedding also gets
+        that embedding's blocks as a packed `lm_head.weight`, so the head reads the stored
+        bytes too."""
         def packs(ggml_type: int) -> bool:
             return keep_packed and is_quantized(ggml_type) and (pack_types is None or ggml_type in pack_types)
 
@@ -227,7 +237,8 @@ class GGUFModelFile:
             if tensor.name in _SKIPPED_TENSORS:
                 continue
             hf_name = self._hf_names[tensor.name]
-            yield hf_name, self._load(tensor, hf_name, packs(int(tensor.tensor_type)))
+            packed = packs(int(tensor.tensor_type)) and (hf_name != _EMBEDDING or pack_embedding)
+            yield hf_name, self._load(tensor, hf_name, packed)
         embedding = self._by_name.get("token_embd.weight")
         if "output.weight" not in self._by_name and embedding is not None and packs(int(embedding.tensor_type)):
             yield "lm_head.weight", self._load(embedding, "lm_head.weight", True)
@@ -245,7 +256,7 @@ class GGUFModelFile:
         ggml_type = int(tensor.tensor_type)
         raw = _mapped(tensor.data)
         rows = self._row_order(hf_name, shape[0])
-        if keep_packed and len(shape) == 2 and hf_name != _EMBEDDING:
+        if keep_packed and len(shape) == 2:
             packed = raw.view(torch.uint8).reshape(shape[0], -1)
             return PackedWeight(packed if rows is None else packed[rows], ggml_type, shape)
         weight = dequantize(raw, ggml_type, shape)

@@ -14,7 +14,7 @@ from hayate.config import EngineConfig
 from hayate.engine.kv_cache import kv_cache_dtype
 from hayate.kernels import native_kernels
 from hayate.layers.fast_linear import convert_to_fast
-from hayate.layers.linear import NATIVE_TYPES
+from hayate.layers.linear import NATIVE_TYPES, packed_linears, rearrange_for_vnni
 from hayate.loading.catalogue import model_path
 from hayate.loading.chat_template import ChatTemplate
 from hayate.loading.gguf import GGUFModelFile
@@ -70,18 +70,25 @@ def load_model(config: EngineConfig) -> LoadedModel:
     fp32_nbytes = source.dequantized_nbytes()
     device, dtype = placement(config, 0 if isinstance(source, GGUFModelFile) else fp32_nbytes)
     packing = (False, None)
+    exact_cpu = (device.type, dtype) == ("cpu", torch.float32)   # where the packed kernels run
     if isinstance(source, GGUFModelFile):
-        exact_cpu = (device.type, dtype) == ("cpu", torch.float32)   # where the packed kernels run
         int4 = config.weights == "int4-bf16"   # packed int4 kernels on any device
         packing = _packing(config.weights, fp32_nbytes) if exact_cpu or int4 else packing
     weight_nbytes = source.stored_nbytes() if packing == (True, None) else fp32_nbytes * dtype.itemsize // 4
     kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype) if device.type == "cpu" else None   # host memory
     check_memory(path, model_config, max_len, weight_nbytes, kv_dtype)
     model = _build(model_config, max_len, dtype)
-    weights = source.tensors(*packing) if isinstance(source, GGUFModelFile) else source.tensors()
+    # the embedding table stays packed where the lookup decodes rows natively (exact fp32)
+    weights = (source.tensors(*packing, pack_embedding=exact_cpu and packing[0])
+               if isinstance(source, GGUFModelFile) else source.tensors())
     with torch.no_grad():
         model.load_weights(track(weights, total=len(source), description=f"loading {path.name}",
                                  enabled=config.show_progress))
+    if isinstance(source, GGUFModelFile) and exact_cpu and config.planned_decode:
+        # rearranged for the kernel now, the file's pages let go chunk by chunk: the weights are
+        # held once, not in the map and in their arrangement both
+        if rearrange_for_vnni(packed_linears(model), after_chunk=source.release_pages):
+            source.release_pages()
     if config.weights == "int4-bf16":
         convert_to_fast(model, device)
     if (device.type, dtype) != ("cpu", torch.float32):

@@ -6,6 +6,7 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
+from hayate.layers.embedding import PackedEmbedding
 from hayate.layers.linear import PackedLinear
 from hayate.layers.quant import PackedWeight
 
@@ -50,12 +51,16 @@ def _copy(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _swap_packed(model: nn.Module, name: str, packed: PackedWeight) -> None:
-    """Replace the nn.Linear owning `name` by a PackedLinear that keeps the bytes packed."""
+    """Replace the nn.Linear (or nn.Embedding) owning `name` by a PackedLinear (PackedEmbedding)
+    that keeps the bytes packed."""
     if not name.endswith(".weight"):
         raise ValueError(f"packed tensor {name} is not a linear weight")
     module_name = name[: -len(".weight")]
     parent_name, _, child = module_name.rpartition(".")
     linear = model.get_submodule(module_name)
+    if isinstance(linear, nn.Embedding) and (linear.num_embeddings, linear.embedding_dim) == tuple(packed.shape):
+        setattr(model.get_submodule(parent_name), child, PackedEmbedding(packed))
+        return
     if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != tuple(packed.shape):
         raise ValueError(f"packed weight {name} of shape {packed.shape} does not fit {linear}")
     setattr(model.get_submodule(parent_name), child, PackedLinear(packed, linear.bias))
