@@ -1,8 +1,10 @@
 // The planned decode step's own threads: started once, they spin briefly between the
-// step's ~150 parallel sections and sleep when the engine idles. Unlike OpenMP's teams,
-// which libgomp creates per calling thread and throttles to near-passive waiting once the
-// process holds more OpenMP threads than CPUs (an engine loop in its own thread beside the
-// loading thread's team: 2x slower steps), these behave the same from any calling thread.
+// step's ~150 parallel sections and sleep when the engine idles; each section's chunks go to
+// whichever thread is free, so one the OS has put aside does not hold the step up. Unlike
+// OpenMP's teams, which libgomp creates per calling thread and throttles to near-passive
+// waiting once the process holds more OpenMP threads than CPUs (an engine loop in its own
+// thread beside the loading thread's team: 2x slower steps), these behave the same from any
+// calling thread.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -40,7 +42,7 @@ inline bool spin_until(const Done& done, int64_t max_spins) {
 class WorkerPool {
  public:
   explicit WorkerPool(int threads) {
-    for (int index = 1; index < std::max(threads, 1); ++index) workers_.emplace_back([this, index] { work(index); });
+    for (int index = 1; index < std::max(threads, 1); ++index) workers_.emplace_back([this] { work(); });
   }
 
   ~WorkerPool() {
@@ -58,18 +60,24 @@ class WorkerPool {
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // fn(begin, end) over [0, n) in contiguous parts, one per thread (the caller runs part 0);
-  // parts are multiples of `grain` where possible. Returns when every part is done.
+  // fn(begin, end) over [0, n) in chunks of whole grains, a few per thread, fixed by n, grain
+  // and the pool's size (so results never depend on which thread ran what). Every thread,
+  // the caller too, takes the next chunk until none is left: a thread the OS has descheduled
+  // (a core shared with another process) delays at most the chunk it holds, never a share
+  // fixed in advance. Returns when every chunk is done.
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-    const int64_t parts = std::min<int64_t>(size(), std::max<int64_t>(1, (n + grain - 1) / grain));
-    if (parts <= 1) {
+    const int64_t units = (n + grain - 1) / grain;
+    const int64_t chunks = std::min<int64_t>({units, int64_t{size()} * kChunksPerThread, kMaxChunks});
+    if (std::min<int64_t>(size(), units) <= 1) {
       if (n > 0) fn(0, n);
       return;
     }
-    task_ = [&](int index) {
-      if (index < parts) fn(split(n, grain, parts, index), split(n, grain, parts, index + 1));
-    };
-    pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+    fn_ = &fn;
+    n_ = n;
+    grain_ = grain;
+    done_.store(0, std::memory_order_relaxed);
+    call_ = (call_ + 1) & kCallMask;
+    claim_.store(call_ << 32 | static_cast<uint64_t>(chunks) << 16, std::memory_order_release);
     // seq_cst on both sides (here and in sleep_until_new): a worker going to sleep either
     // sees the new generation or is seen as a sleeper and woken.
     generation_.fetch_add(1);
@@ -77,17 +85,32 @@ class WorkerPool {
       std::lock_guard<std::mutex> lock(mutex_);
       wake_.notify_all();
     }
-    task_(0);
-    spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; }, INT64_MAX);
+    run_chunks(call_);
+    spin_until([&] { return done_.load(std::memory_order_acquire) == chunks; }, INT64_MAX);
   }
 
  private:
-  static int64_t split(int64_t n, int64_t grain, int64_t parts, int64_t index) {
-    const int64_t units = (n + grain - 1) / grain;
-    return std::min(n, units * index / parts * grain);
+  // claim_ packs the call's number (bits 32..), its chunk count (16..31) and the next chunk
+  // to take (0..15), so a chunk is taken with one compare-and-swap that also checks the call.
+  static constexpr int64_t kChunksPerThread = 4, kMaxChunks = 0xffff;
+  static constexpr uint64_t kCallMask = 0xffffffff;
+
+  // Takes and runs chunks of call `call` until none is left or a later call has begun. A
+  // chunk taken keeps its caller waiting, so fn_, n_ and grain_ are that call's while it runs.
+  void run_chunks(uint64_t call) {
+    uint64_t claim = claim_.load(std::memory_order_acquire);
+    while ((claim >> 32) == call) {
+      const int64_t chunks = (claim >> 16) & 0xffff, next = claim & 0xffff;
+      if (next >= chunks) return;
+      if (!claim_.compare_exchange_weak(claim, claim + 1, std::memory_order_acq_rel)) continue;
+      const int64_t units = (n_ + grain_ - 1) / grain_;
+      (*fn_)(std::min(n_, units * next / chunks * grain_), std::min(n_, units * (next + 1) / chunks * grain_));
+      done_.fetch_add(1, std::memory_order_acq_rel);
+      claim = claim_.load(std::memory_order_acquire);
+    }
   }
 
-  void work(int index) {
+  void work() {
     uint64_t seen = 0;
     while (true) {
       uint64_t now = seen;
@@ -95,8 +118,7 @@ class WorkerPool {
       if (now == seen) now = sleep_until_new(seen);
       seen = now;
       if (stopping_) return;
-      task_(index);
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
+      run_chunks(claim_.load(std::memory_order_acquire) >> 32);
     }
   }
 
@@ -110,9 +132,12 @@ class WorkerPool {
 
   static constexpr int64_t kSpins = 1 << 15;  // about a millisecond of waiting before sleeping
   std::vector<std::thread> workers_;
-  std::function<void(int)> task_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0, grain_ = 1;
+  uint64_t call_ = 0;                     // the caller's count of calls (kCallMask bits)
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<uint64_t> generation_{0};   // wakes the workers
   std::atomic<int> sleepers_{0};
   std::mutex mutex_;
   std::condition_variable wake_;

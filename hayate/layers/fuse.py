@@ -10,9 +10,10 @@ from hayate.layers.linear import PackedLinear
 from hayate.layers.quant import NATIVE_TYPES, PackedWeight
 
 
-def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
+def fuse_linears(layers: list[nn.Module], packed_apart: bool = False) -> nn.Module | None:
     """One layer whose output rows are the given layers' rows, stacked in order; None when
-    they cannot be stacked (different kinds or weight formats)."""
+    they cannot be stacked (different kinds or weight formats), or when packed_apart and they
+    are packed layers the VNNI kernel will take side by side (fusing would only copy them)."""
     biases = [layer.bias for layer in layers]
     if any(b is None for b in biases) and any(b is not None for b in biases):
         return None
@@ -25,7 +26,7 @@ def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
             fused.bias = nn.Parameter(bias, requires_grad=False)
         return fused
     if all(type(layer) is PackedLinear for layer in layers) and len({l.ggml_type for l in layers}) == 1:
-        if _rearranged(layers[0].ggml_type):
+        if packed_apart and _rearranged(layers[0].ggml_type):
             return None   # the VNNI kernel takes them side by side, one pass over the input: no copy
         data = torch.cat([layer.packed for layer in layers])
         shape = (sum(layer.out_features for layer in layers), layers[0].in_features)

@@ -78,13 +78,15 @@ def load_model(config: EngineConfig) -> LoadedModel:
     kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype) if device.type == "cpu" else None   # host memory
     check_memory(path, model_config, max_len, weight_nbytes, kv_dtype)
     model = _build(model_config, max_len, dtype)
+    # packed layers rearranged at load (below) stay apart: no fused copies of q/k/v, gate/up
+    model.packed_apart = isinstance(source, GGUFModelFile) and exact_cpu and config.planned_decode
     # the embedding table stays packed where the lookup decodes rows natively (exact fp32)
     weights = (source.tensors(*packing, pack_embedding=exact_cpu and packing[0])
                if isinstance(source, GGUFModelFile) else source.tensors())
     with torch.no_grad():
         model.load_weights(track(weights, total=len(source), description=f"loading {path.name}",
                                  enabled=config.show_progress))
-    if isinstance(source, GGUFModelFile) and exact_cpu and config.planned_decode:
+    if model.packed_apart:
         # rearranged for the kernel now, the file's pages let go chunk by chunk: the weights are
         # held once, not in the map and in their arrangement both
         if rearrange_for_vnni(packed_linears(model), after_chunk=source.release_pages):

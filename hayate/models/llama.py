@@ -35,9 +35,9 @@ class LlamaAttention(nn.Module):
 
         self.qkv_proj: nn.Module | None = None   # q, k, v stacked, made by fuse()
 
-    def fuse(self) -> None:
+    def fuse(self, packed_apart: bool = False) -> None:
         """Stack q/k/v into one projection when their formats allow (after loading)."""
-        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj], packed_apart)
         if fused is not None:
             self.qkv_proj = fused
             del self.q_proj, self.k_proj, self.v_proj
@@ -63,8 +63,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
         self.gate_up_proj: nn.Module | None = None   # gate and up stacked, made by fuse()
 
-    def fuse(self) -> None:
-        fused = fuse_linears([self.gate_proj, self.up_proj])
+    def fuse(self, packed_apart: bool = False) -> None:
+        fused = fuse_linears([self.gate_proj, self.up_proj], packed_apart)
         if fused is not None:
             self.gate_up_proj = fused
             del self.gate_proj, self.up_proj
@@ -143,9 +143,11 @@ def without_tied_head(config: ModelConfig, weights: Iterable[tuple[str, WeightVa
 
 
 def finish_loading(model: nn.Module, text_model: LlamaModel) -> None:
-    """After the weights are in: fuse each layer's q/k/v and gate/up, and give the model's
-    packed layers one shared dequantization workspace."""
+    """After the weights are in: fuse each layer's q/k/v and gate/up (natively read packed ones
+    stay apart where the loader set model.packed_apart: the VNNI kernel takes them side by
+    side), and give the model's packed layers one shared dequantization workspace."""
+    packed_apart = getattr(model, "packed_apart", False)
     for layer in text_model.layers:
-        layer.self_attn.fuse()
-        layer.mlp.fuse()
+        layer.self_attn.fuse(packed_apart)
+        layer.mlp.fuse(packed_apart)
     share_workspace(model)

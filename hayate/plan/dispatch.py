@@ -48,9 +48,10 @@ def build_twin(loaded: LoadedModel) -> nn.Module:
         for name, linear in targets:
             parent, _, child = name.rpartition(".")
             setattr(twin.get_submodule(parent) if parent else twin, child, _random_packed(linear, packed_type))
+    packed_apart = getattr(loaded.model, "packed_apart", False)   # as the real model's layers
     for layer in twin.model.layers:
-        layer.self_attn.fuse()
-        layer.mlp.fuse()
+        layer.self_attn.fuse(packed_apart)
+        layer.mlp.fuse(packed_apart)
     return twin
 
 
