@@ -8,6 +8,7 @@ from typing import Iterator
 from hayate.config import DTYPES, KV_CACHE_DTYPES, WEIGHT_MODES, EngineConfig
 from hayate.engine.request import ImageTimings, RequestFailedError, RequestOutput
 from hayate.sampling import SamplingParams
+from hayate.structured.requests import from_cli
 
 EXIT_USAGE = 2
 
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", help="the user message")
     run.add_argument("--image", action="append", default=[], metavar="PATH",
                      help="an image to ask about (repeatable; vision models only)")
+    run.add_argument("--tools", metavar="FILE", help="a JSON file with OpenAI-style tools the model may call")
+    run.add_argument("--tool-choice", default="auto",
+                     help="with --tools: auto (default), required, none, or a function's name")
     _add_generation_options(run)
     chat = commands.add_parser("chat", help="interactive chat in the terminal")
     _add_generation_options(chat)
@@ -49,6 +53,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, help="same seed, same text")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--json-schema", metavar="FILE", help="answer with JSON that validates against this schema")
+    parser.add_argument("--regex", help="answer with text that matches this regex")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--max-model-len", type=int, help="context length (default: min(model's, 4096))")
     parser.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
@@ -56,6 +62,15 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
                              "int4-bf16: packed int4 kernels, bf16 activations (fast, lossy; CPU and CUDA)")
     add_device_options(parser)
     add_kv_cache_option(parser)
+    add_tool_format_option(parser)
+
+
+def add_tool_format_option(parser: argparse.ArgumentParser) -> None:
+    from hayate.tools.formats import FORMAT_NAMES
+
+    parser.add_argument("--tool-format", choices=FORMAT_NAMES, default="auto",
+                        help="how the model writes tool calls (default auto: from its chat template; "
+                             "json: hayate's JSON envelope, for templates without tools)")
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
@@ -76,14 +91,14 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        seed=args.seed, stop=list(args.stop))
+        seed=args.seed, stop=list(args.stop), grammar=from_cli(args.json_schema, args.regex))
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, threads=args.threads, max_model_len=args.max_model_len,
                         weights=args.weights, device=args.device, dtype=args.dtype,
                         cuda_graphs=not args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
-                        show_progress=True)
+                        tool_format=args.tool_format, show_progress=True)
 
 
 def stream_to_stdout(outputs: Iterator[RequestOutput]) -> RequestOutput | None:
@@ -136,12 +151,43 @@ def command_run(args: argparse.Namespace) -> int:
 
     params = sampling_params(args)
     images = [load_image_file(path, ImageLimits()) for path in args.image]   # before the slow load
+    tools = read_tools(args.tools) if args.tools else None
     llm = LLM(config=engine_config(args))
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [user_message(args.prompt, images)]
+    if tools is not None:
+        return run_with_tools(llm, messages, params, tools, args.tool_choice)
     last = stream_to_stdout(llm.stream_chat(messages, params))
     if last is not None:
         print(summary_line(last), file=sys.stderr)
+    return 0
+
+
+def read_tools(path: str) -> list[dict]:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            tools = json.load(file)
+    except ValueError as error:
+        raise CliError(f"--tools {path} is not JSON: {error}") from None
+    if not isinstance(tools, list):
+        raise CliError(f"--tools {path} must hold a JSON list of tools")
+    return tools
+
+
+def run_with_tools(llm, messages: list[dict], params: SamplingParams, tools: list[dict], choice: str) -> int:
+    """One answer with tools: its text, then each call as a JSON line."""
+    import json
+
+    tool_choice = choice if choice in ("auto", "required", "none") else {"type": "function", "function": {"name": choice}}
+    result = llm.chat(messages, params, tools=tools, tool_choice=tool_choice)
+    if result.tool_calls:
+        for call in result.tool_calls:
+            print(json.dumps({"name": call.name, "arguments": json.loads(call.arguments)}, ensure_ascii=False))
+    else:
+        print(result.text)
+    print(f"{len(result.token_ids)} tokens ({result.finish_reason})", file=sys.stderr)
     return 0
 
 

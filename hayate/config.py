@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from hayate.tools.formats import FORMAT_NAMES
+
 WEIGHT_MODES = ("auto", "fp32", "packed", "int4-bf16")
 DTYPES = ("auto", "float32", "bfloat16")
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -32,6 +34,10 @@ class EngineConfig:
     # halve the cache's bytes (twice the tokens where sizing is by memory) and attention's reads,
     # but round every key and value: lossy, so an explicit opt-in. Attention math stays fp32.
     kv_cache_dtype: str = "auto"
+    # structured output: where the grammar allows one continuation, append its tokens and run
+    # them as a prompt chunk (one step) instead of one decode step each
+    grammar_fast_forward: bool = True
+    tool_format: str = "auto"         # how the model writes tool calls (hayate.tools.formats); auto: from its template
 
     def __post_init__(self) -> None:
         if self.threads is not None and not 1 <= self.threads <= 4 * (os.cpu_count() or 1):
@@ -58,5 +64,7 @@ class EngineConfig:
         if self.device != "cpu" and self.weights not in ("auto", "fp32", "int4-bf16"):
             raise ValueError(f"weights {self.weights} run on the CPU only; on {self.device} weights are "
                              "dequantized at load (weights auto or fp32) or int4-bf16")
+        if self.tool_format not in FORMAT_NAMES:
+            raise ValueError(f"tool_format must be one of {', '.join(FORMAT_NAMES)}, got {self.tool_format!r}")
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

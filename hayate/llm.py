@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gc
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence as Seq
 
 import torch
@@ -17,6 +17,7 @@ from hayate.loading.loader import load_model
 from hayate.multimodal.features import PromptImages
 from hayate.multimodal.prompt import ChatPrompt, encode_chat
 from hayate.sampling import SamplingParams
+from hayate.tools import ToolCall, ToolPlan, tool_conversation, tool_plan, tool_setup
 
 Prompt = str | list[int]
 
@@ -30,6 +31,7 @@ class GenerationResult:
     timings: RequestTimings
     logprobs: list[TokenLogprob]
     num_cached_tokens: int = 0      # prompt tokens that came from the prefix cache
+    tool_calls: list[ToolCall] = field(default_factory=list)   # LLM.chat with tools: the calls made
 
     @property
     def decode_tokens_per_second(self) -> float | None:
@@ -56,17 +58,21 @@ class LLM:
         self.chat_template = loaded.chat_template or ChatTemplate(
             default_chat_template(), loaded.tokenizer.bos_token, loaded.tokenizer.eos_token)
         self.engine = Engine(loaded, self.config)
+        self.tool_setup = tool_setup(self.config.tool_format, self.chat_template.source, self.tokenizer)
         self._ids = itertools.count()
         # Everything loaded so far lives for the whole run: keep it out of the collector's
         # scans, so collections in the token loop stay short.
         gc.collect()
         gc.freeze()
 
-    def prepare_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> ChatPrompt:
+    def prepare_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                     tools: ToolPlan | None = None) -> ChatPrompt:
         """Token ids and processed images of a conversation; image parts are
-        {"type": "image", "image": DecodedImage} (see hayate.multimodal.media)."""
+        {"type": "image", "image": DecodedImage} (see hayate.multimodal.media). Messages may
+        hold tool calls and results in OpenAI's shape."""
+        messages, template_tools = tool_conversation(messages, self.tool_setup, tools)
         return encode_chat(messages, self.chat_template, self.tokenizer, self.processor,
-                           add_generation_prompt=add_generation_prompt)
+                           add_generation_prompt=add_generation_prompt, tools=template_tools)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.prepare_chat(messages, add_generation_prompt).token_ids
@@ -77,18 +83,36 @@ class LLM:
         request_id = self._submit(prompt, params, images)
         yield from self._drain(request_id)
 
-    def generate(self, prompts: Prompt | Seq[Prompt],
-                 params: SamplingParams | None = None) -> GenerationResult | list[GenerationResult]:
-        """Complete one prompt or a list of prompts (run together, batched)."""
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
+                 ) -> GenerationResult | list[GenerationResult]:
+        """Complete one prompt or a list of prompts (run together, batched); `params` may be a
+        list with one SamplingParams per prompt. Constrain an output with
+        SamplingParams(grammar=...) (hayate.structured: json_schema, regex, choice, grammar)."""
         single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
-        ids = [self._submit(prompt, params) for prompt in batch]
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(batch)
+        if len(per_prompt) != len(batch):
+            raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(batch)} prompts")
+        ids = [self._submit(prompt, prompt_params) for prompt, prompt_params in zip(batch, per_prompt)]
         results = self._collect(ids)
         return results[0] if single else results
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> GenerationResult:
-        prompt = self.prepare_chat(messages)
-        return self._collect([self._submit(prompt.token_ids, params, prompt.images)])[0]
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, tools: list[dict] | None = None,
+             tool_choice: str | dict | None = None, parallel_tool_calls: bool = True) -> GenerationResult:
+        """One answer. With `tools` (OpenAI's shape) and `tool_choice` (none, auto, required, or
+        {"type": "function", "function": {"name": ...}}) the calls are enforced by a grammar and
+        parsed: `tool_calls` holds them and finish_reason is "tool_calls"."""
+        plan = self.tool_plan(tools, tool_choice, parallel_tool_calls)
+        prompt = self.prepare_chat(messages, tools=plan)
+        params = plan.apply(params or SamplingParams()) if plan is not None else params
+        result = self._collect([self._submit(prompt.token_ids, params, prompt.images)])[0]
+        parsed = plan.calls_in(result.text, result.finish_reason) if plan is not None else None
+        return replace(result, tool_calls=parsed.calls, finish_reason="tool_calls") if parsed else result
+
+    def tool_plan(self, tools: list[dict] | None, tool_choice: str | dict | None = None,
+                  parallel_tool_calls: bool = True) -> ToolPlan | None:
+        """What tools and tool_choice make of a chat request (None without tools); ValueError if bad."""
+        return tool_plan(self.tool_setup, tools, tool_choice, parallel_tool_calls)
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         prompt = self.prepare_chat(messages)   # errors raise here, before any iteration

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from hayate.structured.spec import GrammarSpec
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024        # per stop string: the matcher holds back up to this much text
 MAX_LOGPROBS = 20
@@ -53,6 +55,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None       # chosen token's logprob plus this many top alternatives
     logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: GrammarSpec | None = None   # constrained decoding: the output must match it
 
     def __post_init__(self) -> None:
         self._check_lengths()
@@ -61,6 +64,8 @@ class SamplingParams:
         self.stop = self._normalised_stop(self.stop)
         self.stop_token_ids = self._normalised_stop_token_ids(self.stop_token_ids)
         self.logit_bias = self._normalised_logit_bias(self.logit_bias)
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise ValueError(f"grammar must be a GrammarSpec or None, got {self.grammar!r}")
 
     @property
     def greedy(self) -> bool:

@@ -73,8 +73,8 @@ CHAT_ERRORS = [
     (chat_body(top_logprobs=2), 400, "top_logprobs"),
     (chat_body(logit_bias={"99999": 1}), 400, "logit_bias"),
     (chat_body(logit_bias={"5": 1000}), 400, "logit_bias"),
-    (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
-    (chat_body(response_format={"type": "json_object"}), 400, "response_format"),
+    (chat_body(tools=[{"type": "function", "function": {"name": "bad name"}}]), 400, "tools[0].function.name"),
+    (chat_body(response_format={"type": "xml"}), 400, "response_format"),
     (chat_body(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), 400, "messages[0].content[0]"),
     (chat_body(model="gpt-4o"), 404, "model"),

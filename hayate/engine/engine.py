@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import psutil
@@ -20,6 +21,9 @@ from hayate.loading.loader import LoadedModel
 from hayate.loading.tokenizer import IncrementalDetokenizer
 from hayate.multimodal.features import PromptImages
 from hayate.sampling import SamplingParams, StopStringMatcher
+from hayate.structured.backend import LLGuidanceBackend, advance
+from hayate.structured.masks import GrammarMasks
+from hayate.structured.spec import GrammarError, GrammarSpec
 
 log = logging.getLogger("hayate.engine")
 
@@ -30,6 +34,11 @@ class Engine:
         self.max_model_len = loaded.max_model_len
         kv_dtype = kv_cache_dtype(config.kv_cache_dtype, next(loaded.model.parameters()).dtype)
         blocks = BlockManager(_kv_cache_blocks(config, loaded, kv_dtype), config.block_size, config.prefix_caching)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
+        self.vocab_size, self.max_num_seqs = loaded.config.vocab_size, config.max_num_seqs
+        self._grammars: LLGuidanceBackend | None | bool = False   # False: not built yet
+        self._grammar_lock = threading.Lock()
+        self.fast_forward = config.grammar_fast_forward
         self.runner = ModelRunner(loaded.model, loaded.config, blocks.num_blocks, config.block_size,
                                   encoder_cache_bytes=config.encoder_cache_mb * 1024 * 1024,
                                   planned_decode=config.planned_decode, kv_dtype=kv_dtype,
@@ -41,7 +50,17 @@ class Engine:
                                    step_tokens=plan.max_batch if plan is not None else 0,
                                    planned_prefix=plan.max_tokens if plan is not None else 0)
         self.sequences: dict[str, Sequence] = {}
-        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
+
+    @property
+    def grammars(self) -> LLGuidanceBackend | None:
+        """The grammar backend, built by the first constrained request (about a second on a
+        150k vocabulary, which no load pays); None when llguidance cannot read the tokenizer."""
+        with self._grammar_lock:
+            if self._grammars is False:
+                self._grammars = _grammar_backend(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                if self._grammars is not None:
+                    self.runner.masks = GrammarMasks(self._grammars, self.max_num_seqs)
+            return self._grammars
 
     @property
     def accepts_images(self) -> bool:
@@ -70,7 +89,17 @@ class Engine:
         if max(prompt_token_ids) >= self.runner.model.config.vocab_size or min(prompt_token_ids) < 0:
             raise ValueError("the prompt contains token ids outside the vocabulary")
         params.check_vocab(self.runner.model.config.vocab_size)
+        if params.grammar is not None:
+            self.compile_grammar(params.grammar)
         return request_images
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile (or find in the cache) a request's grammar; GrammarError (a ValueError) if it
+        cannot be used. Safe from any thread: a server calls it before admitting the request."""
+        grammars = self.grammars
+        if grammars is None:
+            raise GrammarError("structured output is not available: llguidance could not read this model's tokenizer")
+        grammars.compile(spec)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     images: PromptImages | None = None) -> None:
@@ -79,10 +108,12 @@ class Engine:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         request_images = self._checked(prompt_token_ids, params, images)
+        sampling = SamplingState.create(params, list(prompt_token_ids), device=self.runner.device)
+        sampling.constraint = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         sequence = Sequence(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
-            sampling=SamplingState.create(params, list(prompt_token_ids), device=self.runner.device),
+            sampling=sampling,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
             stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
             timings=RequestTimings(arrival=time.perf_counter(),
@@ -183,6 +214,12 @@ class Engine:
         sequence.timings.first_token = sequence.timings.first_token or time.perf_counter()
         reason = self._stop_reason(sequence, token_id)
         text = "" if reason == "stop" else sequence.detokenizer.push(token_id)
+        token_ids = [token_id]
+        if reason != "stop" and sequence.sampling.constraint is not None:
+            forced, complete = self._follow_grammar(sequence, token_id)
+            token_ids += forced
+            text += "".join(sequence.detokenizer.push(forced_id) for forced_id in forced)
+            reason = "stop" if complete else reason or self._length_reason(sequence)
         text, hit_stop_string = sequence.stop_matcher.feed(text)
         if hit_stop_string:
             reason = "stop"
@@ -191,7 +228,7 @@ class Engine:
         if reason is not None:
             self._finish(sequence, reason)
         return RequestOutput(
-            request_id=sequence.request_id, text=text, token_ids=[token_id],
+            request_id=sequence.request_id, text=text, token_ids=token_ids,
             finished=reason is not None, finish_reason=reason,
             num_prompt_tokens=len(sequence.prompt_token_ids),
             num_output_tokens=len(sequence.output_token_ids),
@@ -202,9 +239,24 @@ class Engine:
         params = sequence.sampling.params
         if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
             return "stop"
-        if len(sequence.output_token_ids) >= params.max_tokens or sequence.num_tokens >= self.max_model_len:
+        return self._length_reason(sequence)
+
+    def _length_reason(self, sequence: Sequence) -> str | None:
+        if (len(sequence.output_token_ids) >= sequence.sampling.params.max_tokens
+                or sequence.num_tokens >= self.max_model_len):
             return "length"
         return None
+
+    def _follow_grammar(self, sequence: Sequence, token_id: int) -> tuple[list[int], bool]:
+        """Advance a constrained request's grammar past its sampled token and append the tokens
+        it forces next (fast-forward: they run as one prompt chunk in the next step). Not with
+        logprobs: forced tokens were never sampled, so they would have none."""
+        params = sequence.sampling.params
+        room = min(params.max_tokens - len(sequence.output_token_ids), self.max_model_len - sequence.num_tokens)
+        forced, complete = advance(sequence.sampling.constraint, token_id, room,
+                                   self.fast_forward and params.logprobs is None)
+        sequence.output_token_ids.extend(forced)
+        return forced, complete
 
     def _finish(self, sequence: Sequence, reason: str) -> None:
         sequence.status, sequence.finish_reason = RequestStatus.FINISHED, reason
@@ -212,6 +264,16 @@ class Engine:
         sequence.images = None   # the embeddings may be large; the timings keep their record
         self.scheduler.finish(sequence)
         self.sequences.pop(sequence.request_id, None)
+
+
+def _grammar_backend(tokenizer, vocab_size: int, eos_token_ids: frozenset[int]) -> LLGuidanceBackend | None:
+    """The model's grammar backend, or None, with a warning, when llguidance cannot read its
+    tokenizer: constrained requests are then refused."""
+    try:
+        return LLGuidanceBackend.for_tokenizer(tokenizer, vocab_size, eos_token_ids)
+    except Exception as error:
+        log.warning("structured output unavailable: llguidance could not read the tokenizer (%s)", error)
+        return None
 
 
 def _kv_cache_blocks(config: EngineConfig, loaded: LoadedModel, kv_dtype: torch.dtype) -> int:
@@ -235,5 +297,6 @@ def _logprobs(result: SampleResult, row: int, state: SamplingState) -> list[Toke
     top: list[tuple[int, float]] = []
     if result.top_logprobs is not None and wanted > 0:
         values, ids = result.top_logprobs
-        top = [(int(i), float(v)) for i, v in zip(ids[row, :wanted], values[row, :wanted])]
+        top = [(int(i), float(v)) for i, v in zip(ids[row, :wanted], values[row, :wanted])
+               if v != float("-inf")]   # tokens a grammar masked away are no alternatives
     return [TokenLogprob(result.token_ids[row], float(result.logprobs[row]), top)]

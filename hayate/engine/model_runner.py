@@ -17,6 +17,7 @@ from hayate.layers.linear import packed_linears, rearrange_for_vnni
 from hayate.layers.sampler import SampleResult, Sampler
 from hayate.models.config import ModelConfig
 from hayate.multimodal.encoder_cache import EncoderCache
+from hayate.structured.masks import GrammarMasks
 
 
 @contextlib.contextmanager
@@ -50,6 +51,7 @@ class ModelRunner:
                  graphs: bool = True, max_batch: int = 1, max_len: int | None = None):
         """kv_dtype: the KV cache's element type; None = the weights'. graphs: capture decode
         steps of up to max_batch sequences and max_len tokens where the device can (CUDA)."""
+        self.masks: GrammarMasks | None = None   # constrained rows' masks, set by the engine's first grammar
         self.model = model
         weight = next(model.parameters())
         self.device = weight.device
@@ -76,6 +78,9 @@ class ModelRunner:
         sequences = batch.sequences
         # Only sequences whose every token is now cached sample the next one.
         sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
+        states = [sequences[i].request.sampling for i in sampling]
+        # constrained rows' masks are filled on a worker thread while the forward pass runs
+        masks = self.masks.start([state.constraint for state in states]) if self.masks else None
         planned = self._planned(sequences)
         if planned:
             logits = self._planned_logits(sequences, sampling)
@@ -85,7 +90,8 @@ class ModelRunner:
             logits = self._eager_logits(sequences, sampling)
         if not sampling:
             return StepResult()
-        states = [sequences[i].request.sampling for i in sampling]
+        if masks is not None:
+            self.masks.apply(logits, masks)
         with one_thread() if planned and not self.sampler.argmax_only(states) else contextlib.nullcontext():
             try:
                 result = self.sampler(logits, states)

@@ -126,6 +126,36 @@ void store_kv(torch::Tensor values, torch::Tensor out) {
   }
 }
 
+// Constrained decoding: in each listed row of float32 logits [R, V], every token whose bit is
+// clear in that row of the int32 bitmask [>= R, W] (bit t % 32 of word t / 32) becomes -inf, as
+// do tokens past W * 32. One pass over the row; whole words are the common case (a grammar
+// allows few tokens), so a clear word is 32 stores and a full word is skipped.
+void mask_logits_(torch::Tensor logits, torch::Tensor bitmask, std::vector<int64_t> rows) {
+  TORCH_CHECK(logits.dtype() == torch::kFloat32 && logits.dim() == 2 && logits.device().is_cpu() &&
+              logits.stride(1) == 1, "mask_logits_ takes 2-D float32 CPU logits, contiguous in a row");
+  TORCH_CHECK(bitmask.dtype() == torch::kInt32 && bitmask.dim() == 2 && bitmask.is_contiguous() &&
+              bitmask.device().is_cpu(), "mask_logits_ takes a contiguous 2-D int32 CPU bitmask");
+  const int64_t V = logits.size(1), W = bitmask.size(1);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t r : rows) {
+    TORCH_CHECK(r >= 0 && r < logits.size(0) && r < bitmask.size(0), "mask_logits_: row ", r, " out of range");
+    float* x = logits.data_ptr<float>() + r * logits.stride(0);
+    const uint32_t* bits = reinterpret_cast<const uint32_t*>(bitmask.data_ptr<int32_t>()) + r * W;
+    for (int64_t w = 0; w * 32 < V; ++w) {
+      const uint32_t word = w < W ? bits[w] : 0u;
+      const int64_t n = std::min<int64_t>(32, V - w * 32);
+      float* chunk = x + w * 32;
+      if (word == 0xFFFFFFFFu && n == 32) continue;
+      if (word == 0u) {
+        for (int64_t b = 0; b < n; ++b) chunk[b] = ninf;
+        continue;
+      }
+      for (int64_t b = 0; b < n; ++b)
+        if (!((word >> b) & 1u)) chunk[b] = ninf;
+    }
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs, so a server's event loop keeps going meanwhile.
   m.def("gemv", &gemv, "GGUF-block matrix-vector product with fp32 activations",
@@ -135,6 +165,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of a few float32 rows", py::call_guard<py::gil_scoped_release>());
   m.def("rope_", &rope_, "rotary embedding in place (half-split)", py::call_guard<py::gil_scoped_release>());
   m.def("argmax_rows", &argmax_rows, "each row's argmax (the first; NaN counts as greatest)");
+  m.def("mask_logits_", &mask_logits_, "grammar bitmask rows applied to logits in place (disallowed -> -inf)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("store_kv", &store_kv, "float32 values into a KV-cache-typed tensor, as the planned step stores them");
   register_decode_plan(m);
 }

@@ -4,7 +4,9 @@ Each row is sampled with its own torch.Generator (exponential race: argmax(probs
 q ~ Exp(1) from that row's generator), so a seeded request gives the same tokens whatever
 else shares the batch. Reported logprobs are the log-softmax of the raw model logits,
 before bias, penalties and temperature (vLLM's default); top alternatives come from the
-same distribution.
+same distribution. A constrained row's logits arrive here already masked by its grammar
+(disallowed tokens -inf, structured/masks.py), so its logprobs are those of the masked
+distribution: renormalised over the tokens the grammar allows.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class SamplingState:
     generator: torch.Generator
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
+    constraint: object | None = None   # a structured.GrammarMatcher: the runner masks this row's logits
     _prompt_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @classmethod

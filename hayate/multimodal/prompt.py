@@ -44,9 +44,10 @@ def message_images(messages: list[dict]) -> list[DecodedImage]:
 
 def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer,
                 processor: ImageProcessor | None, add_generation_prompt: bool = True,
-                max_chars: int | None = None) -> ChatPrompt:
+                max_chars: int | None = None, tools: list[dict] | None = None) -> ChatPrompt:
     """Raises MediaError (an image the model cannot take), ChatTemplateError, and PromptTooLong
-    when the messages' text, or the rendered prompt, is longer than max_chars."""
+    when the messages' text, or the rendered prompt, is longer than max_chars. `tools` (OpenAI's
+    shape) go to the template as transformers passes them."""
     check_prompt_chars(sum(map(_text_chars, messages)), max_chars)
     images = message_images(messages)
     if images and processor is None:
@@ -54,7 +55,7 @@ def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokeniz
     begin = time.perf_counter()
     features = [processor.process(image.image, image.content_hash) for image in images]
     conversation = [_template_message(message, vision=processor is not None) for message in messages]
-    text = template.render(conversation, add_generation_prompt=add_generation_prompt)
+    text = template.render(conversation, add_generation_prompt=add_generation_prompt, tools=tools)
     check_prompt_chars(len(text), max_chars)
     if processor is not None:
         text = _expand(processor, text, features)

@@ -18,11 +18,14 @@ from hayate.server.errors import ERROR_RESPONSES, APIError
 from hayate.server.generation import ChoiceRun, ChoiceState, choice_specs
 from hayate.server.logprobs import chat_logprobs
 from hayate.server.protocol import ChatCompletionRequest, ChatMessage, ContentPart
-from hayate.server.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+from hayate.server.responses import (ChatChoice, ChatChunkChoice, ChatCompletion,
                                      ChatCompletionChunk, ChatDelta, ResponseMeta, TextChunks, XGroq,
                                      json_response)
 from hayate.server.state import ServedModel, ServerSettings, ServerState, server_state
 from hayate.server.streaming import respond
+from hayate.server.structured import check_grammar
+from hayate.server.tools import ToolDeltas, answer, check_tools
+from hayate.tools import ToolPlan, tool_conversation
 
 router = APIRouter(tags=["chat"])
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
@@ -34,14 +37,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  state: ServerState = Depends(server_state)) -> Response:
     model = state.require_model(body.model)
     check_chat_request(body, state.settings)
-    prompt = await asyncio.to_thread(encode_messages, model, body.messages, state.settings.media)
+    await check_grammar(body, model)
+    tools = await check_tools(body, model)
+    prompt = await asyncio.to_thread(encode_messages, model, body.messages, state.settings.media, tools)
     prompt_ids = prompt.token_ids
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    specs = choice_specs(body, model, [prompt_ids], logprobs, prompt_param="messages", images=prompt.images)
+    specs = choice_specs(body, model, [prompt_ids], logprobs, prompt_param="messages", images=prompt.images,
+                         adjust=tools.apply if tools is not None else None)
     meta = ResponseMeta.new("chatcmpl", model.name)
     run = ChoiceRun(model, state.metrics, meta.id, specs)
-    return await respond(request, run, body.stream, lambda: chat_chunks(run, meta, body, model),
-                         lambda: json_response(chat_completion(run, meta, body, model, prompt_ids)))
+    return await respond(request, run, body.stream, lambda: chat_chunks(run, meta, body, model, tools),
+                         lambda: json_response(chat_completion(run, meta, body, model, prompt_ids, tools)))
 
 
 def check_chat_request(body: ChatCompletionRequest, settings: ServerSettings) -> None:
@@ -50,23 +56,20 @@ def check_chat_request(body: ChatCompletionRequest, settings: ServerSettings) ->
         raise APIError(400, f"n must be at most {settings.max_n}, got {body.n}", param="n")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-    if body.tools or body.functions:
-        raise APIError(400, "tools are not supported yet", param="tools")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice is not supported yet", param="tool_choice")
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise APIError(400, "response_format other than text is not supported yet", param="response_format")
 
 
-def encode_messages(model: ServedModel, messages: list[ChatMessage], media: MediaPolicy) -> ChatPrompt:
+def encode_messages(model: ServedModel, messages: list[ChatMessage], media: MediaPolicy,
+                    tools: ToolPlan | None = None) -> ChatPrompt:
     """Prompt token ids for the conversation, ending with the assistant's turn, and its images
     (fetched and decoded here, within the media policy's limits)."""
     _check_image_parts(model, messages, media.limits)
     conversation = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": _message_content(m, index, media)} for index, m in enumerate(messages)]
+                     "content": _message_content(m, index, media), **_tool_fields(m)}
+                    for index, m in enumerate(messages)]
+    conversation, template_tools = tool_conversation(conversation, model.tool_setup, tools)
     try:
         return encode_chat(conversation, model.chat_template, model.tokenizer, model.processor,
-                           max_chars=model.max_prompt_chars)
+                           max_chars=model.max_prompt_chars, tools=template_tools)
     except PromptTooLong as error:
         raise APIError(400, str(error), param="messages", code="context_length_exceeded") from None
     except ChatTemplateError as error:
@@ -89,13 +92,19 @@ def _check_image_parts(model: ServedModel, messages: list[ChatMessage], limits: 
         raise APIError(error.status, str(error), param="messages", code="too_many_images") from None
 
 
+def _tool_fields(message: ChatMessage) -> dict:
+    """An assistant's calls and a tool result's call id, as chat templates read them."""
+    fields = {"tool_calls": [call.model_dump() for call in message.tool_calls]} if message.tool_calls else {}
+    if message.role == "tool":
+        fields.update(tool_call_id=message.tool_call_id, name=message.name)
+    return fields
+
+
 def _message_content(message: ChatMessage, index: int, media: MediaPolicy) -> str | list[dict]:
-    if message.tool_calls:
-        raise APIError(400, "tool calls are not supported yet", param=f"messages[{index}].tool_calls")
     if isinstance(message.content, str):
         return message.content
     if message.content is None:
-        if message.role == "assistant":
+        if message.role in ("assistant", "tool"):
             return ""
         raise APIError(400, f"a {message.role} message needs content", param=f"messages[{index}].content")
     return [_part(part, f"messages[{index}].content[{part_index}]", media)
@@ -125,18 +134,18 @@ def image_part_url(part: ContentPart) -> str | None:
 
 
 def chat_completion(run: ChoiceRun, meta: ResponseMeta, body: ChatCompletionRequest,
-                    model: ServedModel, prompt_ids: list[int]) -> ChatCompletion:
-    choices = [ChatChoice(index=choice.spec.index, message=AssistantMessage(content="".join(choice.text)),
+                    model: ServedModel, prompt_ids: list[int], tools: ToolPlan | None = None) -> ChatCompletion:
+    choices = [ChatChoice(index=choice.spec.index, message=message, finish_reason=finish_reason,
                           logprobs=chat_logprobs(model.tokenizer, choice.logprobs) if body.logprobs else None,
-                          finish_reason=choice.finish_reason,
                           token_ids=choice.token_ids if body.return_token_ids else None)
-               for choice in run.choices]
+               for choice in run.choices
+               for message, finish_reason in [answer("".join(choice.text), choice.finish_reason, tools)]]
     return ChatCompletion(**meta.fields(), choices=choices, usage=run.usage(), x_groq=XGroq(id=meta.id),
                           prompt_token_ids=prompt_ids if body.return_token_ids else None)
 
 
-async def chat_chunks(run: ChoiceRun, meta: ResponseMeta, body: ChatCompletionRequest,
-                      model: ServedModel) -> AsyncIterator[ChatCompletionChunk | str]:
+async def chat_chunks(run: ChoiceRun, meta: ResponseMeta, body: ChatCompletionRequest, model: ServedModel,
+                      tools: ToolPlan | None = None) -> AsyncIterator[ChatCompletionChunk | str]:
     """A role chunk per choice, content chunks as tokens come, a finish chunk per choice, and
     (with include_usage) a usage chunk; usage also rides on the last chunk under x_groq.
     Content chunks without logprobs or token ids come as JSON written from a template."""
@@ -146,21 +155,36 @@ async def chat_chunks(run: ChoiceRun, meta: ResponseMeta, body: ChatCompletionRe
     text_only = not (body.logprobs or body.return_token_ids)
     text_chunk = TextChunks(lambda index, text: ChatCompletionChunk(
         **meta.fields(), choices=[ChatChunkChoice(index=index, delta=ChatDelta(content=text))]))
+    calls = {c.spec.index: ToolDeltas(tools) for c in run.choices} if tools is not None and tools.syntax else {}
     async with aclosing(run.events()) as events:
         async for choice, output in events:
-            if text_only and output.text:
-                yield text_chunk(choice.spec.index, output.text)
+            index, finish_reason = choice.spec.index, output.finish_reason
+            if calls:
+                for position, delta in enumerate(calls[index].feed(output.text)):
+                    extra = _extras(output, body, model) if position == 0 else {}
+                    yield ChatCompletionChunk(**meta.fields(), choices=[ChatChunkChoice(index=index, delta=delta, **extra)])
+            elif text_only and output.text:
+                yield text_chunk(index, output.text)
             elif output.text or (output.token_ids and not text_only):
                 yield ChatCompletionChunk(**meta.fields(), choices=[_content_choice(choice, output, body, model)])
             if output.finished:
+                if calls:
+                    deltas, finish_reason = calls[index].finish(finish_reason)
+                    for delta in deltas:
+                        yield ChatCompletionChunk(**meta.fields(), choices=[ChatChunkChoice(index=index, delta=delta)])
                 final = run.done and not body.include_usage
                 yield ChatCompletionChunk(
                     **meta.fields(), x_groq=XGroq(id=meta.id, usage=run.usage()) if final else None,
-                    choices=[ChatChunkChoice(index=choice.spec.index, delta=ChatDelta(),
-                                             finish_reason=output.finish_reason)])
+                    choices=[ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=finish_reason)])
     if body.include_usage:
         usage = run.usage()
         yield ChatCompletionChunk(**meta.fields(), choices=[], usage=usage, x_groq=XGroq(id=meta.id, usage=usage))
+
+
+def _extras(output: RequestOutput, body: ChatCompletionRequest, model: ServedModel) -> dict:
+    """A chunk's logprobs and token ids, when asked for (tool_calls chunks carry them too)."""
+    return {"logprobs": chat_logprobs(model.tokenizer, output.logprobs) if body.logprobs else None,
+            "token_ids": output.token_ids if body.return_token_ids else None}
 
 
 def _content_choice(choice: ChoiceState, output: RequestOutput, body: ChatCompletionRequest,

@@ -17,6 +17,7 @@ from hayate.server.protocol import CompletionRequest
 from hayate.server.responses import Completion, CompletionChoice, ResponseMeta, TextChunks, XGroq, json_response
 from hayate.server.state import ServedModel, ServerSettings, ServerState, server_state
 from hayate.server.streaming import respond
+from hayate.server.structured import check_grammar
 
 router = APIRouter(tags=["completions"])
 MAX_PROMPTS = 64   # prompts in one request (each gets n choices)
@@ -28,6 +29,7 @@ async def create_completion(body: CompletionRequest, request: Request,
                             state: ServerState = Depends(server_state)) -> Response:
     model = state.require_model(body.model)
     check_completion_request(body, state.settings)
+    await check_grammar(body, model)
     prompts = await asyncio.to_thread(encode_prompts, model, body.prompts)
     specs = choice_specs(body, model, prompts, body.logprobs, prompt_param="prompt")
     meta = ResponseMeta.new("cmpl", model.name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from hayate.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from hayate.engine.request import ImageTimings, RequestFailedError, RequestOutput, TokenLogprob
@@ -27,13 +27,16 @@ class ChoiceSpec:
 
 
 def choice_specs(body: SamplingFields, model: ServedModel, prompts: list[list[int]],
-                 logprobs: int | None, prompt_param: str, images: PromptImages | None = None) -> list[ChoiceSpec]:
-    """n choices per prompt, each checked against the context and the engine; 400 if not."""
+                 logprobs: int | None, prompt_param: str, images: PromptImages | None = None,
+                 adjust: Callable[[SamplingParams], SamplingParams] | None = None) -> list[ChoiceSpec]:
+    """n choices per prompt, each checked against the context and the engine; 400 if not.
+    `adjust` changes each choice's parameters (tools: their grammar) before the check."""
     specs = []
     for prompt_index, prompt_ids in enumerate(prompts):
         max_tokens = _max_tokens(body.requested_max_tokens, len(prompt_ids), model.max_model_len, prompt_param)
         for choice in range(body.n):
             params = _params(body, max_tokens, logprobs, choice)
+            params = adjust(params) if adjust is not None else params
             try:
                 model.engine.validate(prompt_ids, params, images)
             except ValueError as error:

@@ -10,9 +10,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hayate.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
+from hayate.structured import GrammarError, GrammarSpec
+from hayate.structured.requests import from_guided, from_response_format, from_structured_outputs
 
 MAX_MESSAGES = 2048        # OpenAI's limit on one conversation
 MAX_CONTENT_PARTS = 1024   # parts in one message's content
+MAX_TOOLS = 128            # GroqCloud's limit on one request's tools
 
 
 class StrictModel(BaseModel):
@@ -59,6 +62,15 @@ class SamplingFields(StrictModel):
     repetition_penalty: float | None = Field(None, description="hayate: HF-style, over prompt and output")
     ignore_eos: bool = Field(False, description="hayate: keep going past end-of-sequence tokens")
     return_token_ids: bool = Field(False, description="hayate: add prompt and choice token ids")
+    # structured output (enforced by the grammar engine): OpenAI's field, vLLM's, vLLM's older ones
+    response_format: dict | None = Field(None, description='{"type": "text" | "json_object" | "json_schema", '
+                                                           '"json_schema": {"name", "schema", "strict"}}')
+    structured_outputs: dict | None = Field(None, description="vLLM: exactly one of json, regex, choice, "
+                                                              "grammar (Lark or GBNF), json_object")
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -89,7 +101,29 @@ class SamplingFields(StrictModel):
             frequency_penalty=_or(self.frequency_penalty, 0.0),
             seed=None if self.seed is None else self.seed + index,
             stop=_or(self.stop, []), ignore_eos=self.ignore_eos,
-            logit_bias=_or(self.logit_bias, {}))
+            logit_bias=_or(self.logit_bias, {}), grammar=self.grammar())
+
+    def grammar_field(self) -> str | None:
+        """The one field that asks for structured output, if any; GrammarError if several do."""
+        guided = [name for name in GUIDED_FIELDS if getattr(self, name) is not None]
+        fields = [name for name, given in (("response_format", from_response_format(self.response_format)),
+                                           ("structured_outputs", self.structured_outputs)) if given is not None]
+        fields += guided[:1]
+        if len(fields) > 1:
+            raise GrammarError(f"{fields[1]} cannot be combined with {fields[0]}")
+        return fields[0] if fields else None
+
+    def grammar(self) -> GrammarSpec | None:
+        """The output's grammar from the request's fields; GrammarError (naming the field) if bad."""
+        name = self.grammar_field()
+        if name == "response_format":
+            return from_response_format(self.response_format)
+        if name == "structured_outputs":
+            return from_structured_outputs(self.structured_outputs)
+        return from_guided({field: getattr(self, field) for field in GUIDED_FIELDS})
+
+
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -103,11 +137,44 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionDefinition(StrictModel):
+    name: str
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON schema of an object; default: no arguments")
+    strict: bool | None = None
+
+
+class ToolParam(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class CalledFunction(StrictModel):
+    name: str
+    arguments: str | dict = Field(description="a JSON object's text, as OpenAI sends it (an object also works)")
+
+
+class MessageToolCall(StrictModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = Field(None, description="in a tool message: the call it answers")
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -121,11 +188,21 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="preferred over max_tokens")
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # Declared so they can be refused clearly rather than silently ignored.
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = Field(True, description="false: at most one call per answer")
+    # Declared so it can be refused clearly rather than silently ignored.
     functions: list[dict] | None = None
-    response_format: dict | None = None
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools(cls, value: Any) -> Any:
+        return _at_most(value, MAX_TOOLS, "tools")
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _tool_choice(cls, value: Any, handler) -> Any:
+        return _either(value, handler, 'none, auto, required or {"type": "function", "function": {"name": ...}}')
 
     @field_validator("messages", mode="before")
     @classmethod

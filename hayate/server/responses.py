@@ -109,9 +109,21 @@ class ChatLogprobs(BaseModel):
     refusal: None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments object's JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="null when the answer is only tool calls")
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_is_none)
 
 
 class ChatChoice(BaseModel):
@@ -134,9 +146,23 @@ class ChatCompletion(BaseModel):
     x_groq: XGroq
 
 
+class ChunkFunction(BaseModel):
+    name: str | None = Field(None, exclude_if=_is_none)
+    arguments: str
+
+
+class ChunkToolCall(BaseModel):
+    """A call's first delta has id, type and name (arguments ""); later ones argument text only."""
+    index: int
+    id: str | None = Field(None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_is_none)
+    function: ChunkFunction
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
     content: str | None = Field(None, exclude_if=_is_none)
+    tool_calls: list[ChunkToolCall] | None = Field(None, exclude_if=_is_none)
 
 
 class ChatChunkChoice(BaseModel):

@@ -14,6 +14,7 @@ from hayate.multimodal.media import MediaPolicy
 from hayate.multimodal.processor import ImageProcessor
 from hayate.server.errors import RETRY_AFTER_S, SERVER_ERROR, APIError
 from hayate.server.metrics import ServerMetrics
+from hayate.tools.formats import ToolSetup, tool_setup
 
 MiB = 1024 * 1024
 
@@ -41,24 +42,27 @@ class ServedModel:
     engine: AsyncEngine
     chat_template: ChatTemplate
     processor: ImageProcessor | None = None     # set for vision models
+    tool_setup: ToolSetup | None = None         # None: the format the chat template uses
     created: int = field(default_factory=lambda: int(time.time()))
     max_prompt_chars: int = field(init=False)   # longer prompt text cannot fit the context
 
     def __post_init__(self) -> None:
         self.max_prompt_chars = prompt_char_limit(self.engine.tokenizer, self.engine.max_model_len)
+        if self.tool_setup is None:
+            self.tool_setup = tool_setup("auto", self.chat_template.source, self.engine.tokenizer)
 
     @classmethod
     def load(cls, build_llm, max_queue: int) -> "ServedModel":
         """Load a hayate.llm.LLM with build_llm() on the engine's own thread, then serve it."""
         llm, engine = AsyncEngine.start_with(build_llm, lambda llm: llm.engine, max_queue=max_queue)
-        return cls(model_name(llm.model_path), engine, llm.chat_template, llm.processor)
+        return cls(model_name(llm.model_path), engine, llm.chat_template, llm.processor, llm.tool_setup)
 
     @classmethod
     def from_llm(cls, llm, max_queue: int) -> "ServedModel":
         """Serve a loaded hayate.llm.LLM: start an AsyncEngine loop around its engine."""
         engine = AsyncEngine(llm.engine, max_queue=max_queue)
         engine.start()
-        return cls(model_name(llm.model_path), engine, llm.chat_template, llm.processor)
+        return cls(model_name(llm.model_path), engine, llm.chat_template, llm.processor, llm.tool_setup)
 
     @property
     def tokenizer(self):

@@ -1,0 +1,7 @@
+"""Constrained decoding: grammars (JSON schema, regex, choice, Lark) compiled by llguidance.
+
+The engine sees only "a mask per row" and "forced tokens"; the server and the Python API
+build a GrammarSpec (requests.py) and put it on SamplingParams.grammar."""
+from hayate.structured.spec import GRAMMAR_KINDS, GrammarError, GrammarSpec
+
+__all__ = ["GRAMMAR_KINDS", "GrammarError", "GrammarSpec"]

@@ -1,0 +1,78 @@
+"""One step's grammar masks: filled for the constrained rows on a worker thread while the
+forward pass runs (llguidance releases the GIL, and so does the planned step), then applied
+to those rows' logits before sampling. Unconstrained rows are never touched, and a step
+without constrained rows costs one list comprehension.
+
+Applying is one pass over a row in the native kernels (`mask_logits_`); elsewhere (CUDA, no
+compiler) one vectorised PyTorch unpack of the batch's int32 bitmask."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hayate.kernels import native_kernels
+from hayate.structured.backend import GrammarBackend, GrammarMatcher
+
+FILL_TIMES_KEPT = 4096
+
+
+@dataclass
+class PendingMasks:
+    """Masks being filled for `rows` (indices into the step's sampling rows)."""
+    future: Future
+    rows: list[int]
+
+
+class GrammarMasks:
+    def __init__(self, backend: GrammarBackend, max_rows: int = 1):
+        self.backend = backend
+        self.words = (backend.vocab_size + 31) // 32
+        self.bitmask = np.zeros((max(max_rows, 1), self.words), dtype=np.int32)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="hayate-grammar")
+        self.fill_times: deque[float] = deque(maxlen=FILL_TIMES_KEPT)   # seconds per step's fill
+
+    def start(self, constraints: list[GrammarMatcher | None]) -> PendingMasks | None:
+        """Begin filling the masks of the rows that have a constraint; None if no row has."""
+        rows = [(constraint, row) for row, constraint in enumerate(constraints) if constraint is not None]
+        if not rows:
+            return None
+        if len(constraints) > self.bitmask.shape[0]:   # grows once, to the largest batch seen
+            self.bitmask = np.zeros((len(constraints), self.words), dtype=np.int32)
+        return PendingMasks(self.pool.submit(self._fill, rows, self.bitmask), [row for _, row in rows])
+
+    def apply(self, logits: torch.Tensor, pending: PendingMasks) -> None:
+        """Wait for the masks, then set each constrained row's disallowed logits to -inf."""
+        pending.future.result()
+        bitmask = torch.from_numpy(self.bitmask)
+        kernels = native_kernels() if _native_ok(logits) else None
+        if kernels is not None:
+            kernels.mask_logits_(logits, bitmask, pending.rows)
+        else:
+            apply_bitmask_torch(logits, bitmask, pending.rows)
+
+    def _fill(self, rows: list[tuple[GrammarMatcher, int]], bitmask: np.ndarray) -> None:
+        began = time.perf_counter()
+        self.backend.fill_masks(rows, bitmask)
+        self.fill_times.append(time.perf_counter() - began)
+
+
+def apply_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """mask_logits_'s slow twin: unpack the rows' bits in one op, then one masked_fill."""
+    vocab = logits.shape[1]
+    index = torch.tensor(rows, device=logits.device)
+    words = bitmask[rows].to(logits.device)                                # [rows, W] int32
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)      # [rows, W * 32]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    logits[index] = logits[index].masked_fill(~allowed[:, :vocab], float("-inf"))
+
+
+def _native_ok(logits: torch.Tensor) -> bool:
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.stride(1) == 1)
