@@ -24,6 +24,7 @@ class ToolFormat:
     tokens: tuple[str, ...] = ()  # literals that are single special tokens in this family's vocabularies
     at_start: bool = False        # calls can only open the answer (no text before them)
     native: bool = True           # the family's templates render `tools` themselves
+    trailing: str = ""            # what models write after the suffix before they stop (optional)
 
     @property
     def trigger(self) -> str:
@@ -39,7 +40,7 @@ class ToolFormat:
 
 HERMES = ToolFormat(
     "hermes", markers=("<tool_call>",), prefix="<tool_call>\n",
-    separator="\n</tool_call>\n<tool_call>\n", suffix="\n</tool_call>",
+    separator="\n</tool_call>\n<tool_call>\n", suffix="\n</tool_call>", trailing="\n",
     tokens=("<tool_call>", "</tool_call>"))
 LLAMA3_JSON = ToolFormat(
     "llama3_json", markers=("<|python_tag|>", '"parameters": dictionary of argument name'),

@@ -74,6 +74,8 @@ def tool_grammar(tool_format: ToolFormat, tools: list[tuple[str, dict, bool]], m
     rules.insert(0, "call: " + " | ".join(f"call_{i}" for i in range(len(tools))))
     more = f" ({lit(tool_format.separator)} call)*" if parallel and tool_format.separator else ""
     body = f"call{more} {lit(tool_format.suffix)}" if tool_format.suffix else f"call{more}"
+    if tool_format.trailing:   # optional: a model that stops right after the suffix may
+        body += f" ({lit(tool_format.trailing)})?"
     if mode == "required":
         start = [f"start: {lit(tool_format.prefix)} {body}" if tool_format.prefix else f"start: {body}"]
     else:

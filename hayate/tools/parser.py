@@ -17,6 +17,8 @@ JSON_DECODER = json.JSONDecoder()
 NO_MATCH, PARTIAL = -1, -2
 MAX_CALLS = 128      # calls in one answer; any text after them is content
 MAX_MEMBERS = 8      # keys in one call object (name, arguments, and a few a model may add)
+FENCE = "```"
+FENCE_OPENER = ("```json",)
 
 
 @dataclass
@@ -56,17 +58,26 @@ class CallSyntax:
     suffix: tuple[str, ...]
     arguments_keys: tuple[str, ...]
     at_start: bool            # calls open the answer or not at all
+    names: frozenset[str] | None = None   # the only names a call may have (None: any)
+    fallback: "CallSyntax | None" = None  # another way calls may open the answer
 
     @classmethod
-    def of(cls, tool_format: ToolFormat, hidden_tokens: frozenset[str] = frozenset()) -> "CallSyntax":
+    def of(cls, tool_format: ToolFormat, hidden_tokens: frozenset[str] = frozenset(),
+           names: frozenset[str] | None = None) -> "CallSyntax":
+        """With `names` (the request's tools), a format whose calls may follow text also
+        takes calls that open the answer as a fenced JSON block (```json ... ```) or one bare
+        JSON object, as small models often write them instead of the format's tags. No
+        grammar shapes those, so only calls to the named tools, name first, count."""
         def visible(text: str) -> tuple[str, ...]:
             for token in hidden_tokens:
                 text = text.replace(token, " ")
             return tuple(text.split())
         at_start = tool_format.at_start or tool_format.trigger in hidden_tokens
         keys = tuple(dict.fromkeys((tool_format.arguments_key, "arguments", "parameters")))
+        bare = cls((), (), (), keys, True, names) if names is not None and not at_start else None
+        fenced = cls(FENCE_OPENER, (FENCE, *FENCE_OPENER), (FENCE,), keys, True, names, bare) if bare else None
         return cls(visible(tool_format.prefix), visible(tool_format.separator), visible(tool_format.suffix),
-                   keys, at_start)
+                   keys, at_start, None, fenced)
 
     def opening(self, text: str) -> int:
         """Where the calls open in `text` (the opener's first piece, or the call's brace), or -1."""
@@ -76,17 +87,34 @@ class CallSyntax:
             return start if text.startswith(first, start) else -1
         return text.find(first)
 
+    def allows(self, name: str) -> bool:
+        return self.names is None or name in self.names
+
+    def named_first(self, text: str, pos: int) -> bool:
+        """Calls limited to named tools (a fenced block: JSON no grammar shaped) open with
+        their name; other JSON there is an answer."""
+        return self.names is None or match_loose(text, pos, ("{", '"name"')) >= 0
+
 
 def parse_output(text: str, syntax: CallSyntax) -> ParsedOutput:
     """Split a finished answer into content and calls; text that is not a well-formed call
     stays content."""
+    fallback = syntax.fallback
+    while fallback is not None:   # as the stream reads it: the first way the answer opens
+        if fallback.opening(text) >= 0:
+            return _parse_with(text, fallback)
+        fallback = fallback.fallback
+    return _parse_with(text, syntax)
+
+
+def _parse_with(text: str, syntax: CallSyntax) -> ParsedOutput:
     start = syntax.opening(text)
     pos = match_loose(text, start, syntax.opener) if start >= 0 else NO_MATCH
     calls: list[ToolCall] = []
     rest = pos
     while pos >= 0 and len(calls) < MAX_CALLS:
         parsed = parse_call(text, pos, syntax.arguments_keys)
-        if parsed is None:
+        if parsed is None or not syntax.allows(parsed[0].name) or not syntax.named_first(text, pos):
             break
         calls.append(parsed[0])
         rest = parsed[1]
@@ -94,7 +122,8 @@ def parse_output(text: str, syntax: CallSyntax) -> ParsedOutput:
     if not calls:
         return ParsedOutput(_content(text), [])
     end = match_loose(text, rest, syntax.suffix)
-    return ParsedOutput(_content(text[:start] + text[end if end >= 0 else rest:]), calls)
+    before = "" if syntax.at_start else text[:start]   # at_start: only spaces were before
+    return ParsedOutput(_content(before + text[end if end >= 0 else rest:]), calls)
 
 
 def _content(text: str) -> str | None:

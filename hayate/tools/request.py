@@ -142,7 +142,7 @@ def plan_tools(setup: ToolSetup, tools: list[Tool], choice: ToolChoice, parallel
     offered = [tool for tool in tools if choice.name in (None, tool.name)]
     return ToolPlan(choice, tools, [tool.as_openai() for tool in tools] if setup.native else None,
                     GrammarSpec("lark", grammar_source(setup, offered, choice.mode, parallel)),
-                    CallSyntax.of(setup.format, setup.hidden))
+                    CallSyntax.of(setup.format, setup.hidden, frozenset(tool.name for tool in offered)))
 
 
 def grammar_source(setup: ToolSetup, tools: list[Tool], mode: str, parallel: bool) -> str:

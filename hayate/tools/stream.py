@@ -15,7 +15,7 @@ from hayate.tools.parser import (JSON_DECODER, MAX_CALLS, NO_MATCH, PARTIAL, Cal
 
 HEAD_LIMIT = 1024   # characters of a call read again and again while waiting for its name
 HOLD_LIMIT = 256    # characters held back while a literal (opener, separator) may still match
-SEEK, OPEN, HEAD, ARGS, TAIL, BETWEEN, CONTENT = range(7)
+SEEK, OPEN, HEAD, ARGS, TAIL, BETWEEN, AFTER, CONTENT = range(8)
 
 
 def new_call_id() -> str:
@@ -73,6 +73,7 @@ class ToolCallStream:
 
     def __init__(self, syntax: CallSyntax):
         self.syntax = syntax
+        self.fallback = syntax.fallback   # until the answer's start has passed
         self.state = SEEK
         self.held = ""            # text waiting for a decision (at most about HOLD_LIMIT characters)
         self.segment = ""         # the opener or separator before the current call
@@ -91,7 +92,7 @@ class ToolCallStream:
     def feed(self, text: str) -> StreamDelta:
         self.out = StreamDelta()
         handlers = {SEEK: self._seek, OPEN: self._open, HEAD: self._head, ARGS: self._args,
-                    TAIL: self._tail, BETWEEN: self._between, CONTENT: self._content}
+                    TAIL: self._tail, BETWEEN: self._between, AFTER: self._after, CONTENT: self._content}
         while text:
             text = handlers[self.state](text) or ""
         return self.out
@@ -100,11 +101,13 @@ class ToolCallStream:
         self.out = StreamDelta()
         if self.state == BETWEEN:
             end = match_loose(self.held, 0, self.syntax.suffix)
-            self._content(self.held[end:] if end >= 0 else self.held)
+            rest = self.held[end:] if end >= 0 else self.held
+            self._content("" if end >= 0 and rest.isspace() else rest)   # spaces after the calls: none
         elif self.state == HEAD:
             self._content(self.segment + "".join(self.call_parts))
         elif self.state in (SEEK, OPEN):
             self._content(self.held)
+        # AFTER: only spaces followed the calls; they are no content
         self.held, self.state = "", CONTENT
         return self.out
 
@@ -121,6 +124,15 @@ class ToolCallStream:
 
     def _seek(self, text: str) -> str | None:
         held = self.held + text
+        stripped = held.lstrip()
+        while self.fallback is not None:   # the answer's start: a fallback's opener may come
+            first = self.fallback.opener[0] if self.fallback.opener else "{"
+            if stripped.startswith(first):
+                self.syntax, self.fallback = self.fallback, None
+            elif first.startswith(stripped):
+                return self._hold(held)
+            else:
+                self.fallback = self.fallback.fallback
         start = self.syntax.opening(held)
         if start >= 0:
             self._content("" if self.syntax.at_start else held[:start])   # at_start: only spaces before
@@ -150,8 +162,16 @@ class ToolCallStream:
         closed = match_loose(held, 0, self.syntax.suffix)
         if closed == PARTIAL:
             return self._hold(held)
-        self.held, self.state = "", CONTENT
+        self.held, self.state = "", AFTER if closed >= 0 else CONTENT
         return held[closed:] if closed >= 0 else held
+
+    def _after(self, text: str) -> str | None:
+        """Text after the calls: held while it is only spaces (a newline models end with)."""
+        held = self.held + text
+        if held.isspace():
+            return self._hold(held)
+        self.held, self.state = "", CONTENT
+        return held
 
     def _enter_call(self, held: str, end: int) -> str | None:
         """After an opener or separator that ends at `end`: the call object must follow."""
@@ -175,6 +195,10 @@ class ToolCallStream:
         if self.call_chars <= HEAD_LIMIT:
             head_text = "".join(self.call_parts)
             head = _canonical_head(head_text, self.syntax.arguments_keys)
+            if (head is not None and not self.syntax.allows(head[0])) or not self._named_first(head_text):
+                self._content(self.segment + head_text)   # not a call after all: content
+                self.state = CONTENT
+                return text[done:] if done >= 0 else None
             if head is not None:
                 self._start_call(head[0])
                 self.state, self.scanner = ARGS, _Depth()
@@ -203,7 +227,7 @@ class ToolCallStream:
 
     def _whole_call(self, text: str) -> None:
         parsed = parse_call(text, 0, self.syntax.arguments_keys)
-        if parsed is None:
+        if parsed is None or not self.syntax.allows(parsed[0].name):
             self._content(self.segment + text)
             self.state = CONTENT
             return
@@ -211,6 +235,11 @@ class ToolCallStream:
         self._arguments(parsed[0].arguments)
         self.calls.append(parsed[0])
         self.held, self.state = "", BETWEEN
+
+    def _named_first(self, head_text: str) -> bool:
+        """Whether the head may still open with the call's name where calls must (a fenced
+        block): other JSON is an answer, sent on at once."""
+        return self.syntax.names is None or match_loose(head_text, 0, ("{", '"name"')) != NO_MATCH
 
     def _start_call(self, name: str) -> None:
         self.name, self.arguments, self.started = name, [], True
