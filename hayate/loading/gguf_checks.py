@@ -2,6 +2,7 @@
 or allocated: every failure is one GGUFError naming the key (or tensor) and its bad value."""
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -309,16 +310,16 @@ def check_tokenizer_metadata(metadata: Mapping[str, Any], vocab_size: int | None
     tokens = metadata.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise meta.fail("there is no tokenizer (tokenizer.ggml.tokens is missing)")
-    _check_array(meta, "tokenizer.ggml.tokens", lambda token: isinstance(token, str), "strings")
+    _check_array(meta, "tokenizer.ggml.tokens", lambda token: isinstance(token, str), "strings", types={str})
     if vocab_size is not None and len(tokens) != vocab_size:
         raise meta.fail(f"tokenizer.ggml.tokens has {len(tokens)} tokens, but token_embd.weight has {vocab_size} rows")
     kind = meta.get("tokenizer.ggml.model", required=True)
     if kind not in TOKENIZER_MODELS:
         raise meta.fail(f"tokenizer.ggml.model {describe(kind)} is not supported (hayate reads "
                         f"{' and '.join(TOKENIZER_MODELS)})")
-    _check_array(meta, "tokenizer.ggml.token_type", is_integer, "integers", len(tokens))
-    _check_array(meta, "tokenizer.ggml.scores", is_number, "numbers", len(tokens))
-    _check_array(meta, "tokenizer.ggml.merges", is_merge, 'strings of the form "a b"')
+    _check_array(meta, "tokenizer.ggml.token_type", is_integer, "integers", len(tokens), types={int})
+    _check_array(meta, "tokenizer.ggml.scores", is_number, "numbers", len(tokens), types={int, float})
+    _check_array(meta, "tokenizer.ggml.merges", is_merge, 'strings of the form "a b"', types={str})
     for key in SPECIAL_TOKEN_KEYS:
         token_id = metadata.get(f"tokenizer.ggml.{key}")
         if token_id is not None and not (is_integer(token_id) and 0 <= token_id < len(tokens)):
@@ -329,6 +330,13 @@ def check_tokenizer_metadata(metadata: Mapping[str, Any], vocab_size: int | None
     meta.typed("tokenizer.chat_template", str, "a string")
 
 
+def _plain_merges(merges: list[str]) -> bool:
+    """is_merge() of every one of these strings, at C speed: one space each, at neither end."""
+    space = itertools.repeat(" ")
+    return (set(map(str.count, merges, space)) <= {1} and not any(map(str.startswith, merges, space))
+            and not any(map(str.endswith, merges, space)))
+
+
 def is_merge(merge: Any) -> bool:
     """A BPE merge as GGUF stores it: two non-empty pieces joined by one space."""
     if not isinstance(merge, str):
@@ -337,13 +345,18 @@ def is_merge(merge: Any) -> bool:
     return bool(space and left and right) and " " not in right
 
 
-def _check_array(meta: _Metadata, key: str, valid: Any, what: str, length: int | None = None) -> None:
+def _check_array(meta: _Metadata, key: str, valid: Any, what: str, length: int | None = None,
+                 types: set[type] = frozenset()) -> None:
+    """Every element valid(); `types`: exact element types that are valid as such (and, for
+    merges, pieces checked at C speed), so a 150k-token vocabulary is not checked one by one in
+    Python unless something is wrong (then the first bad element is named)."""
     values = meta.values.get(key)
     if values is None:
         return
     if not isinstance(values, list):
         raise meta.fail(f"{key} must be an array of {what}, got {describe(values)}")
-    bad = next((i for i, value in enumerate(values) if not valid(value)), None)
+    fast = bool(types) and set(map(type, values)) <= types and (valid is not is_merge or _plain_merges(values))
+    bad = None if fast else next((i for i, value in enumerate(values) if not valid(value)), None)
     if bad is not None:
         raise meta.fail(f"{key} must be an array of {what}, but element {bad} is {describe(values[bad])}")
     if length is not None and len(values) != length:

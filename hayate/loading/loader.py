@@ -169,8 +169,9 @@ def _build(model_config: ModelConfig, max_len: int, dtype: torch.dtype = torch.f
         for name, param in module._parameters.items():
             if param is not None and param.is_meta:
                 if id(param) not in materialized:
-                    materialized[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu", dtype=dtype),
-                                                           requires_grad=False)
+                    # torch.empty, not empty_like: a meta tensor's empty_like runs a Python
+                    # decomposition whose first use imports sympy (0.8 s of every load)
+                    materialized[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=dtype), requires_grad=False)
                 module._parameters[name] = materialized[id(param)]
     return model
 
