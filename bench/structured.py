@@ -89,9 +89,15 @@ def answer_rows(llm: LLM, prompt: list[int], batch: int, repeats: int) -> None:
 
 
 def mask_rows(llm: LLM) -> None:
-    fills = sorted(llm.engine.runner.masks.fill_times)
-    p50, p99 = fills[len(fills) // 2], fills[min(len(fills) - 1, int(len(fills) * 0.99))]
-    print(f"mask fill per step ({len(fills)} steps, 1-16 rows): p50 {1e6 * p50:.0f} us, p99 {1e6 * p99:.0f} us")
+    by_rows: dict[int, list[float]] = {}
+    for seconds, rows in llm.engine.runner.masks.fill_times:
+        by_rows.setdefault(rows, []).append(seconds)
+    for rows, times in sorted(by_rows.items()):
+        if len(times) >= 20:
+            times.sort()
+            p50, p99 = times[len(times) // 2], times[min(len(times) - 1, int(len(times) * 0.99))]
+            print(f"mask fill, steps of {rows:2d} constrained rows ({len(times)} steps): p50 {1e6 * p50:.0f} us, "
+                  f"p99 {1e6 * p99:.0f} us a step ({1e6 * p50 / rows:.0f} / {1e6 * p99 / rows:.0f} us a row)")
     vocab = llm.engine.grammars.vocab_size
     logits = torch.randn(16, vocab)
     bitmask = torch.randint(-2**31, 2**31 - 1, (16, (vocab + 31) // 32), dtype=torch.int32)

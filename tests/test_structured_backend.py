@@ -62,8 +62,9 @@ def test_masks_skip_steps_without_constraints(backend):
     assert masks.start([None, None]) is None
 
 
-def test_masks_fill_and_apply_only_constrained_rows(backend, tokenizer):
-    masks = GrammarMasks(backend, 2)
+@pytest.mark.parametrize("inline", [True, False])   # filled first, or beside the forward pass
+def test_masks_fill_and_apply_only_constrained_rows(backend, tokenizer, inline):
+    masks = GrammarMasks(backend, 2, inline=inline)
     matcher = backend.matcher(GrammarSpec("choice", json.dumps(["ab", "cd"])))
     pending = masks.start([None, matcher, None])
     logits = torch.zeros(3, VOCAB_SIZE)
