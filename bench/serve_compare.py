@@ -4,6 +4,7 @@ Both servers are started and checked healthy (GET /v1/models answers 200); then 
 concurrency level of load.py runs against one server, then the other (the order alternating
 from level to level), so that the two never compete for the cores and each level sees both
 on the same phase of this noisy machine; the idle server sleeps. Both are stopped at the end.
+With --background, a busy loop (hayate/bench/background.py) runs beside every level.
 Usage: see bench/README.md or `python bench/serve_compare.py --help`.
 """
 from __future__ import annotations
@@ -28,6 +29,9 @@ import httpx
 
 # bench/ is on sys.path: it is this script's folder.
 from load import BenchConfig, Unreachable, fmt, format_table, run_benchmark
+
+from hayate.bench.background import BACKGROUNDS, DESCRIPTIONS, background_load
+from hayate.bench.peers import peer_environment
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("llama.cpp", "hayate")
@@ -96,8 +100,9 @@ def hayate_spec(args: argparse.Namespace) -> ServerSpec:
 def running(spec: ServerSpec, log_path: Path, startup_timeout_s: float) -> Iterator[None]:
     """Start the server, wait until healthy, and always stop it afterwards."""
     with open(log_path, "wb") as log:
+        # importing hayate set its libgomp default here: each server starts as its users start it
         process = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **spec.env}, start_new_session=True)
+                                   env={**peer_environment(), **spec.env}, start_new_session=True)
     try:
         wait_healthy(spec, process, log_path, startup_timeout_s)
         yield
@@ -164,6 +169,9 @@ def bench_engines(args: argparse.Namespace, log_dir: Path) -> tuple[dict[str, di
     failures: dict[str, str] = {}
     with ExitStack() as stack:
         specs = start_servers(args.engine_names, args, log_dir, stack, failures)
+        if args.background != "none":
+            print(f"background load: {DESCRIPTIONS[args.background]}", file=sys.stderr)
+        stack.enter_context(background_load(args.background))   # stopped first, before the servers
         for index, level in enumerate(args.levels):
             for name in list(specs) if index % 2 == 0 else list(specs)[::-1]:
                 if name in failures:
@@ -241,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hayate-no-prefix-caching", action="store_true",
                         help="prefill every prompt whole (load.py's prompts repeat, and share the chat "
                              "template's opening; llama.cpp's server reuses only the previous prompt's prefix)")
+    parser.add_argument("--background", choices=BACKGROUNDS, default="none",
+                        help="a busy loop beside both servers while they are measured: at nice 19 (nice19) "
+                             "or at normal priority (busy); default none")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for health")
     parser.add_argument("--llama-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
     parser.add_argument("--hayate-bin", default=str(REPO / ".venv" / "bin" / "hayate"))
@@ -269,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="hayate-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     reports, failures = bench_engines(args, log_dir)
+    print(f"background: {DESCRIPTIONS[args.background]}")
     print(compare_table(reports, failures))
     if args.json:
-        args.json.write_text(json.dumps({"reports": reports, "failures": failures}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"reports": reports, "failures": failures, "background": args.background},
+                                        indent=2) + "\n")
     return 1 if failures else 0
 
 

@@ -55,7 +55,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--json-schema", metavar="FILE", help="answer with JSON that validates against this schema")
     parser.add_argument("--regex", help="answer with text that matches this regex")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: one per CPU this process may use)")
     parser.add_argument("--max-model-len", type=int, help="context length (default: min(model's, 4096))")
     parser.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
                         help="fp32: dequantize at load; packed: keep GGUF blocks packed; auto: by memory; "

@@ -14,7 +14,7 @@ KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 @dataclass
 class EngineConfig:
     model: str | None = None          # .gguf file or Hugging Face folder; None = the default model
-    threads: int | None = None        # torch intra-op threads; None = all cores
+    threads: int | None = None        # torch intra-op threads; None = one per usable CPU (hayate.cpus)
     max_model_len: int | None = None  # context length; None = min(model's, 4096)
     max_num_seqs: int = 1             # sequences that can run at once (the batch)
     prefill_chunk: int = 512          # prompt tokens run per forward pass

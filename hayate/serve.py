@@ -35,7 +35,7 @@ def add_serve_parser(commands) -> None:
                        help="requests that may wait for a batch slot; beyond it: 429 (default 256)")
     serve.add_argument("--max-model-len", type=int, help="context length (default: min(model's, 4096))")
     serve.add_argument("--max-n", type=int, default=8, help="most choices (n) per request (default 8)")
-    serve.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    serve.add_argument("--threads", type=int, help="CPU threads (default: one per CPU this process may use)")
     serve.add_argument("--kv-cache-tokens", type=int,
                        help="KV-cache capacity shared by all requests, in tokens (default: by memory)")
     serve.add_argument("--weights", choices=WEIGHT_MODES, default="auto",

@@ -1,6 +1,7 @@
 """hayate bench: the command line. hayate loads in this process and each peer in its own;
 then they take turns (rounds.py), one request at a time, so that no two engines compete for
-the cores and every round sees all of them on the same phase of the machine."""
+the cores and every round sees all of them on the same phase of the machine. With
+--background, a busy loop (background.py) shares the cores with every engine's turn."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from hayate.bench.background import BACKGROUNDS, DESCRIPTIONS, background_load
 from hayate.bench.offline import HayateContender, build_prompt, plan_floor, plan_lengths, stderr_progress
 from hayate.bench.peers import (DEFAULT_LLAMA_PYTHON, PeerFailed, PeerProcess, environment_problem, parse_selection,
                                 peer_job)
@@ -20,6 +22,7 @@ from hayate.bench.rounds import run_rounds
 from hayate.bench.timings import EngineResult, failed
 from hayate.cli import add_kv_cache_option
 from hayate.config import WEIGHT_MODES
+from hayate.cpus import thread_count, usable_cpus
 
 DEFAULT_PROMPT_LENGTHS = "32,512,2048"
 
@@ -38,7 +41,8 @@ def add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="single-stream speed: time to first token, decode tokens/s, "
                                               "inter-token latency; optionally against llama.cpp and transformers")
     bench.add_argument("--model", help="a .gguf file or a Hugging Face folder (default: the default model)")
-    bench.add_argument("--threads", type=int, help="CPU threads for every engine (default: all cores)")
+    bench.add_argument("--threads", type=int,
+                       help="CPU threads for every engine (default: one per CPU this process may use)")
     bench.add_argument("--weights", choices=WEIGHT_MODES, default="auto", help="hayate's weight mode")
     bench.add_argument("--prompt-lengths", type=_lengths, default=_lengths(DEFAULT_PROMPT_LENGTHS),
                        help=f"prompt tokens for time to first token (default {DEFAULT_PROMPT_LENGTHS})")
@@ -52,6 +56,9 @@ def add_bench_parser(commands) -> None:
                             "(default: prompts up to 512 tokens, 64 decode tokens)")
     bench.add_argument("--llama-python", type=Path, default=DEFAULT_LLAMA_PYTHON,
                        help="the Python that has llama-cpp-python (default: .venv-bench, made by `make bench-env`)")
+    bench.add_argument("--background", choices=BACKGROUNDS, default="none",
+                       help="a busy loop beside every engine while it is measured: at nice 19 (nice19) "
+                            "or at normal priority (busy); default none")
     bench.add_argument("--peer-timeout", type=float, default=1800, help="seconds allowed per peer (1800)")
     add_kv_cache_option(bench)
 
@@ -90,7 +97,7 @@ def warn_if_busy() -> float:
     """Other work on the cores makes every figure noisy, the multi-threaded ones most."""
     load = os.getloadavg()[0]
     if load > 0.5:
-        stderr_progress(f"bench: warning: load average {load:.1f} on {os.cpu_count()} cores before the run: "
+        stderr_progress(f"bench: warning: load average {load:.1f} on {usable_cpus().describe()} before the run: "
                         "other processes are busy, figures will be noisy")
     return load
 
@@ -115,7 +122,8 @@ def show(report: BenchReport, args: argparse.Namespace) -> None:
     if args.plot:
         from hayate.bench.plot import draw_png   # Pillow only when a plot is asked for
 
-        draw_png(report.engines, args.plot, f"{Path(report.model).name}, {report.threads} threads")
+        background = "" if report.background == "none" else f", background {report.background}"
+        draw_png(report.engines, args.plot, f"{Path(report.model).name}, {report.threads} threads{background}")
         console.print(f"wrote {args.plot}")
 
 
@@ -130,11 +138,14 @@ def command_bench(args: argparse.Namespace) -> int:
     plan = plan_lengths(args.prompt_lengths, args.decode_tokens, args.repeats, llm.engine.max_model_len)
     prompts = {length: build_prompt(llm.tokenizer, length) for length in plan.prompt_lengths}
     decode_prompt = build_prompt(llm.tokenizer, plan.decode_prompt_length)
-    job = {"model": str(llm.model_path), "threads": args.threads or os.cpu_count() or 1,
+    job = {"model": str(llm.model_path), "threads": thread_count(args.threads),
            "n_ctx": llm.engine.max_model_len}
     peers, unavailable = start_peers(peer_names, job, args)
+    if args.background != "none":
+        stderr_progress(f"bench: background load while measuring: {DESCRIPTIONS[args.background]}")
     try:
-        measured = run_rounds([hayate, *peers], prompts, decode_prompt, plan.repeats, stderr_progress)
+        with background_load(args.background):
+            measured = run_rounds([hayate, *peers], prompts, decode_prompt, plan.repeats, stderr_progress)
     finally:
         for peer in peers:
             peer.close()
@@ -143,5 +154,5 @@ def command_bench(args: argparse.Namespace) -> int:
     floor = plan_floor(llm, args.threads, plan)
     engines = [by_name[hayate.name], *(by_name[name] for name in peer_names)]
     show(BenchReport(job["model"], job["threads"], args.weights, plan, engines, floor, load_average,
-                     args.kv_cache_dtype), args)
+                     args.kv_cache_dtype, args.background), args)
     return 0

@@ -12,8 +12,10 @@ from typing import Callable
 import torch
 from rich.table import Table
 
+from hayate.bench.background import DESCRIPTIONS
 from hayate.bench.offline import HAYATE, BenchPlan, PlanFloor
 from hayate.bench.timings import EngineResult
+from hayate.cpus import usable_cpus
 
 
 @dataclass
@@ -26,6 +28,7 @@ class BenchReport:
     floor: PlanFloor | None = None
     load_average_before: float | None = None   # 1-minute load average when the bench started
     kv_cache_dtype: str = "auto"
+    background: str = "none"             # the load beside every measurement (background.py)
 
     def engine(self, name: str) -> EngineResult | None:
         return next((engine for engine in self.engines if engine.name == name), None)
@@ -57,8 +60,9 @@ def results_table(report: BenchReport) -> Table:
     hayate = report.engine(HAYATE)
     peers = [engine for engine in report.engines if engine.name != HAYATE and engine.ok]
     kv = "" if report.kv_cache_dtype == "auto" else f", KV cache {report.kv_cache_dtype}"
+    background = "" if report.background == "none" else f", background {report.background}"
     table = Table(title=f"{Path(report.model).name}, {report.threads} threads, weights {report.weights}{kv}, "
-                        f"median of {report.plan.repeats} rounds, engines taking turns")
+                        f"median of {report.plan.repeats} rounds, engines taking turns{background}")
     table.add_column("metric")
     for engine in report.engines:
         table.add_column(engine.name, justify="right")
@@ -173,7 +177,8 @@ def floor_json(report: BenchReport) -> dict | None:
 def to_json(report: BenchReport) -> dict:
     return {
         "model": report.model, "threads": report.threads, "weights": report.weights,
-        "kv_cache_dtype": report.kv_cache_dtype,
+        "kv_cache_dtype": report.kv_cache_dtype, "background": report.background,
+        "background_load": DESCRIPTIONS[report.background],
         "prompt_lengths": report.plan.prompt_lengths, "decode_tokens": report.plan.decode_tokens,
         "decode_prompt_length": report.plan.decode_prompt_length, "repeats": report.plan.repeats,
         "statistic": "median", "schedule": "rounds: every engine in turn, order rotating",
@@ -184,6 +189,7 @@ def to_json(report: BenchReport) -> dict:
         "environment": {"omp_proc_bind": os.environ.get("OMP_PROC_BIND"), "torch": torch.__version__,
                         "load_average_1m_before": report.load_average_before,
                         "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                        "usable_cpus": usable_cpus().describe(),
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     }
 

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hayate.config import WEIGHT_MODES, EngineConfig
+from hayate.cpus import CpuBudget, thread_count, usable_cpus
 from hayate.loading.loader import load_model
 from hayate.engine.decode_plan import decode_path
 from hayate.engine.kv_cache import KVCache, kv_cache_dtype
@@ -58,10 +59,18 @@ def cost_table(cost: StepCost, hardware: HardwareProfile) -> Table:
     return table
 
 
+def threads_line(requested: int | None, cpus: CpuBudget) -> str:
+    """Where the thread count came from: --threads, or the CPUs this process may use."""
+    if requested:
+        return f"threads: {requested}, from --threads; usable: {cpus.describe()}"
+    return f"threads: {cpus.threads}, one per usable CPU and at most one per core: {cpus.describe()}"
+
+
 def add_plan_parser(commands) -> None:
     plan = commands.add_parser("plan", help="bytes, FLOPs and the fastest this machine could run the model")
     plan.add_argument("--model", help="a .gguf file or a Hugging Face folder (default: the default model)")
-    plan.add_argument("--threads", type=int, help="CPU threads for the probe (default: all cores)")
+    plan.add_argument("--threads", type=int,
+                      help="CPU threads for the probe (default: one per CPU this process may use)")
     plan.add_argument("--context", type=int, default=512, help="cached tokens per decode step (512)")
     plan.add_argument("--weights", choices=WEIGHT_MODES, default="auto")
     plan.add_argument("--hardware", choices=["probe", *datasheet_profiles()], default="probe",
@@ -74,11 +83,11 @@ def add_plan_parser(commands) -> None:
 def command_plan(args: argparse.Namespace) -> int:
     config = EngineConfig(model=args.model, threads=args.threads, weights=args.weights,
                           kv_cache_dtype=args.kv_cache_dtype, show_progress=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(thread_count(config.threads))
     loaded = load_model(config)
     hardware = probe_cpu(config.threads, types=packed_types(loaded.model)) if args.hardware == "probe" else datasheet_profiles()[args.hardware]
     console = Console()
+    console.print(threads_line(config.threads, usable_cpus()))
     console.print(f"{loaded.path.name}: {loaded.config.model_type}, {loaded.config.num_hidden_layers} layers; "
                   f"{hardware.name}: {hardware.bandwidth / 1e9:.1f} GB/s read, {hardware.flops / 1e9:.0f} GFLOP/s")
     kv_dtype = kv_cache_dtype(config.kv_cache_dtype, next(loaded.model.parameters()).dtype)
