@@ -11,6 +11,7 @@ from hayate.engine.request import ImageTimings, RequestFailedError, RequestOutpu
 from hayate.multimodal.features import PromptImages
 from hayate.sampling import SamplingParams
 from hayate.server.errors import RETRY_AFTER_S, SERVER_ERROR, APIError
+from hayate.server.floor import floor_share
 from hayate.server.metrics import RequestTracker, ServerMetrics
 from hayate.server.protocol import SamplingFields
 from hayate.server.responses import ImageUsage, PromptTokensDetails, Usage
@@ -105,6 +106,7 @@ class ChoiceRun:
 
     def __init__(self, model: ServedModel, metrics: ServerMetrics, response_id: str, specs: list[ChoiceSpec]):
         self.engine: AsyncEngine = model.engine
+        self.metrics = metrics
         self.choices: list[ChoiceState] = []
         try:
             for spec in specs:
@@ -182,7 +184,8 @@ class ChoiceRun:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
                      queue_time=scheduled - arrival, prompt_time=prompt_time,
                      completion_time=completion_time, total_time=prompt_time + completion_time,
-                     image_usage=_image_usage([t.images for t in timings if t.images is not None]))
+                     image_usage=_image_usage([t.images for t in timings if t.images is not None]),
+                     floor_share=floor_share(self.metrics.floor, [c.last for c in self.choices if c.last is not None]))
 
 
 def _image_usage(images: list[ImageTimings]) -> ImageUsage | None:

@@ -1,14 +1,18 @@
 """Prometheus metrics for GET /metrics, in a registry of the app's own (tests and embedders can
-run several apps in one process without their counters mixing)."""
+run several apps in one process without their counters mixing), and the live share of the
+plan's floor (hayate.server.floor) once it is measured after start-up."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections import deque
+from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import GaugeMetricFamily
 
 from hayate.engine.request import EngineStats, RequestOutput
+from hayate.server.floor import REFERENCE_CONTEXT, REFERENCE_PROMPT, LiveFloor
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -16,6 +20,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.
 _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
                       0.3, 0.5, 0.75, 1.0, 2.5)
 _REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+FLOOR_WINDOW = 16   # the floor-share gauges average this many of the latest finished requests
 
 
 class ServerMetrics:
@@ -35,6 +40,10 @@ class ServerMetrics:
                                          registry=self.registry)
         self.requests = Counter("hayate_requests", "Engine requests ended, by finish reason.",
                                 ["finish_reason"], registry=self.registry)
+        self.floor: LiveFloor | None = None   # set once measured, after the model loads
+        self.decode_shares: deque[float] = deque(maxlen=FLOOR_WINDOW)
+        self.prefill_shares: deque[float] = deque(maxlen=FLOOR_WINDOW)
+        self.registry.register(FloorCollector(self))
 
     def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(name, documentation, buckets=buckets, registry=self.registry)
@@ -55,6 +64,44 @@ class ServerMetrics:
     def track(self, num_prompt_tokens: int) -> "RequestTracker":
         self.prompt_tokens.inc(num_prompt_tokens)
         return RequestTracker(self)
+
+    def observe_floor_share(self, output: RequestOutput) -> None:
+        """Add a finished request's shares of the floor to the gauges' window."""
+        if self.floor is None:
+            return
+        for shares, share in ((self.decode_shares, self.floor.decode_share(output)),
+                              (self.prefill_shares, self.floor.prefill_share(output))):
+            if share is not None:
+                shares.append(share)
+
+
+class FloorCollector:
+    """The floor gauges, absent from /metrics until the floor is measured; each share gauge
+    appears once a request has finished since then."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        floor = self.metrics.floor
+        if floor is None:
+            return
+        yield GaugeMetricFamily(
+            "hayate_decode_floor_tokens_per_second",
+            f"hayate plan's floor for batch-1 decode at a {REFERENCE_CONTEXT}-token context on {floor.hardware}.",
+            value=floor.decode_tokens_per_second())
+        yield GaugeMetricFamily(
+            "hayate_prefill_floor_tokens_per_second",
+            f"hayate plan's floor for prefilling a {REFERENCE_PROMPT}-token prompt on {floor.hardware}.",
+            value=floor.prefill_tokens_per_second())
+        for name, shares, documentation in (
+                ("hayate_decode_floor_share", self.metrics.decode_shares,
+                 "Decode speed over the batch-1 floor (1 = at the floor; falls as requests share steps)"),
+                ("hayate_prefill_floor_share", self.metrics.prefill_shares,
+                 "Prefill speed of the uncached prompt tokens over the floor (1 = at the floor)")):
+            if shares:
+                yield GaugeMetricFamily(name, f"{documentation}, mean of the latest {FLOOR_WINDOW} requests.",
+                                        value=sum(shares) / len(shares))
 
 
 def _reader(stats: Callable[[], EngineStats | None], field: str) -> Callable[[], float]:
@@ -111,3 +158,5 @@ class RequestTracker:
             self.metrics.e2e_latency.observe(output.timings.finished - output.timings.arrival)
         if output is not None and output.timings.queue_time is not None:
             self.metrics.queue_time.observe(output.timings.queue_time)
+        if output is not None and reason in ("stop", "length"):
+            self.metrics.observe_floor_share(output)

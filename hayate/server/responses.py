@@ -1,7 +1,8 @@
 """Response bodies and stream chunks of the OpenAI API, with GroqCloud's timing fields.
 
 `usage` carries OpenAI's token counts plus GroqCloud's queue/prompt/completion/total times
-(seconds); streams repeat it under `x_groq.usage`, where GroqCloud clients read it."""
+(seconds); streams repeat it under `x_groq.usage`, where GroqCloud clients read it. hayate's
+own additions (`image_usage`, `floor_share`) appear only when they apply."""
 from __future__ import annotations
 
 import json
@@ -73,6 +74,14 @@ class ImageUsage(BaseModel):
     encoder_cache_hits: int = Field(description="images whose embeddings came from the encoder cache")
 
 
+class FloorShare(BaseModel):
+    """hayate: how close the request ran to `hayate plan`'s floor on this machine (1 = at it)."""
+    decode: float | None = Field(description="the floor's seconds for the decode steps (batch 1, bytes and FLOPs "
+                                             "at this machine's rates) over the seconds they took")
+    prefill: float | None = Field(description="the floor's seconds for prefilling the prompt tokens the prefix "
+                                              "cache lacked, over prompt_time")
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(description="prompt tokens whose keys and values came from the prefix cache")
 
@@ -87,6 +96,7 @@ class Usage(BaseModel):
     completion_time: float = Field(description="seconds generating, after the first token")
     total_time: float = Field(description="prompt_time + completion_time, as GroqCloud counts it")
     image_usage: ImageUsage | None = Field(None, exclude_if=_is_none)
+    floor_share: FloorShare | None = Field(None, exclude_if=_is_none)
 
 
 class XGroq(BaseModel):
