@@ -63,6 +63,19 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     add_device_options(parser)
     add_kv_cache_option(parser)
     add_tool_format_option(parser)
+    add_speculative_options(parser)
+
+
+def add_speculative_options(parser: argparse.ArgumentParser) -> None:
+    from hayate.sampling import SPECULATIVE_METHODS
+
+    parser.add_argument("--speculative", choices=SPECULATIVE_METHODS,
+                        help="speculative decoding, exact: ngram drafts tokens copied from the prompt and "
+                             "answer where their last tokens match, verified in one step (off by default)")
+    parser.add_argument("--speculative-tokens", type=int, default=6, metavar="K",
+                        help="with --speculative: most tokens drafted per step (default 6)")
+    parser.add_argument("--speculative-ngram", type=int, default=3, metavar="N",
+                        help="with --speculative ngram: the longest match tried, then shorter ones (default 3)")
 
 
 def add_tool_format_option(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +111,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, threads=args.threads, max_model_len=args.max_model_len,
                         weights=args.weights, device=args.device, dtype=args.dtype,
                         cuda_graphs=not args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
-                        tool_format=args.tool_format, show_progress=True)
+                        tool_format=args.tool_format, show_progress=True, **speculative_settings(args))
+
+
+def speculative_settings(args: argparse.Namespace) -> dict:
+    return {"speculative": args.speculative, "speculative_tokens": args.speculative_tokens,
+            "speculative_ngram": args.speculative_ngram}
 
 
 def stream_to_stdout(outputs: Iterator[RequestOutput]) -> RequestOutput | None:
@@ -127,6 +145,9 @@ def summary_line(output: RequestOutput) -> str:
              f"total {total:.2f} s", f"({output.finish_reason})"]
     if timings.images is not None:
         parts.insert(1, image_summary(timings.images))
+    if timings.speculative is not None:
+        counts = timings.speculative
+        parts.insert(-2, f"{counts.num_accepted_tokens} of {counts.num_draft_tokens} drafted tokens accepted")
     return " | ".join(parts)
 
 

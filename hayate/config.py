@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from hayate.sampling import check_speculative
 from hayate.tools.formats import FORMAT_NAMES
 
 WEIGHT_MODES = ("auto", "fp32", "packed", "int4-bf16")
@@ -38,6 +39,11 @@ class EngineConfig:
     # them as a prompt chunk (one step) instead of one decode step each
     grammar_fast_forward: bool = True
     tool_format: str = "auto"         # how the model writes tool calls (hayate.tools.formats); auto: from its template
+    # speculative decoding (engine/speculative.py): "ngram" drafts up to speculative_tokens tokens
+    # copied from where the last speculative_ngram (then fewer) tokens occurred before; exact
+    speculative: str | None = None
+    speculative_tokens: int = 6
+    speculative_ngram: int = 3
 
     def __post_init__(self) -> None:
         if self.threads is not None and not 1 <= self.threads <= 4 * (os.cpu_count() or 1):
@@ -66,5 +72,6 @@ class EngineConfig:
                              "dequantized at load (weights auto or fp32) or int4-bf16")
         if self.tool_format not in FORMAT_NAMES:
             raise ValueError(f"tool_format must be one of {', '.join(FORMAT_NAMES)}, got {self.tool_format!r}")
+        check_speculative(self.speculative, self.speculative_tokens, self.speculative_ngram)
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

@@ -12,6 +12,9 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024        # entries per request: every step of the batch applies them
 MAX_TOP_K = 2**31 - 1        # larger values mean "off" as well; beyond it is a mistake
 SEED_RANGE = (-(2**63), 2**64 - 1)
+SPECULATIVE_METHODS = ("ngram",)   # drafters (engine/speculative.py)
+MAX_DRAFT_TOKENS = 15        # a drafted step's rows: the last token and its drafts, one planned step's 16
+MAX_NGRAM = 8
 
 
 def _is_int(value: object) -> bool:
@@ -56,11 +59,17 @@ class SamplingParams:
     logprobs: int | None = None       # chosen token's logprob plus this many top alternatives
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: GrammarSpec | None = None   # constrained decoding: the output must match it
+    # speculative decoding: "ngram" (prompt lookup), "off", or None for the engine's setting;
+    # drafts of at most speculative_tokens after a match of speculative_ngram tokens (None: the engine's)
+    speculative: str | None = None
+    speculative_tokens: int | None = None
+    speculative_ngram: int | None = None
 
     def __post_init__(self) -> None:
         self._check_lengths()
         self._check_filters()
         self._check_penalties()
+        check_speculative(self.speculative, self.speculative_tokens, self.speculative_ngram, request=True)
         self.stop = self._normalised_stop(self.stop)
         self.stop_token_ids = self._normalised_stop_token_ids(self.stop_token_ids)
         self.logit_bias = self._normalised_logit_bias(self.logit_bias)
@@ -136,6 +145,18 @@ class SamplingParams:
             _check_range(f"logit_bias[{token_id}]", value, -100.0, 100.0)
             normalised[token_id] = float(value)
         return normalised
+
+
+def check_speculative(method: object, num_tokens: object, ngram: object, request: bool = False) -> None:
+    """Raise ValueError unless these name a drafter (or None) and give draft and match lengths
+    in range; a request's may also be "off", and None lengths (the engine's)."""
+    names = SPECULATIVE_METHODS + (("off",) if request else ())
+    if method is not None and method not in names:
+        raise ValueError(f"speculative must be one of {', '.join(names)} or None, got {method!r}")
+    lengths = (("speculative_tokens", num_tokens, MAX_DRAFT_TOKENS), ("speculative_ngram", ngram, MAX_NGRAM))
+    for name, value, high in lengths:
+        if (value is not None or not request) and (not _is_int(value) or not 1 <= value <= high):
+            raise ValueError(f"{name} must be an integer in [1, {high}], got {value!r}")
 
 
 class StopStringMatcher:

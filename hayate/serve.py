@@ -42,11 +42,12 @@ def add_serve_parser(commands) -> None:
                        help="how GGUF weights are kept (see `hayate run --help`; default auto)")
     serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                        help="prefill every prompt whole instead of sharing the cached blocks of common prefixes")
-    from hayate.cli import add_device_options, add_kv_cache_option, add_tool_format_option
+    from hayate.cli import add_device_options, add_kv_cache_option, add_speculative_options, add_tool_format_option
 
     add_device_options(serve)
     add_kv_cache_option(serve)
     add_tool_format_option(serve)
+    add_speculative_options(serve)
     serve.add_argument("--allowed-media-dir", type=Path,
                        help="local image paths (file:// or absolute) may be read from under this folder only")
     serve.add_argument("--allow-remote-media", action="store_true",
@@ -65,6 +66,7 @@ def add_serve_parser(commands) -> None:
 def command_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from hayate.cli import speculative_settings
     from hayate.server import ServerSettings, create_app
     from hayate.server.lifecycle import Server
 
@@ -75,7 +77,8 @@ def command_serve(args: argparse.Namespace) -> int:
                           weights=args.weights, encoder_cache_mb=args.encoder_cache_mb,
                           prefix_caching=args.prefix_caching,
                           device=args.device, dtype=args.dtype, cuda_graphs=not args.enforce_eager,
-                          kv_cache_dtype=args.kv_cache_dtype, tool_format=args.tool_format)
+                          kv_cache_dtype=args.kv_cache_dtype, tool_format=args.tool_format,
+                          **speculative_settings(args))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     failures: list[str] = []
 

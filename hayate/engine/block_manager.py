@@ -75,6 +75,16 @@ class BlockManager:
                 self.free[block] = None
         block_table.clear()
 
+    def trim(self, block_table: list[int], num_tokens: int) -> int:
+        """Give back the blocks of block_table beyond num_tokens (taken for drafted tokens that
+        were rejected: never registered, never shared); returns how many."""
+        keep = self.blocks_for(num_tokens)
+        extra = len(block_table) - keep
+        if extra > 0:
+            self.release(block_table[keep:])
+            del block_table[keep:]
+        return max(extra, 0)
+
     def reuse_prefix(self, sequence: Cacheable) -> int:
         """For a sequence with no blocks yet: share the registered blocks its tokens start
         with, and return how many tokens they hold. The last token is always left to compute

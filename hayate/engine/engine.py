@@ -14,13 +14,15 @@ from hayate.engine.kv_cache import KVCache, kv_cache_dtype
 from hayate.engine.images import RequestImages
 from hayate.engine.model_runner import ModelRunner, StepResult
 from hayate.engine.request import EngineStats, RequestOutput, RequestStatus, RequestTimings, TokenLogprob
-from hayate.engine.scheduler import Scheduler, SchedulerOutput
+from hayate.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from hayate.engine.sequence import Sequence
+from hayate.engine.draft_policy import ASSUMED_ROW_COST, StepCosts
+from hayate.engine.speculative import DraftSettings, NgramDrafter, speculation_for
 from hayate.layers.sampler import SampleResult, SamplingState
 from hayate.loading.loader import LoadedModel
 from hayate.loading.tokenizer import IncrementalDetokenizer
 from hayate.multimodal.features import PromptImages
-from hayate.sampling import SamplingParams, StopStringMatcher
+from hayate.sampling import MAX_DRAFT_TOKENS, SamplingParams, StopStringMatcher
 from hayate.structured.backend import LLGuidanceBackend, advance
 from hayate.structured.masks import GrammarMasks
 from hayate.structured.spec import GrammarError, GrammarSpec
@@ -50,6 +52,9 @@ class Engine:
                                    step_tokens=plan.max_batch if plan is not None else 0,
                                    planned_prefix=plan.max_tokens if plan is not None else 0)
         self.sequences: dict[str, Sequence] = {}
+        self.draft_settings = DraftSettings(config.speculative, config.speculative_tokens, config.speculative_ngram)
+        if config.speculative is not None:
+            self.scheduler.drafter = self._drafter()
 
     @property
     def grammars(self) -> LLGuidanceBackend | None:
@@ -93,6 +98,15 @@ class Engine:
             self.compile_grammar(params.grammar)
         return request_images
 
+    def _drafter(self) -> NgramDrafter:
+        """Speculative decoding's drafter, knowing what steps of more rows cost here: timed on
+        the planned step (at start-up, or ~0.5 s the first speculative request waits), else
+        assumed."""
+        plan = self.runner.plan
+        costs = StepCosts.of_plan(plan, self.scheduler.blocks) if plan is not None else None
+        per_row = ASSUMED_ROW_COST.get(self.runner.device.type, ASSUMED_ROW_COST["cpu"])
+        return NgramDrafter(self.max_model_len, costs or StepCosts.assumed(MAX_DRAFT_TOKENS + 1, per_row))
+
     def compile_grammar(self, spec: GrammarSpec) -> None:
         """Compile (or find in the cache) a request's grammar; GrammarError (a ValueError) if it
         cannot be used. Safe from any thread: a server calls it before admitting the request."""
@@ -110,6 +124,9 @@ class Engine:
         request_images = self._checked(prompt_token_ids, params, images)
         sampling = SamplingState.create(params, list(prompt_token_ids), device=self.runner.device)
         sampling.constraint = self.grammars.matcher(params.grammar) if params.grammar is not None else None
+        speculation = speculation_for(params, self.draft_settings)
+        if speculation is not None and self.scheduler.drafter is None:
+            self.scheduler.drafter = self._drafter()
         sequence = Sequence(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -117,8 +134,10 @@ class Engine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
             stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
             timings=RequestTimings(arrival=time.perf_counter(),
-                                   images=request_images.timings if request_images else None),
-            images=request_images, cache_prefix=request_images is None and self.scheduler.blocks.prefix_caching)
+                                   images=request_images.timings if request_images else None,
+                                   speculative=speculation.counts if speculation else None),
+            images=request_images, cache_prefix=request_images is None and self.scheduler.blocks.prefix_caching,
+            speculation=speculation)
         self.sequences[request_id] = sequence
         self.scheduler.add(sequence)
 
@@ -148,8 +167,8 @@ class Engine:
         step = self._execute(batch)
         failed = [self._fail(batch.sequences[i].request, error) for i, error in step.failed.items()]
         self._advance(batch)
-        return failed + [self._append_or_fail(batch.sequences[i].request, result, row)
-                         for i, result, row in step.sampled]
+        sampled = [self._append_or_fail(batch.sequences[i].request, result, row) for i, result, row in step.sampled]
+        return failed + sampled + [self._accept_or_fail(batch.sequences[i], tokens) for i, tokens in step.verified]
 
     def _mark_scheduled(self, batch: SchedulerOutput) -> None:
         now = time.perf_counter()
@@ -177,19 +196,23 @@ class Engine:
                 step.failed[index] = error
                 continue
             step.sampled += [(index, result, row) for _, result, row in alone.sampled]
+            step.verified += [(index, tokens) for _, tokens in alone.verified]
             step.failed.update({index: error for error in alone.failed.values()})
         return step
 
     def _advance(self, batch: SchedulerOutput) -> None:
-        """Count the tokens this step cached, and register the blocks it filled."""
-        blocks = self.scheduler.blocks
+        """Count the tokens this step cached, and register the blocks it filled (drafts count
+        once accepted, in _accept)."""
         for scheduled in batch.sequences:
             request = scheduled.request
             if request.status is RequestStatus.FINISHED:   # failed in this step
                 continue
-            request.num_computed_tokens += scheduled.num_tokens
-            if request.cache_prefix:
-                blocks.register(request, request.num_computed_tokens)
+            self._computed(request, scheduled.num_tokens - len(scheduled.draft_token_ids))
+
+    def _computed(self, sequence: Sequence, num_tokens: int) -> None:
+        sequence.num_computed_tokens += num_tokens
+        if sequence.cache_prefix:
+            self.scheduler.blocks.register(sequence, sequence.num_computed_tokens)
 
     def _fail(self, sequence: Sequence, error: Exception) -> RequestOutput:
         """End one request on an error of its own; its KV blocks are freed at once."""
@@ -204,12 +227,32 @@ class Engine:
 
     def _append_or_fail(self, sequence: Sequence, result: SampleResult, row: int) -> RequestOutput:
         try:
-            return self._append(sequence, result, row)
+            return self._append(sequence, result.token_ids[row], _logprobs(result, row, sequence.sampling))
         except Exception as error:   # detokenizing or stop matching this request
             return self._fail(sequence, error)
 
-    def _append(self, sequence: Sequence, result: SampleResult, row: int) -> RequestOutput:
-        token_id = result.token_ids[row]
+    def _accept_or_fail(self, scheduled: ScheduledSequence, tokens: list[int]) -> RequestOutput:
+        try:
+            return self._accept(scheduled, tokens)
+        except Exception as error:
+            return self._fail(scheduled.request, error)
+
+    def _accept(self, scheduled: ScheduledSequence, tokens: list[int]) -> RequestOutput:
+        """Append a drafted step's tokens (its accepted drafts, then the model's own) one by
+        one, as plain steps would have: a stop drops the rest. An accepted draft's key and
+        value are in the cache, so it counts as computed once the next token follows it."""
+        sequence = scheduled.request
+        sequence.speculation.record(len(scheduled.draft_token_ids), len(tokens) - 1)
+        outputs = []
+        for token_id in tokens:
+            if outputs:
+                self._computed(sequence, 1)
+            outputs.append(self._append(sequence, token_id, []))
+            if outputs[-1].finished:
+                break
+        return RequestOutput.joined(outputs)
+
+    def _append(self, sequence: Sequence, token_id: int, logprobs: list[TokenLogprob]) -> RequestOutput:
         sequence.output_token_ids.append(token_id)
         sequence.timings.first_token = sequence.timings.first_token or time.perf_counter()
         reason = self._stop_reason(sequence, token_id)
@@ -232,8 +275,7 @@ class Engine:
             finished=reason is not None, finish_reason=reason,
             num_prompt_tokens=len(sequence.prompt_token_ids),
             num_output_tokens=len(sequence.output_token_ids),
-            timings=sequence.timings, logprobs=_logprobs(result, row, sequence.sampling),
-            num_cached_tokens=sequence.num_cached_tokens)
+            timings=sequence.timings, logprobs=logprobs, num_cached_tokens=sequence.num_cached_tokens)
 
     def _stop_reason(self, sequence: Sequence, token_id: int) -> str | None:
         params = sequence.sampling.params

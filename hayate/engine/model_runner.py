@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,7 @@ from hayate.engine.images import ImageEmbedder
 from hayate.engine.kv_cache import KVCache
 from hayate.engine.scheduler import ScheduledSequence, SchedulerOutput
 from hayate.engine.static_decode import StaticDecode
+from hayate.engine.verify import verify
 from hayate.layers.attention import AttentionMetadata
 from hayate.layers.linear import packed_linears, rearrange_for_vnni
 from hayate.layers.sampler import SampleResult, Sampler
@@ -35,9 +37,11 @@ def one_thread():
 @dataclass
 class StepResult:
     """What one run of a batch produced: (index into batch.sequences, its SampleResult, its
-    row there) for each sequence that sampled a token, and the sequences whose sampling failed."""
+    row there) for each sequence that sampled a token, (index, its accepted drafts and the
+    model's next token) for each that verified drafts, and the sequences whose sampling failed."""
     sampled: list[tuple[int, SampleResult, int]] = field(default_factory=list)
     failed: dict[int, Exception] = field(default_factory=dict)
+    verified: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
 def graphs_available(device: torch.device) -> bool:
@@ -75,6 +79,8 @@ class ModelRunner:
     def execute(self, batch: SchedulerOutput) -> StepResult:
         """Run the batch and sample a token for each sequence whose tokens are all cached now.
         An error in the forward pass raises; one in sampling fails only the rows that raise."""
+        if batch.has_drafts:
+            return self._execute_drafted(batch)
         sequences = batch.sequences
         # Only sequences whose every token is now cached sample the next one.
         sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
@@ -100,6 +106,43 @@ class ModelRunner:
                     raise
                 return self._sample_rows(logits, sampling, states)
         return StepResult([(index, result, row) for row, index in enumerate(sampling)])
+
+    def _execute_drafted(self, batch: SchedulerOutput) -> StepResult:
+        """A step in which some sequences verify drafted tokens (speculative.py): each of them
+        gets logits for its last token's row and its drafts' rows, and verifies them; the other
+        sequences sample as usual, each on its own."""
+        sequences = batch.sequences
+        sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
+        states = [sequences[i].request.sampling for i in sampling]
+        counts = [1 + len(sequences[i].draft_token_ids) for i in sampling]
+        # a mask per logits row; constrained requests never draft, so theirs is their one row
+        constraints = [state.constraint for state, count in zip(states, counts) for _ in range(count)]
+        masks = self.masks.start(constraints) if self.masks else None
+        planned, rows = self._planned(sequences), _logit_rows(sequences, sampling)
+        if planned:
+            logits = self._planned_logits(sequences, sampling, rows)
+        else:
+            logits = self._eager_logits(sequences, sampling, rows)
+        if masks is not None:
+            self.masks.apply(logits, masks)
+        with one_thread() if planned and not self.sampler.argmax_only(states) else contextlib.nullcontext():
+            return self._verify_each(logits, sequences, sampling, counts)
+
+    def _verify_each(self, logits: torch.Tensor, sequences: list[ScheduledSequence], sampling: list[int],
+                     counts: list[int]) -> StepResult:
+        """Each sampling sequence's rows on their own: drafts verified, single rows sampled."""
+        step, first = StepResult(), 0
+        for index, count in zip(sampling, counts):
+            scheduled, rows = sequences[index], logits[first:first + count]
+            first += count
+            try:
+                if scheduled.draft_token_ids:
+                    step.verified.append((index, verify(rows, scheduled.draft_token_ids, scheduled.request.sampling)))
+                else:
+                    step.sampled.append((index, self.sampler(rows, [scheduled.request.sampling]), 0))
+            except Exception as error:
+                step.failed[index] = error
+        return step
 
     def _sample_rows(self, logits: torch.Tensor, sampling: list[int], states: list) -> StepResult:
         """Each row on its own, after the batch's sampling raised: rows sample independently
@@ -134,21 +177,24 @@ class ModelRunner:
                                  [s.start for s in sequences], [s.request.block_table for s in sequences])
         return logits if len(sampling) == len(sequences) else logits[sampling]
 
-    def _planned_logits(self, sequences: list[ScheduledSequence], sampling: list[int]) -> torch.Tensor:
+    def _planned_logits(self, sequences: list[ScheduledSequence], sampling: list[int],
+                        rows: list[int] | None = None) -> torch.Tensor:
+        """Logits of each sampling sequence's last row, or of `rows` (flat indices) if given."""
         token_ids, positions, tables, last_rows = [], [], [], []
         for s in sequences:
-            token_ids += s.request.token_ids(s.start, s.num_tokens)
+            token_ids += s.token_ids()
             positions += range(s.start, s.start + s.num_tokens)
             tables += [s.request.block_table] * s.num_tokens
             last_rows.append(len(token_ids) - 1)
-        return self.plan.run(token_ids, positions, tables, logit_rows=[last_rows[i] for i in sampling])
+        return self.plan.run(token_ids, positions, tables,
+                             logit_rows=[last_rows[i] for i in sampling] if rows is None else rows)
 
-    def _eager_logits(self, sequences: list[ScheduledSequence], sampling: list[int]) -> torch.Tensor | None:
+    def _eager_logits(self, sequences: list[ScheduledSequence], sampling: list[int],
+                      rows: list[int] | None = None) -> torch.Tensor | None:
         meta = AttentionMetadata.build(
             [s.request.block_table for s in sequences], [s.start for s in sequences],
             [s.num_tokens for s in sequences], self.kv_cache.block_size, self.device)
-        input_ids = torch.tensor([t for s in sequences for t in s.request.token_ids(s.start, s.num_tokens)],
-                                 device=self.device)
+        input_ids = torch.tensor([t for s in sequences for t in s.token_ids()], device=self.device)
         embeds = self.images.inputs_embeds(sequences, input_ids)
         if embeds is None:
             hidden = self.model(input_ids, meta.positions(), meta)
@@ -156,4 +202,11 @@ class ModelRunner:
             hidden = self.model(input_ids, meta.positions(), meta, inputs_embeds=embeds)
         if not sampling:
             return None
-        return self.model.compute_logits(hidden[meta.last_token_indices()[sampling]])
+        return self.model.compute_logits(hidden[meta.last_token_indices()[sampling] if rows is None else rows])
+
+
+def _logit_rows(sequences: list[ScheduledSequence], sampling: list[int]) -> list[int]:
+    """Flat indices of the rows that get logits in a drafted step: each sampling sequence's
+    last token's row and its drafts' rows."""
+    ends = list(itertools.accumulate(s.num_tokens for s in sequences))
+    return [row for i in sampling for row in range(ends[i] - 1 - len(sequences[i].draft_token_ids), ends[i])]

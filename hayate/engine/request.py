@@ -30,6 +30,18 @@ class ImageTimings:
 
 
 @dataclass
+class SpeculativeCounts:
+    """A speculative request's drafted tokens, and how many of them the model accepted."""
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_draft_steps: int = 0       # steps that verified a draft
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / max(self.num_draft_tokens, 1)
+
+
+@dataclass
 class RequestTimings:
     """Wall-clock instants (time.perf_counter) of one request's life."""
     arrival: float
@@ -37,6 +49,7 @@ class RequestTimings:
     first_token: float | None = None
     finished: float | None = None
     images: ImageTimings | None = None     # set for requests with images
+    speculative: SpeculativeCounts | None = None   # set for requests that draft tokens (engine/speculative.py)
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -68,6 +81,16 @@ class RequestOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_cached_tokens: int = 0      # prompt tokens whose keys and values came from the prefix cache
     error: str | None = None        # with finish_reason "error": what failed (the log has the traceback)
+
+    @classmethod
+    def joined(cls, outputs: list["RequestOutput"]) -> "RequestOutput":
+        """One output for consecutive outputs of one request (a drafted step's tokens)."""
+        last = outputs[-1]
+        return cls(request_id=last.request_id, text="".join(o.text for o in outputs),
+                   token_ids=[t for o in outputs for t in o.token_ids], finished=last.finished,
+                   finish_reason=last.finish_reason, num_prompt_tokens=last.num_prompt_tokens,
+                   num_output_tokens=last.num_output_tokens, timings=last.timings,
+                   logprobs=[lp for o in outputs for lp in o.logprobs], num_cached_tokens=last.num_cached_tokens)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from hayate.engine.images import RequestImages
 from hayate.engine.request import RequestStatus, RequestTimings
+from hayate.engine.speculative import Speculation
 from hayate.layers.sampler import SamplingState
 from hayate.loading.tokenizer import IncrementalDetokenizer
 from hayate.sampling import StopStringMatcher
@@ -27,6 +28,7 @@ class Sequence:
     finish_reason: str | None = None
     emitted_text: list[str] = field(default_factory=list)
     images: RequestImages | None = None   # a vision model's images, spliced in at prefill
+    speculation: Speculation | None = None   # drafting state, for a request that speculates
 
     @property
     def output_token_ids(self) -> list[int]:

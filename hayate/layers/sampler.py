@@ -45,6 +45,14 @@ class SamplingState:
             generator.manual_seed(params.seed % SEED_MODULUS)
         return cls(params, generator, list(prompt_token_ids), [])
 
+    def extended(self, token_ids: list[int]) -> "SamplingState":
+        """This state as if token_ids followed the output (a drafted row is sampled as the step
+        that would have produced it: penalties count the drafts before it); the same generator."""
+        state = SamplingState(self.params, self.generator, self.prompt_token_ids, self.output_token_ids + token_ids,
+                              self.constraint)
+        state._prompt_ids = self._prompt_ids
+        return state
+
     def prompt_ids(self, device: torch.device) -> torch.Tensor:
         """The prompt ids as a tensor on `device`, built once (prompts can be long)."""
         if self._prompt_ids is None or self._prompt_ids.device != device:

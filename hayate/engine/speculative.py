@@ -1,0 +1,139 @@
+"""Speculative decoding by prompt lookup (n-gram drafting), exact: no second model.
+
+A decoding sequence whose last n tokens (n = `ngram`, then n - 1, ... 1) occurred earlier in
+its prompt or answer proposes the up-to-k tokens that followed their latest occurrence.
+The next step runs its last token and the drafts as k + 1 rows at consecutive positions (as
+a prompt chunk's rows: scheduler.py gives them the step's spare rows and free blocks), and
+verify.py keeps the drafts the model agrees with plus one token of its own. Only the
+accepted tokens count as computed; keys and values written for rejected ones lie beyond
+num_computed_tokens, where the next step overwrites them before anything reads them.
+
+Drafting is bookkeeping only (no torch): an index of every n-gram's latest end, extended by
+the tokens appended since the last draft. How much a sequence drafts, if at all, follows its
+acceptance so far and what the step's extra rows cost (draft_policy.py): free-form text,
+whose drafts are mostly rejected, runs as plain decode steps with a rare probe.
+Not for grammar-constrained requests (a draft would have to follow the grammar's masks row
+by row) nor for requests with logprobs (verification samples no alternatives)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from hayate.engine.draft_policy import Acceptance, StepCosts
+from hayate.engine.request import SpeculativeCounts
+from hayate.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from hayate.engine.sequence import Sequence
+
+
+class Draftable(Protocol):
+    @property
+    def num_tokens(self) -> int: ...
+
+    def token_ids(self, start: int, count: int) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    """How a sequence drafts: `num_tokens` (k) at most per step, after a match of `ngram`
+    tokens (n, tried down to 1)."""
+    method: str | None = None      # "ngram", or None: no speculation
+    num_tokens: int = 6
+    ngram: int = 3
+
+    def for_request(self, params: SamplingParams) -> "DraftSettings":
+        """These settings (the engine's) as one request's parameters override them."""
+        method = self.method if params.speculative is None else params.speculative
+        return DraftSettings(None if method == "off" else method,
+                             params.speculative_tokens or self.num_tokens, params.speculative_ngram or self.ngram)
+
+
+class NgramIndex:
+    """A token list and, for every n-gram (n = 1 .. max_n) that ends before its last token,
+    where its latest occurrence ends: the lookup finds the most recent earlier occurrence of
+    the list's tail without scanning it."""
+
+    def __init__(self, max_n: int):
+        self.tokens: list[int] = []
+        self.ends: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_n)]   # [n - 1]: n-gram -> end
+
+    def extend(self, token_ids: list[int]) -> None:
+        tokens, ends = self.tokens, self.ends
+        for token_id in token_ids:
+            end = len(tokens)   # the n-grams ending here are followed by token_id
+            for n in range(1, min(len(ends), end) + 1):
+                ends[n - 1][tuple(tokens[end - n:end])] = end
+            tokens.append(token_id)
+
+    def match(self, max_tokens: int) -> tuple[int, list[int]]:
+        """The longest tail that occurred before (n tokens) and the tokens that followed its
+        latest earlier occurrence (at most max_tokens); (0, []) when even the last token is new."""
+        tokens = self.tokens
+        for n in range(min(len(self.ends), len(tokens)), 0, -1):
+            end = self.ends[n - 1].get(tuple(tokens[-n:]))
+            if end is not None:
+                return n, tokens[end:end + max_tokens]
+        return 0, []
+
+
+class Speculation:
+    """One sequence's drafting: its n-gram index, the acceptance of drafts after a match of
+    each length (a 3-token match in a copied passage is right far more often than a 1-token
+    one in free text), and its counts (which the request's timings share, so every output
+    carries them)."""
+
+    def __init__(self, settings: DraftSettings):
+        self.settings = settings
+        self.index = NgramIndex(settings.ngram)
+        self.acceptance = [Acceptance() for _ in range(settings.ngram)]   # [n - 1]
+        self.matched = 0                  # the match length of the draft being verified
+        self.counts = SpeculativeCounts()
+
+    def propose(self, sequence: Draftable, room: int, costs: StepCosts, decodes: int, rows: int) -> list[int]:
+        """Drafts to follow the sequence, at most `room`, as many as the acceptance after
+        this match's length and the costs of one of `decodes` decodes in `rows` rows make worthwhile."""
+        for acceptance in self.acceptance:
+            acceptance.step()
+        known = len(self.index.tokens)
+        self.index.extend(sequence.token_ids(known, sequence.num_tokens - known))
+        self.matched, continuation = self.index.match(room)
+        if not self.matched:
+            return []
+        rate = self.acceptance[self.matched - 1].rate
+        return continuation[:costs.best_draft(rate, len(continuation), decodes, rows)]
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """A step verified `drafted` tokens and accepted the first `accepted` of them."""
+        self.counts.num_draft_tokens += drafted
+        self.counts.num_accepted_tokens += accepted
+        self.counts.num_draft_steps += 1
+        self.acceptance[self.matched - 1].record(drafted, accepted)
+
+
+def speculation_for(params: SamplingParams, defaults: DraftSettings) -> Speculation | None:
+    """A request's drafting state, or None when it does not speculate (off, constrained by a
+    grammar, or asking for logprobs)."""
+    settings = defaults.for_request(params)
+    if settings.method is None or params.grammar is not None or params.logprobs is not None:
+        return None
+    return Speculation(settings)
+
+
+class NgramDrafter:
+    """The scheduler's drafter: a decoding sequence's drafts, as long as its acceptance and
+    the step's costs make worthwhile, and never past its max_tokens or the context (its last
+    drafted row stays where a plain step's row could be)."""
+
+    def __init__(self, max_model_len: int, costs: StepCosts):
+        self.max_model_len, self.costs = max_model_len, costs
+
+    def __call__(self, sequence: "Sequence", max_tokens: int, decodes: int, rows: int) -> list[int]:
+        """Drafts for one of `decodes` decoding sequences in a step of `rows` rows so far."""
+        speculation = sequence.speculation
+        if speculation is None:
+            return []
+        room = min(max_tokens, speculation.settings.num_tokens,
+                   sequence.sampling.params.max_tokens - len(sequence.output_token_ids) - 1,
+                   self.max_model_len - 1 - sequence.num_tokens)
+        return speculation.propose(sequence, room, self.costs, decodes, rows) if room > 0 else []
