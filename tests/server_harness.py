@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import httpx
+import openai
 import uvicorn
 
 from hayate.llm import LLM
@@ -82,3 +83,8 @@ def _slowed(step, delay: float):
         time.sleep(delay)
         return step()
     return slow_step
+
+
+def openai_client(server: ServerThread) -> openai.OpenAI:
+    """The official client against a test server (no retries: a failure shows at once)."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)

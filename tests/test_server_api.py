@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from server_harness import tiny_server
+from server_harness import openai_client, tiny_server
 from tiny_models import make_tiny_model
 
 from hayate.server.responses import (ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice,
@@ -27,7 +27,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from hayate.llm import LLM
 from hayate.sampling import SamplingParams
-from server_harness import tiny_server
+from server_harness import openai_client, tiny_server
 from tiny_models import make_tiny_model
 from tool_models import make_tool_model
 
@@ -45,7 +45,7 @@ def server(folder):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
