@@ -282,3 +282,34 @@ def _processed(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     scaled = row / params.temperature
     kth = scaled.topk(params.top_k).values[-1]
     return scaled.masked_fill(scaled < kth, float("-inf")).softmax(dim=0)
+
+
+def test_served_usage_and_metrics_count_the_drafts(gguf_path):
+    """Over HTTP: a request asks for speculation; usage.completion_tokens_details carries its
+    accepted and rejected drafts (OpenAI's prediction fields) and /metrics counts them (vLLM's
+    names); a bad value is a 400 naming the field."""
+    import httpx
+    from hayate.server import ServedModel, ServerSettings, create_app
+    from server_harness import ServerThread
+
+    def load() -> ServedModel:
+        llm = LLM(gguf_path, speculative="ngram")
+        llm.engine.scheduler.drafter.costs = FREE_ROWS
+        return ServedModel.from_llm(llm, max_queue=4)
+
+    server = ServerThread(create_app(ServerSettings(), load, hardware=None)).start()
+    try:
+        body = {"model": server.state.model.name, "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0,
+                "ignore_eos": True}
+        usage = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["usage"]
+        details = usage["completion_tokens_details"]
+        drafted = details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"]
+        assert drafted > 0 and details["accepted_prediction_tokens"] >= 0
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert f"hayate_spec_decode_num_draft_tokens_total {float(drafted)}" in metrics
+        off = httpx.post(f"{server.url}/v1/completions", json={**body, "speculative": "off"}, timeout=60).json()
+        assert "completion_tokens_details" not in off["usage"]
+        bad = httpx.post(f"{server.url}/v1/completions", json={**body, "speculative": "medusa"}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
+    finally:
+        server.stop()

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from hayate.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from hayate.engine.request import ImageTimings, RequestFailedError, RequestOutput, TokenLogprob
+from hayate.engine.request import ImageTimings, RequestFailedError, RequestOutput, SpeculativeCounts, TokenLogprob
 from hayate.multimodal.features import PromptImages
 from hayate.sampling import SamplingParams
 from hayate.server.errors import RETRY_AFTER_S, SERVER_ERROR, APIError
 from hayate.server.floor import floor_share
 from hayate.server.metrics import RequestTracker, ServerMetrics
 from hayate.server.protocol import SamplingFields
-from hayate.server.responses import ImageUsage, PromptTokensDetails, Usage
+from hayate.server.responses import CompletionTokensDetails, ImageUsage, PromptTokensDetails, Usage
 from hayate.server.state import ServedModel
 
 
@@ -184,8 +184,17 @@ class ChoiceRun:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
                      queue_time=scheduled - arrival, prompt_time=prompt_time,
                      completion_time=completion_time, total_time=prompt_time + completion_time,
+                     completion_tokens_details=_predictions([t.speculative for t in timings if t.speculative]),
                      image_usage=_image_usage([t.images for t in timings if t.images is not None]),
                      floor_share=floor_share(self.metrics.floor, [c.last for c in self.choices if c.last is not None]))
+
+
+def _predictions(counts: list[SpeculativeCounts]) -> CompletionTokensDetails | None:
+    """Speculative decoding's drafts, accepted and not, over the choices that drafted."""
+    if not counts:
+        return None
+    drafted, accepted = sum(c.num_draft_tokens for c in counts), sum(c.num_accepted_tokens for c in counts)
+    return CompletionTokensDetails(accepted_prediction_tokens=accepted, rejected_prediction_tokens=drafted - accepted)
 
 
 def _image_usage(images: list[ImageTimings]) -> ImageUsage | None:

@@ -40,6 +40,11 @@ class ServerMetrics:
                                          registry=self.registry)
         self.requests = Counter("hayate_requests", "Engine requests ended, by finish reason.",
                                 ["finish_reason"], registry=self.registry)
+        # vLLM's names: speculative decoding's drafted tokens, and those the model accepted
+        self.draft_tokens = Counter("hayate_spec_decode_num_draft_tokens", "Tokens drafted by speculative decoding.",
+                                    registry=self.registry)
+        self.accepted_tokens = Counter("hayate_spec_decode_num_accepted_tokens",
+                                       "Drafted tokens the model accepted.", registry=self.registry)
         self.floor: LiveFloor | None = None   # set once measured, after the model loads
         self.decode_shares: deque[float] = deque(maxlen=FLOOR_WINDOW)
         self.prefill_shares: deque[float] = deque(maxlen=FLOOR_WINDOW)
@@ -160,3 +165,6 @@ class RequestTracker:
             self.metrics.queue_time.observe(output.timings.queue_time)
         if output is not None and reason in ("stop", "length"):
             self.metrics.observe_floor_share(output)
+        if output is not None and output.timings.speculative is not None:
+            self.metrics.draft_tokens.inc(output.timings.speculative.num_draft_tokens)
+            self.metrics.accepted_tokens.inc(output.timings.speculative.num_accepted_tokens)

@@ -61,6 +61,10 @@ class SamplingFields(StrictModel):
     min_p: float | None = Field(None, description="hayate: drop tokens below min_p x the top probability")
     repetition_penalty: float | None = Field(None, description="hayate: HF-style, over prompt and output")
     ignore_eos: bool = Field(False, description="hayate: keep going past end-of-sequence tokens")
+    speculative: str | None = Field(None, description='hayate: "ngram" (prompt lookup) or "off"; '
+                                    "default: the server's --speculative")
+    speculative_tokens: int | None = Field(None, description="hayate: most tokens drafted a step")
+    speculative_ngram: int | None = Field(None, description="hayate: tokens a draft's match starts from")
     return_token_ids: bool = Field(False, description="hayate: add prompt and choice token ids")
     # structured output (enforced by the grammar engine): OpenAI's field, vLLM's, vLLM's older ones
     response_format: dict | None = Field(None, description='{"type": "text" | "json_object" | "json_schema", '
@@ -101,7 +105,8 @@ class SamplingFields(StrictModel):
             frequency_penalty=_or(self.frequency_penalty, 0.0),
             seed=None if self.seed is None else self.seed + index,
             stop=_or(self.stop, []), ignore_eos=self.ignore_eos,
-            logit_bias=_or(self.logit_bias, {}), grammar=self.grammar())
+            logit_bias=_or(self.logit_bias, {}), grammar=self.grammar(), speculative=self.speculative,
+            speculative_tokens=self.speculative_tokens, speculative_ngram=self.speculative_ngram)
 
     def grammar_field(self) -> str | None:
         """The one field that asks for structured output, if any; GrammarError if several do."""

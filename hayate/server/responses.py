@@ -86,11 +86,18 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(description="prompt tokens whose keys and values came from the prefix cache")
 
 
+class CompletionTokensDetails(BaseModel):
+    """OpenAI's counts of predicted tokens, here speculative decoding's drafts."""
+    accepted_prediction_tokens: int = Field(description="drafted tokens the model accepted")
+    rejected_prediction_tokens: int = Field(description="drafted tokens it did not")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | None = Field(None, exclude_if=_is_none)
     queue_time: float = Field(description="seconds waiting for a batch slot")
     prompt_time: float = Field(description="seconds reading the prompt (prefill)")
     completion_time: float = Field(description="seconds generating, after the first token")
