@@ -3,10 +3,9 @@ not, n, logprobs, stop strings, seeds, GroqCloud usage fields, and the status ro
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 
-from server_harness import openai_client, tiny_server
+from server_harness import tiny_server
 from tiny_models import make_tiny_model
 
 from hayate.server.responses import (ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice,
@@ -23,16 +22,6 @@ def server(tmp_path_factory):
     running = tiny_server(folder)
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai_client(server)
-
-
-@pytest.fixture(scope="module")
-def model(server) -> str:
-    return server.state.model.name
 
 
 def chat(client, model, messages=HELLO, **options):

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from hayate.llm import LLM
 from hayate.sampling import SamplingParams
-from server_harness import openai_client, tiny_server
+from server_harness import tiny_server
 from tiny_models import make_tiny_model
 from tool_models import make_tool_model
 
@@ -41,16 +41,6 @@ def server(folder):
     running = tiny_server(folder)
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai_client(server)
-
-
-@pytest.fixture(scope="module")
-def model(server) -> str:
-    return server.state.model.name
 
 
 def ask(client, model, seed: int, **options):
