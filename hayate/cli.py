@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tools", metavar="FILE", help="a JSON file with OpenAI-style tools the model may call")
     run.add_argument("--tool-choice", default="auto",
                      help="with --tools: auto (default), required, none, or a function's name")
+    run.add_argument("--floor", action="store_true",
+                     help="after the answer, probe this machine (about a second) and say what share of "
+                          "hayate plan's floor the decode reached")
     _add_generation_options(run)
     chat = commands.add_parser("chat", help="interactive chat in the terminal")
     _add_generation_options(chat)
@@ -131,7 +134,9 @@ def stream_to_stdout(outputs: Iterator[RequestOutput]) -> RequestOutput | None:
     return last
 
 
-def summary_line(output: RequestOutput) -> str:
+def summary_line(output: RequestOutput, floor=None) -> str:
+    """One line on stderr after an answer; `floor` (a hayate.server.floor.LiveFloor) adds the
+    decode's share of this machine's floor."""
     from hayate.llm import decode_rate
 
     timings = output.timings
@@ -148,6 +153,10 @@ def summary_line(output: RequestOutput) -> str:
     if timings.speculative is not None:
         counts = timings.speculative
         parts.insert(-2, f"{counts.num_accepted_tokens} of {counts.num_draft_tokens} drafted tokens accepted")
+    share = floor.decode_share(output) if floor is not None else None
+    if share is not None:
+        at_floor = floor.decode_tokens_per_second(output.num_prompt_tokens)
+        parts.insert(-2, f"{share:.0%} of this machine's floor ({at_floor:.0f} tokens/s)")
     return " | ".join(parts)
 
 
@@ -180,8 +189,17 @@ def command_run(args: argparse.Namespace) -> int:
         return run_with_tools(llm, messages, params, tools, args.tool_choice)
     last = stream_to_stdout(llm.stream_chat(messages, params))
     if last is not None:
-        print(summary_line(last), file=sys.stderr)
+        print(summary_line(last, measured_floor(llm) if args.floor else None), file=sys.stderr)
     return 0
+
+
+def measured_floor(llm):
+    """hayate plan's floor for the loaded model on this machine (the CPU probed: a second or
+    so), as the server measures it; None where the device has no profile."""
+    from hayate.server.floor import machine_hardware, measure_floor
+
+    hardware = machine_hardware(llm.engine.runner.device)
+    return measure_floor(llm.engine, hardware) if hardware is not None else None
 
 
 def read_tools(path: str) -> list[dict]:

@@ -88,6 +88,22 @@ def test_run_streams_answer_and_summary():
         assert part in summary
 
 
+def test_run_says_its_share_of_the_floor_when_asked(capsys, monkeypatch):
+    """--floor: hayate plan's floor on this machine (here a fixed profile, not the probe) and
+    the decode's share of it, in the summary line; without it, nothing is probed."""
+    from hayate.plan.hardware import HardwareProfile
+    import hayate.server.floor
+
+    probed = []
+    machine = HardwareProfile("a test machine", bandwidth=1e12, flops=1e15)
+    monkeypatch.setattr(hayate.server.floor, "machine_hardware", lambda device: probed.append(device) or machine)
+    code, _, err = run_cli(capsys, "run", "--threads", "2", "--max-tokens", "8", "--floor", "hi")
+    assert code == 0 and len(probed) == 1
+    assert "of this machine's floor (" in err.strip().splitlines()[-1]
+    code, _, err = run_cli(capsys, "run", "--threads", "2", "--max-tokens", "8", "hi")
+    assert code == 0 and len(probed) == 1 and "floor" not in err
+
+
 def test_chat_turns_reuse_the_conversation_from_the_prefix_cache(capsys, monkeypatch):
     """The default model: the second turn's prompt starts with the first turn, which is cached."""
     import builtins
