@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hayate-bin", default=str(REPO / ".venv" / "bin" / "hayate"))
     parser.add_argument("--log-dir", type=Path, help="server logs (default: a new temporary folder)")
     parser.add_argument("--json", type=Path, help="write both reports here")
+    parser.add_argument("--plot", type=Path, help="write a PNG of both against concurrency (matplotlib: hayate[bench])")
     return parser
 
 
@@ -268,6 +270,8 @@ def check_args(args: argparse.Namespace) -> None:
     unknown = set(args.engine_names) - set(ENGINES)
     if unknown:
         raise ValueError(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib, which is not installed: pip install 'hayate[bench]'")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"reports": reports, "failures": failures, "background": args.background},
                                         indent=2) + "\n")
+    if args.plot and reports:
+        from hayate.bench.plot import draw_serving_png
+
+        draw_serving_png(reports, args.plot, f"hayate serve and llama.cpp's server, {args.threads} threads, "
+                                             f"background {args.background}")
     return 1 if failures else 0
 
 

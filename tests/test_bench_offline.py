@@ -10,7 +10,7 @@ from PIL import Image
 
 from hayate.bench.offline import HayateContender, build_prompt, plan_floor, plan_lengths
 from hayate.bench.peers import environment_problem, parse_selection
-from hayate.bench.plot import draw_png
+from hayate.bench.plot import draw_png, draw_serving_png
 from hayate.bench.report import BenchReport, notes, to_json
 from hayate.bench.rounds import run_rounds
 from hayate.bench.timings import EngineResult, RawTimings, percentile, summarize
@@ -131,3 +131,15 @@ def test_peers_run_without_hayates_libgomp_setting(monkeypatch):
     assert "GOMP_SPINCOUNT" not in peer_environment() and "HAYATE_SET_GOMP_SPINCOUNT" not in peer_environment()
     monkeypatch.delenv("HAYATE_SET_GOMP_SPINCOUNT")
     assert peer_environment()["GOMP_SPINCOUNT"] == "20000"
+
+
+def test_the_serving_plot_draws_each_server_against_concurrency(tmp_path):
+    def level(users: int, rate: float) -> dict:
+        return {"concurrency": users, "output_tokens_per_s": rate, "ttft_ms": {"p50": 40.0 * users},
+                "itl_ms": {"p50": 5.0, "p99": 9.0}}
+
+    reports = {"hayate": {"levels": [level(1, 200.0), level(4, 500.0)]},
+               "llama.cpp": {"levels": [level(4, 150.0), level(1, 80.0)]}}
+    draw_serving_png(reports, tmp_path / "serving.png", "tiny")
+    with Image.open(tmp_path / "serving.png") as image:
+        assert image.format == "PNG" and image.size[0] > 0

@@ -107,8 +107,8 @@ def check_outputs(args: argparse.Namespace) -> None:
     for path in (args.json, args.plot):
         if path is not None and not path.resolve().parent.is_dir():
             raise ValueError(f"cannot write {path}: no such folder {path.resolve().parent}")
-    if args.plot and importlib.util.find_spec("PIL") is None:
-        raise ValueError("--plot needs Pillow, which is not installed: pip install pillow")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib, which is not installed: pip install 'hayate[bench]'")
 
 
 def show(report: BenchReport, args: argparse.Namespace) -> None:
@@ -120,7 +120,7 @@ def show(report: BenchReport, args: argparse.Namespace) -> None:
         write_json(report, args.json)
         console.print(f"wrote {args.json}")
     if args.plot:
-        from hayate.bench.plot import draw_png   # Pillow only when a plot is asked for
+        from hayate.bench.plot import draw_png   # matplotlib only when a plot is asked for
 
         background = "" if report.background == "none" else f", background {report.background}"
         draw_png(report.engines, args.plot, f"{Path(report.model).name}, {report.threads} threads{background}")

@@ -1,96 +1,103 @@
-"""The bench's PNG, drawn with Pillow: decode tokens/s per engine (bars) and each engine's
-inter-token latency distribution (cumulative curves)."""
+"""The benchmarks' PNGs, drawn with matplotlib (the optional `bench` extra). hayate bench's:
+decode tokens/s per engine with each round's figure, time to first token per prompt length,
+and each engine's inter-token latency distribution (cumulative). bench/serve_compare.py's:
+output tokens/s, time to first token and inter-token latency against concurrent users."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from hayate.bench.timings import EngineResult
 
-from hayate.bench.timings import EngineResult, percentile
-
-WIDTH, HEIGHT = 1000, 420
-MARGIN = 60
-COLORS = {"hayate": (214, 39, 40), "llama.cpp": (31, 119, 180), "transformers": (44, 160, 44)}
-OTHER_COLOR = (120, 120, 120)
-AXIS = (40, 40, 40)
-GRID = (225, 225, 225)
+COLORS = {"hayate": "#d62728", "llama.cpp": "#1f77b4", "transformers": "#2ca02c"}
+OTHER_COLOR = "#7f7f7f"
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:      # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _color(name: str) -> tuple[int, int, int]:
-    return COLORS.get(name, OTHER_COLOR)
-
-
-def _axes(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, font) -> None:
-    left, top, right, bottom = box
-    draw.text((left, top - 28), title, fill=AXIS, font=font)
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill=AXIS, width=2)
-
-
-def _bars(draw: ImageDraw.ImageDraw, box, engines: list[EngineResult], font) -> None:
-    """One bar per engine, its tokens/s written above it."""
-    left, top, right, bottom = box
-    _axes(draw, box, "decode tokens/s (batch 1)", font)
-    rates = [engine.decode_tokens_per_s or 0.0 for engine in engines]
-    highest = max(rates + [1e-9])
-    slot = (right - left) / max(len(engines), 1)
-    for index, (engine, rate) in enumerate(zip(engines, rates)):
-        x0 = left + index * slot + slot * 0.2
-        x1 = left + (index + 1) * slot - slot * 0.2
-        y0 = bottom - (bottom - top - 20) * rate / highest
-        draw.rectangle([x0, y0, x1, bottom - 1], fill=_color(engine.name))
-        draw.text((x0, y0 - 18), f"{rate:.1f}", fill=AXIS, font=font)
-        draw.text((x0, bottom + 6), engine.name, fill=AXIS, font=font)
-
-
-def _cdf(draw: ImageDraw.ImageDraw, box, engines: list[EngineResult], font) -> None:
-    """Share of inter-token gaps at or below each latency, one curve per engine."""
-    left, top, right, bottom = box
-    _axes(draw, box, "inter-token latency: share of tokens at or below (ms)", font)
-    samples = [value for engine in engines for value in engine.itl_samples_ms]
-    if not samples:
-        return
-    span = max(percentile(samples, 99.5) * 1.1, 1e-6)
-    for tick in range(5):
-        x = left + (right - left) * tick / 4
-        draw.line([(x, top), (x, bottom)], fill=GRID)
-        draw.text((x - 10, bottom + 6), f"{span * tick / 4:.1f}", fill=AXIS, font=font)
-    for tick in (0.5, 0.9, 1.0):
-        y = bottom - (bottom - top) * tick
-        draw.line([(left, y), (right, y)], fill=GRID)
-        draw.text((left - 30, y - 8), f"{tick:g}", fill=AXIS, font=font)
-    for engine in engines:
-        ordered = sorted(engine.itl_samples_ms)
-        points = [(left + (right - left) * min(value / span, 1.0), bottom - (bottom - top) * (i + 1) / len(ordered))
-                  for i, value in enumerate(ordered)]
-        if len(points) > 1:
-            draw.line(points, fill=_color(engine.name), width=3)
-
-
-def _legend(draw: ImageDraw.ImageDraw, engines: list[EngineResult], font) -> None:
-    """A colour swatch and name per engine, in one row at the top right."""
-    x = WIDTH - 130 * len(engines)
-    for engine in engines:
-        draw.rectangle([x, 14, x + 14, 28], fill=_color(engine.name))
-        draw.text((x + 20, 13), engine.name, fill=AXIS, font=font)
-        x += 130
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")   # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def draw_png(engines: list[EngineResult], path: Path, title: str) -> None:
     """Engines without figures (failed, skipped) are left out."""
+    plt = _pyplot()
     shown = [engine for engine in engines if engine.ok]
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    font = _font(14)
-    draw.text((MARGIN, 10), title, fill=AXIS, font=_font(16))
-    split = WIDTH * 2 // 5
-    _bars(draw, (MARGIN, 80, split - MARGIN // 2, HEIGHT - 50), shown, font)
-    _cdf(draw, (split + MARGIN // 2, 80, WIDTH - MARGIN // 2, HEIGHT - 50), shown, font)
-    _legend(draw, shown, font)
-    image.save(path, format="PNG")
+    figure, (decode, ttft, itl) = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
+    figure.suptitle(title)
+    _decode(decode, shown)
+    _ttft(ttft, shown)
+    _itl(itl, shown)
+    figure.savefig(path, format="png", dpi=100)
+    plt.close(figure)
+
+
+def _color(name: str) -> str:
+    return COLORS.get(name, OTHER_COLOR)
+
+
+def _decode(axes, engines: list[EngineResult]) -> None:
+    """Median decode tokens/s a bar, each round's figure a dot on it."""
+    names = [engine.name for engine in engines]
+    rates = [engine.decode_tokens_per_s or 0.0 for engine in engines]
+    bars = axes.bar(names, rates, color=[_color(name) for name in names])
+    axes.bar_label(bars, fmt="%.1f")
+    for index, engine in enumerate(engines):
+        rounds = engine.decode_rounds_tokens_per_s
+        axes.plot([index] * len(rounds), rounds, "o", color="black", markersize=3)
+    axes.set(title="decode (tokens/s, higher is better)", ylabel="tokens/s")
+
+
+def _ttft(axes, engines: list[EngineResult]) -> None:
+    """Time to first token per prompt length, one bar per engine in each group."""
+    lengths = sorted({length for engine in engines for length in engine.ttft_ms})
+    width = 0.8 / max(len(engines), 1)
+    for index, engine in enumerate(engines):
+        xs = [position + index * width for position, length in enumerate(lengths) if length in engine.ttft_ms]
+        values = [engine.ttft_ms[length] for length in lengths if length in engine.ttft_ms]
+        axes.bar(xs, values, width, label=engine.name, color=_color(engine.name))
+    axes.set_xticks([position + width * (len(engines) - 1) / 2 for position in range(len(lengths))],
+                    [f"{length} tokens" for length in lengths])
+    axes.set(title="time to first token (ms, lower is better)", ylabel="ms", yscale="log" if lengths else "linear")
+    axes.legend()
+
+
+def _itl(axes, engines: list[EngineResult]) -> None:
+    """Each engine's inter-token gaps, sorted: the share of gaps at most x ms."""
+    for engine in engines:
+        samples = sorted(engine.itl_samples_ms)
+        if samples:
+            shares = [(rank + 1) / len(samples) for rank in range(len(samples))]
+            axes.step(samples, shares, where="post", label=engine.name, color=_color(engine.name))
+    axes.set(title="inter-token latency (cumulative)", xlabel="ms between tokens", ylabel="share of gaps",
+             xscale="log", ylim=(0, 1.02))
+    axes.xaxis.set_minor_formatter("")   # labels on the decades only: minor ones overlap
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+
+
+def draw_serving_png(reports: dict[str, dict], path: Path, title: str) -> None:
+    """`reports`: each server's bench/load.py report (its "levels", one per concurrency)."""
+    plt = _pyplot()
+    figure, (rate, ttft, itl) = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
+    figure.suptitle(title)
+    for name, report in reports.items():
+        levels = sorted(report["levels"], key=lambda level: level["concurrency"])
+        users = [level["concurrency"] for level in levels]
+        style = {"color": _color(name), "marker": "o"}
+        rate.plot(users, [level["output_tokens_per_s"] for level in levels], label=name, **style)
+        ttft.plot(users, [level["ttft_ms"]["p50"] for level in levels], label=name, **style)
+        itl.plot(users, [level["itl_ms"]["p50"] for level in levels], label=f"{name} p50", **style)
+        itl.plot(users, [level["itl_ms"]["p99"] for level in levels], label=f"{name} p99", linestyle="--", **style)
+    rate.set(title="output tokens/s, all users (higher is better)", ylabel="tokens/s")
+    ttft.set(title="time to first token p50 (ms)", ylabel="ms", yscale="log")
+    itl.set(title="inter-token latency (ms)", ylabel="ms", yscale="log")
+    counts = sorted({level["concurrency"] for report in reports.values() for level in report["levels"]})
+    for axes in (rate, ttft, itl):
+        axes.set(xlabel="concurrent users", xscale="log")
+        axes.set_xticks(counts, [str(count) for count in counts], minor=False)
+        axes.xaxis.set_minor_formatter("")
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    figure.savefig(path, format="png", dpi=100)
+    plt.close(figure)
