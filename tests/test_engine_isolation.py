@@ -14,7 +14,7 @@ from hayate.kernels import native_kernels
 from hayate.layers.sampler import SamplingState
 from hayate.llm import LLM
 from hayate.sampling import MAX_TOP_K, SamplingParams
-from test_gguf import QType, export_hf_model, tiny_model
+from gguf_files import QType, export_hf_model, tiny_model
 from tiny_models import make_tiny_model
 
 POISON_SEED = 666          # a request with this seed makes the injected sampling fault fire
@@ -81,10 +81,10 @@ def poison_forward(llm: LLM, method: str) -> None:
     runner = llm.engine.runner
     forward = getattr(runner, method)
 
-    def faulty(sequences, sampling):
+    def faulty(sequences, sampling, *rows):
         if any(POISON_TOKEN in s.request.token_ids(s.start, s.num_tokens) for s in sequences):
             raise RuntimeError("injected forward fault")
-        return forward(sequences, sampling)
+        return forward(sequences, sampling, *rows)
 
     setattr(runner, method, faulty)
 

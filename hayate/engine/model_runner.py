@@ -77,28 +77,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> StepResult:
-        """Run the batch and sample a token for each sequence whose tokens are all cached now.
-        An error in the forward pass raises; one in sampling fails only the rows that raise."""
-        if batch.has_drafts:
-            return self._execute_drafted(batch)
-        sequences = batch.sequences
+        """Run the batch and sample a token for each sequence whose tokens are all cached now;
+        a sequence with drafted tokens (speculative.py) gets logits for its last token's row and
+        its drafts' rows, and verifies them. An error in the forward pass raises; one in
+        sampling fails only the rows that raise."""
+        sequences, drafted = batch.sequences, batch.has_drafts
         # Only sequences whose every token is now cached sample the next one.
         sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
         states = [sequences[i].request.sampling for i in sampling]
-        # constrained rows' masks are filled on a worker thread while the forward pass runs
-        masks = self.masks.start([state.constraint for state in states]) if self.masks else None
+        counts = [1 + len(sequences[i].draft_token_ids) for i in sampling] if drafted else [1] * len(sampling)
+        # a mask per logits row (constrained requests never draft: theirs is their one row),
+        # filled on a worker thread while the forward pass runs
+        masks = (self.masks.start([state.constraint for state, count in zip(states, counts) for _ in range(count)])
+                 if self.masks else None)
+        rows = _logit_rows(sequences, sampling) if drafted else None
         planned = self._planned(sequences)
         if planned:
-            logits = self._planned_logits(sequences, sampling)
-        elif self._static(sequences):
+            logits = self._planned_logits(sequences, sampling, rows)
+        elif self._static(sequences):   # never with drafts: one token per sequence
             logits = self._static_logits(sequences, sampling)
         else:
-            logits = self._eager_logits(sequences, sampling)
+            logits = self._eager_logits(sequences, sampling, rows)
         if not sampling:
             return StepResult()
         if masks is not None:
             self.masks.apply(logits, masks)
         with one_thread() if planned and not self.sampler.argmax_only(states) else contextlib.nullcontext():
+            if drafted:
+                return self._verify_each(logits, sequences, sampling, counts)
             try:
                 result = self.sampler(logits, states)
             except Exception:
@@ -106,27 +112,6 @@ class ModelRunner:
                     raise
                 return self._sample_rows(logits, sampling, states)
         return StepResult([(index, result, row) for row, index in enumerate(sampling)])
-
-    def _execute_drafted(self, batch: SchedulerOutput) -> StepResult:
-        """A step in which some sequences verify drafted tokens (speculative.py): each of them
-        gets logits for its last token's row and its drafts' rows, and verifies them; the other
-        sequences sample as usual, each on its own."""
-        sequences = batch.sequences
-        sampling = [i for i, s in enumerate(sequences) if s.start + s.num_tokens >= s.request.num_tokens]
-        states = [sequences[i].request.sampling for i in sampling]
-        counts = [1 + len(sequences[i].draft_token_ids) for i in sampling]
-        # a mask per logits row; constrained requests never draft, so theirs is their one row
-        constraints = [state.constraint for state, count in zip(states, counts) for _ in range(count)]
-        masks = self.masks.start(constraints) if self.masks else None
-        planned, rows = self._planned(sequences), _logit_rows(sequences, sampling)
-        if planned:
-            logits = self._planned_logits(sequences, sampling, rows)
-        else:
-            logits = self._eager_logits(sequences, sampling, rows)
-        if masks is not None:
-            self.masks.apply(logits, masks)
-        with one_thread() if planned and not self.sampler.argmax_only(states) else contextlib.nullcontext():
-            return self._verify_each(logits, sequences, sampling, counts)
 
     def _verify_each(self, logits: torch.Tensor, sequences: list[ScheduledSequence], sampling: list[int],
                      counts: list[int]) -> StepResult:
