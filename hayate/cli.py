@@ -72,13 +72,14 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
 def add_speculative_options(parser: argparse.ArgumentParser) -> None:
     from hayate.sampling import SPECULATIVE_METHODS
 
+    tokens, ngram = EngineConfig.speculative_tokens, EngineConfig.speculative_ngram   # the engine's defaults
     parser.add_argument("--speculative", choices=SPECULATIVE_METHODS,
                         help="speculative decoding, exact: ngram drafts tokens copied from the prompt and "
                              "answer where their last tokens match, verified in one step (off by default)")
-    parser.add_argument("--speculative-tokens", type=int, default=6, metavar="K",
-                        help="with --speculative: most tokens drafted per step (default 6)")
-    parser.add_argument("--speculative-ngram", type=int, default=3, metavar="N",
-                        help="with --speculative ngram: the longest match tried, then shorter ones (default 3)")
+    parser.add_argument("--speculative-tokens", type=int, default=tokens, metavar="K",
+                        help=f"with --speculative: most tokens drafted per step (default {tokens})")
+    parser.add_argument("--speculative-ngram", type=int, default=ngram, metavar="N",
+                        help=f"with --speculative ngram: the longest match tried, then shorter ones (default {ngram})")
 
 
 def add_tool_format_option(parser: argparse.ArgumentParser) -> None:

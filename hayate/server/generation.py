@@ -41,7 +41,7 @@ def choice_specs(body: SamplingFields, model: ServedModel, prompts: list[list[in
             try:
                 model.engine.validate(prompt_ids, params, images)
             except ValueError as error:
-                raise APIError(400, str(error), param=_named_param(error, body) or prompt_param) from None
+                raise APIError(400, str(error), param=body.field_named(str(error)) or prompt_param) from None
             specs.append(ChoiceSpec(len(specs), prompt_index, prompt_ids, params, images))
     return specs
 
@@ -63,13 +63,7 @@ def _params(body: SamplingFields, max_tokens: int, logprobs: int | None, index: 
     try:
         return body.sampling_params(max_tokens, logprobs, index)
     except ValueError as error:
-        raise APIError(400, str(error), param=_named_param(error, body)) from None
-
-
-def _named_param(error: ValueError, body: SamplingFields) -> str | None:
-    """The request field an engine message names: they start with it ("top_p must be in ...")."""
-    name = str(error).split(" ", 1)[0].split("[", 1)[0]
-    return name if name in type(body).model_fields else None
+        raise APIError(400, str(error), param=body.field_named(str(error))) from None
 
 
 @dataclass

@@ -90,6 +90,13 @@ class SamplingFields(StrictModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    @classmethod
+    def field_named(cls, message: str) -> str | None:
+        """The request field an error message starts with ("top_p must be in ...",
+        "logit_bias[5] ...", "response_format: ..."), or None."""
+        name = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
+        return name if name in cls.model_fields else None
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage

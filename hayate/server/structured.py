@@ -18,16 +18,10 @@ async def check_grammar(body: SamplingFields, model: ServedModel) -> None:
         field = body.grammar_field()
         spec = body.grammar()
     except GrammarError as error:
-        raise APIError(400, str(error), param=_field_named(str(error), body)) from None
+        raise APIError(400, str(error), param=body.field_named(str(error))) from None
     if spec is None:
         return
     try:   # ~1 ms; off the event loop all the same, since a large grammar may take longer
         await asyncio.to_thread(model.engine.engine.compile_grammar, spec)
     except GrammarError as error:
         raise APIError(400, f"{field}: {error}", param=field) from None
-
-
-def _field_named(message: str, body: SamplingFields) -> str | None:
-    """The request field a parsing error starts with ("response_format: ...")."""
-    name = message.split(" ", 1)[0].rstrip(":")
-    return name if name in type(body).model_fields else None

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import re
 
+from hayate.structured.backend import JSON_OPTIONS   # JSON as json.dumps writes it, never free whitespace
 from hayate.tools.formats import ToolFormat
 
-# JSON as json.dumps writes it; never free whitespace (a model could emit spaces until max_tokens).
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 TEXT = r"/(.|\n)*/"
 _DEFS = ("$defs", "definitions")
 
