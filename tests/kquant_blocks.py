@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from hayate.layers.quant import HALF_FIELDS
-from test_gguf import TINY_CONFIG, QType, llama_cpp_permute, write_model
+from gguf_files import TINY_CONFIG, QType, llama_cpp_permute, write_model
 
 NEW_TYPES = [QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q5_0, QType.Q5_1]
 # Types read through gguf's numpy decoder only: no quantizer here, random valid blocks instead.

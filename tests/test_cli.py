@@ -11,7 +11,7 @@ import pytest
 
 from hayate.cli import main
 from hayate.loading.loader import default_model_path
-from test_gguf import TINY_CONFIG, QType, write_model
+from gguf_files import TINY_CONFIG, QType, write_model
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:

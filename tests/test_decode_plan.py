@@ -14,7 +14,7 @@ from hayate.kernels import native_kernels
 from hayate.llm import LLM
 from hayate.sampling import SamplingParams
 from kquant_blocks import K_CONFIG, export_mixed_model, q4_k_m_type
-from test_gguf import QType, export_hf_model, tiny_model
+from gguf_files import QType, export_hf_model, tiny_model
 
 pytestmark = pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
 PARAMS = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=5)

@@ -9,7 +9,7 @@ from hayate.bench.prompts import PARITY_PROMPTS
 from hayate.llm import LLM
 from hayate.loading.loader import default_model_path
 from hayate.sampling import SamplingParams
-from test_gguf import projections_per_layer
+from gguf_files import projections_per_layer
 
 PROMPTS = PARITY_PROMPTS
 NEW_TOKENS = 24

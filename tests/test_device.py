@@ -11,7 +11,7 @@ from hayate.layers.fast_linear import Int4Linear
 from hayate.llm import LLM
 from hayate.loading.loader import ModelLoadError
 from hayate.sampling import SamplingParams
-from test_gguf import QType, export_hf_model, tiny_model
+from gguf_files import QType, export_hf_model, tiny_model
 from tiny_models import make_tiny_model
 
 PROMPT = [3, 17, 5, 60, 21, 8, 44, 9]

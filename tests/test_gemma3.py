@@ -24,7 +24,7 @@ from hayate.loading.tokenizer import Tokenizer
 from hayate.models.config import ModelConfig
 from hayate.models.registry import build_model
 from hayate.sampling import SamplingParams
-from test_gguf import QType, encode, projections_per_layer
+from gguf_files import QType, encode, projections_per_layer
 from test_llama_parity import TURNS, hayate_logits_by_turns, load_hayate
 from tiny_models import BYTE_VOCAB, VOCAB_SIZE, byte_tokenizer
 

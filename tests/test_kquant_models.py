@@ -15,7 +15,7 @@ from hayate.layers.quant import dequantize
 from hayate.llm import LLM
 from hayate.sampling import SamplingParams
 from kquant_blocks import DECODED_TYPES, K_CONFIG, NEW_TYPES, export_mixed_model, q4_k_m_type
-from test_gguf import QType, tiny_model
+from gguf_files import QType, tiny_model
 
 pytestmark = pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=5)

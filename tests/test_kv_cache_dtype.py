@@ -24,7 +24,7 @@ from hayate.llm import LLM
 from hayate.plan.cost import decode_cost
 from hayate.sampling import SamplingParams
 from test_decode_plan import PARAMS, PROMPTS, assert_same, planned_and_eager
-from test_gguf import QType, export_hf_model, tiny_model
+from gguf_files import QType, export_hf_model, tiny_model
 from tiny_models import make_tiny_model
 
 HALF = ["float16", "bfloat16"]

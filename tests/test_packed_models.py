@@ -8,7 +8,7 @@ import pytest
 from hayate.kernels import native_kernels
 from hayate.llm import LLM
 from hayate.sampling import SamplingParams
-from test_gguf import QType, export_hf_model, projections_per_layer, tiny_model
+from gguf_files import QType, export_hf_model, projections_per_layer, tiny_model
 
 PROMPT = [3, 17, 5, 60, 21, 8, 44, 9]
 

@@ -7,7 +7,7 @@ from hayate.llm import LLM
 from hayate.plan.cost import decode_cost, group_rows, prefill_cost
 from hayate.plan.dispatch import build_twin, dispatch_seconds, twin_config
 from hayate.plan.hardware import HardwareProfile, probe_cpu
-from test_gguf import QType, export_hf_model, tiny_model
+from gguf_files import QType, export_hf_model, tiny_model
 from tiny_models import make_tiny_model
 
 

@@ -19,7 +19,7 @@ from hayate.kernels import native_kernels
 from hayate.layers.sampler import Sampler, SamplingState
 from hayate.llm import LLM
 from hayate.sampling import SamplingParams
-from test_gguf import QType, export_hf_model, tiny_model
+from gguf_files import QType, export_hf_model, tiny_model
 from test_scheduler import FakeRequest
 from tiny_models import make_tiny_model
 
