@@ -38,9 +38,9 @@ class Draftable(Protocol):
 class DraftSettings:
     """How a sequence drafts: `num_tokens` (k) at most per step, after a match of `ngram`
     tokens (n, tried down to 1)."""
-    method: str | None = None      # "ngram", or None: no speculation
-    num_tokens: int = 6
-    ngram: int = 3
+    method: str | None             # "ngram", or None: no speculation
+    num_tokens: int
+    ngram: int
 
     def for_request(self, params: SamplingParams) -> "DraftSettings":
         """These settings (the engine's) as one request's parameters override them."""
