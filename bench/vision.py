@@ -1,134 +1,146 @@
-"""Time to first token with one image versus the same prompt without, on a random model of
-SmolVLM-256M-Instruct's shape (SigLIP-512 encoder, pixel shuffle by 4, SmolLM2-135M text),
-hayate beside transformers on the same folder, threads and image.
+"""Time to first token with one image, hayate beside transformers on the same random folder of
+a real model's shape (bench/vision_models.py), threads and image, at each `detail` and each of
+hayate's encoder precisions, with hayate's per-stage breakdown.
 
-    .venv/bin/python bench/vision.py [--threads 2] [--repeats 3] [--image-size 640x480]
+    .venv/bin/python bench/vision.py [--shape smolvlm|llava] [--threads 2] [--repeats 2]
+        [--image-size 640x480] [--details low,high] [--precisions fp32,bf16]
 
-Times are wall clock around the whole request (image processing included), to the first
-token. The image is a random photo-sized JPEG; SmolVLM's processor upscales its longest edge
-to 2048 pixels and cuts it into 512-pixel tiles plus a global view (64 tokens each)."""
+Times are wall clock from the raw image bytes to the first token (decoding, processing,
+encoding, prefill), median of --repeats, each repeat a new random photo (the encoder cache
+never answers; its row is measured apart), the engines' requests interleaved. transformers
+runs its processor with splitting off for `low` (what hayate's low is) and its default for
+`high`."""
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from image_samples import encode, noise  # noqa: E402  (the test suite's image and folder makers)
-from tiny_vlms import IMAGE_TOKEN_ID, SMOLVLM_CHAT_TEMPLATE, vlm_tokenizer  # noqa: E402
-
-from hayate.llm import LLM  # noqa: E402
-from hayate.multimodal.image import ImageLimits, decode_image  # noqa: E402
-from hayate.sampling import SamplingParams  # noqa: E402
+from hayate.llm import LLM
+from hayate.multimodal.image import ImageLimits, decode_image
+from hayate.sampling import SamplingParams
+from vision_models import SHAPES, make_folder, photo
 
 QUESTION = "What is in this picture? Describe it in one sentence."
-SMOLVLM_256M_TEXT = dict(model_type="llama", vocab_size=49280, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
-SMOLVLM_256M_VISION = dict(model_type="idefics3_vision", hidden_size=768, intermediate_size=3072,
-                           num_hidden_layers=12, num_attention_heads=12, image_size=512, patch_size=16)
+STAGES = ("decode", "preprocess", "encode", "prefill")
 
 
-def make_folder(folder: Path) -> transformers.Idefics3ForConditionalGeneration:
-    config = transformers.Idefics3Config(text_config=SMOLVLM_256M_TEXT, vision_config=SMOLVLM_256M_VISION,
-                                         scale_factor=4, image_token_id=IMAGE_TOKEN_ID)
-    torch.manual_seed(0)
-    model = transformers.Idefics3ForConditionalGeneration(config).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    image_processor = transformers.Idefics3ImageProcessorPil(
-        size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, do_image_splitting=True)
-    transformers.Idefics3Processor(image_processor=image_processor, tokenizer=vlm_tokenizer(SMOLVLM_CHAT_TEMPLATE),
-                                   image_seq_len=64, chat_template=SMOLVLM_CHAT_TEMPLATE).save_pretrained(folder)
-    return model
+@dataclass
+class Row:
+    label: str
+    ttft: list[float] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=lambda: {stage: [] for stage in STAGES})
+    prompt_tokens: int = 0
+
+    def median(self, values: list[float] | None = None) -> float:
+        return statistics.median(self.ttft if values is None else values) * 1000
 
 
-def photo(size: tuple[int, int], seed: int) -> bytes:
-    return encode(noise(size, seed=seed), "JPEG", quality=90)
-
-
-def hayate_ttft(llm: LLM, image: bytes | None) -> tuple[float, object]:
-    """Seconds from raw bytes to the first token, and the request's timings."""
+def hayate_request(llm: LLM, image: bytes | None, detail: str, row: Row) -> None:
+    """One request, its times added to `row`."""
     started = time.perf_counter()
     content: list[dict] = [{"type": "text", "text": QUESTION}]
     if image is not None:
-        content.insert(0, {"type": "image", "image": decode_image(image, ImageLimits())})
+        decoded = decode_image(image, ImageLimits())
+        row.stages["decode"].append(time.perf_counter() - started)
+        content.insert(0, {"type": "image", "image": decoded, "detail": detail})
     result = llm.chat([{"role": "user", "content": content}], SamplingParams(max_tokens=1, temperature=0))
-    return time.perf_counter() - started, result
+    row.ttft.append(time.perf_counter() - started)
+    row.prompt_tokens = result.num_prompt_tokens
+    timings = result.timings
+    if timings.images is not None:
+        row.stages["preprocess"].append(timings.images.preprocess)
+        row.stages["encode"].append(timings.images.encode)
+        row.stages["prefill"].append(timings.first_token - timings.first_scheduled - timings.images.encode)
 
 
-def transformers_ttft(model, processor, image: bytes | None) -> float:
-    from transformers.image_utils import load_image
-    import io
-    from PIL import Image
-
+def transformers_request(model, processor, image: bytes | None, detail: str, row: Row) -> None:
     started = time.perf_counter()
     content: list[dict] = [{"type": "text", "text": QUESTION}]
-    images = None
+    options = {}
     if image is not None:
         content.insert(0, {"type": "image"})
-        images = [load_image(Image.open(io.BytesIO(image)))]
+        options = {"images": [Image.open(io.BytesIO(image)).convert("RGB")]}
+        if detail == "low" and isinstance(processor, transformers.Idefics3Processor):
+            options["do_image_splitting"] = False
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(text=text, images=images, return_tensors="pt")
+    inputs = processor(text=text, return_tensors="pt", **options)
     with torch.inference_mode():
         model(**inputs).logits[0, -1].argmax()
-    return time.perf_counter() - started
+    row.ttft.append(time.perf_counter() - started)
+    row.prompt_tokens = int(inputs["input_ids"].shape[1])
 
 
-def median_ms(values: list[float]) -> float:
-    return statistics.median(values) * 1000
+def measure(folder: str, model, args, size: tuple[int, int]) -> list[Row]:
+    """Every engine loaded at once and the requests interleaved (each repeat's photo through
+    hayate at each precision, then transformers), so a slower minute of a shared machine
+    falls on all of them alike."""
+    engines = {precision: LLM(folder, threads=args.threads, max_model_len=8192, vision_precision=precision)
+               for precision in args.precisions}
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    rows: dict[str, Row] = {}
+
+    def row(label: str) -> Row:
+        return rows.setdefault(label, Row(label))
+
+    for precision, llm in engines.items():
+        hayate_request(llm, photo(size, seed=99), "low", Row("warm-up"))
+    transformers_request(model, processor, photo(size, seed=98), "low", Row("warm-up"))
+    for _ in range(args.repeats):
+        for precision, llm in engines.items():
+            hayate_request(llm, None, "high", row(f"hayate {precision}, no image"))
+        transformers_request(model, processor, None, "high", row("transformers, no image"))
+    for detail in args.details:
+        for seed in range(args.repeats):
+            image = photo(size, seed=seed)
+            for precision, llm in engines.items():
+                hayate_request(llm, image, detail, row(f"hayate {precision}, {detail}"))
+                hayate_request(llm, image, detail, row(f"hayate {precision}, {detail}, image cached"))
+            transformers_request(model, processor, image, detail, row(f"transformers, {detail}"))
+    return sorted(rows.values(), key=lambda r: (r.label.startswith("transformers"), r.label))
+
+
+def report(rows: list[Row], args, size: tuple[int, int]) -> None:
+    print(f"\n{args.shape}-shaped random model, {size[0]}x{size[1]} JPEG, {args.threads} threads, "
+          f"median of {args.repeats}")
+    print("| request | prompt tokens | time to first token (ms) | " + " | ".join(STAGES) + " |")
+    print("| --- | ---: | ---: |" + " ---: |" * len(STAGES))
+    for row in rows:
+        stages = [f"{row.median(row.stages[s]):.0f}" if row.stages[s] else "" for s in STAGES]
+        print(f"| {row.label} | {row.prompt_tokens} | {row.median():.0f} | " + " | ".join(stages) + " |")
+    by_label = {row.label: row for row in rows}
+    print()
+    for detail in args.details:
+        reference = by_label[f"transformers, {detail}"].median()
+        for precision in args.precisions:
+            ours = by_label[f"hayate {precision}, {detail}"].median()
+            print(f"{detail}: hayate {precision} / transformers = {ours / reference:.3f} "
+                  f"({ours:.0f} / {reference:.0f} ms)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="smolvlm")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--image-size", default="640x480")
+    parser.add_argument("--details", type=lambda text: text.split(","), default=["low", "high"])
+    parser.add_argument("--precisions", type=lambda text: text.split(","), default=["fp32", "bf16"])
     args = parser.parse_args()
     size = tuple(int(side) for side in args.image_size.split("x"))
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="hayate-vision-bench-") as tmp:
-        hf_model = make_folder(Path(tmp))
-        llm = LLM(tmp, threads=args.threads, max_model_len=4096)
-        hayate_ttft(llm, photo(size, seed=99))   # warm-up
-        rows = measure_hayate(llm, size, args.repeats)
-        processor = transformers.AutoProcessor.from_pretrained(tmp)
-        transformers_ttft(hf_model, processor, photo(size, seed=98))   # warm-up
-        rows["transformers, no image"] = [transformers_ttft(hf_model, processor, None) for _ in range(args.repeats)]
-        rows["transformers, one image"] = [transformers_ttft(hf_model, processor, photo(size, seed=i))
-                                           for i in range(args.repeats)]
-    report(rows, size, args)
-
-
-def measure_hayate(llm: LLM, size: tuple[int, int], repeats: int) -> dict[str, list[float]]:
-    rows: dict[str, list[float]] = {"hayate, no image": [], "hayate, one image": [],
-                                    "hayate, same image again (encoder cache)": []}
-    breakdown = []
-    for seed in range(repeats):
-        rows["hayate, no image"].append(hayate_ttft(llm, None)[0])
-        seconds, result = hayate_ttft(llm, photo(size, seed=seed))
-        rows["hayate, one image"].append(seconds)
-        breakdown.append((result.num_prompt_tokens, result.timings.images))
-        rows["hayate, same image again (encoder cache)"].append(hayate_ttft(llm, photo(size, seed=seed))[0])
-    tokens, images = breakdown[0]
-    print(f"one image: {tokens} prompt tokens; preprocess {median_ms([b[1].preprocess for b in breakdown]):.0f} ms, "
-          f"encode {median_ms([b[1].encode for b in breakdown]):.0f} ms (hayate, median)")
-    return rows
-
-
-def report(rows: dict[str, list[float]], size: tuple[int, int], args) -> None:
-    print(f"\nSmolVLM-256M-shaped random model, {size[0]}x{size[1]} JPEG, {args.threads} threads, "
-          f"median of {args.repeats}")
-    print("| request | time to first token (ms) |\n| --- | ---: |")
-    for name, values in rows.items():
-        print(f"| {name} | {median_ms(values):.0f} |")
-    ratio = median_ms(rows["hayate, one image"]) / median_ms(rows["transformers, one image"])
-    print(f"\nhayate / transformers with one image: {ratio:.2f}")
+    with tempfile.TemporaryDirectory(prefix="hayate-vision-bench-") as folder:
+        model = make_folder(args.shape, Path(folder))
+        rows = measure(folder, model, args, size)
+    report(rows, args, size)
 
 
 if __name__ == "__main__":

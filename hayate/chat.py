@@ -35,7 +35,7 @@ def command_chat(args: argparse.Namespace) -> int:
             continue
         if not user.strip():
             continue
-        turn = user_message(user, images)
+        turn = user_message(user, images, args.image_detail)
         images = []
         try:
             answer = _answer(llm, system + history + [turn], params)

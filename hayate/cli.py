@@ -67,6 +67,22 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     add_kv_cache_option(parser)
     add_tool_format_option(parser)
     add_speculative_options(parser)
+    add_vision_options(parser)
+
+
+def add_vision_options(parser: argparse.ArgumentParser) -> None:
+    from hayate.models.vision.precision import VISION_PRECISIONS
+    from hayate.multimodal.features import IMAGE_DETAILS
+
+    parser.add_argument("--mmproj", metavar="FILE",
+                        help="llama.cpp's image encoder for a .gguf --model (mmproj-*.gguf; SmolVLM)")
+    parser.add_argument("--image-detail", choices=IMAGE_DETAILS, default="auto",
+                        help="how closely images are looked at, as OpenAI's detail: low = one view at the "
+                             "encoder's size (SmolVLM: 64 tokens), high = the model's full tiling, auto "
+                             "(default) = low for a picture that fits one view, else high")
+    parser.add_argument("--vision-precision", choices=VISION_PRECISIONS, default="fp32",
+                        help="the image encoder's matrix products: fp32 (default, exact) or bf16 (about "
+                             "2x faster where the CPU has AVX512-BF16 or AMX; rounds, see docs/PERFORMANCE.md)")
 
 
 def add_speculative_options(parser: argparse.ArgumentParser) -> None:
@@ -112,10 +128,11 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, threads=args.threads, max_model_len=args.max_model_len,
+    return EngineConfig(model=args.model, mmproj=args.mmproj, threads=args.threads, max_model_len=args.max_model_len,
                         weights=args.weights, device=args.device, dtype=args.dtype,
                         cuda_graphs=not args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
-                        tool_format=args.tool_format, show_progress=True, **speculative_settings(args))
+                        tool_format=args.tool_format, vision_precision=args.vision_precision, show_progress=True,
+                        **speculative_settings(args))
 
 
 def speculative_settings(args: argparse.Namespace) -> dict:
@@ -163,15 +180,17 @@ def summary_line(output: RequestOutput, floor=None) -> str:
 
 def image_summary(images: ImageTimings) -> str:
     cached = f", {images.encoder_cache_hits} from cache" if images.encoder_cache_hits else ""
-    return (f"{images.num_images} image{'s' if images.num_images != 1 else ''}: decode {images.load * 1000:.0f} ms, "
+    return (f"{images.num_images} image{'s' if images.num_images != 1 else ''} ({images.num_image_tokens} tokens): "
+            f"decode {images.load * 1000:.0f} ms, "
             f"preprocess {images.preprocess * 1000:.0f} ms, encode {images.encode * 1000:.0f} ms{cached}")
 
 
-def user_message(text: str, images: list) -> dict:
-    """A user turn: the images (decoded), then the text, as vision chat examples put them."""
+def user_message(text: str, images: list, detail: str = "auto") -> dict:
+    """A user turn: the images (decoded, seen at `detail`), then the text, as vision chat
+    examples put them."""
     if not images:
         return {"role": "user", "content": text}
-    return {"role": "user", "content": [*({"type": "image", "image": image} for image in images),
+    return {"role": "user", "content": [*({"type": "image", "image": image, "detail": detail} for image in images),
                                         {"type": "text", "text": text}]}
 
 
@@ -185,7 +204,7 @@ def command_run(args: argparse.Namespace) -> int:
     tools = read_tools(args.tools) if args.tools else None
     llm = LLM(config=engine_config(args))
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-        [user_message(args.prompt, images)]
+        [user_message(args.prompt, images, args.image_detail)]
     if tools is not None:
         return run_with_tools(llm, messages, params, tools, args.tool_choice)
     last = stream_to_stdout(llm.stream_chat(messages, params))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from hayate.models.vision.precision import VISION_PRECISIONS
 from hayate.sampling import check_speculative
 from hayate.tools.formats import FORMAT_NAMES
 
@@ -15,6 +16,7 @@ KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 @dataclass
 class EngineConfig:
     model: str | None = None          # .gguf file or Hugging Face folder; None = the default model
+    mmproj: str | None = None         # llama.cpp's image encoder GGUF beside a .gguf model (SmolVLM)
     threads: int | None = None        # torch intra-op threads; None = one per usable CPU (hayate.cpus)
     max_model_len: int | None = None  # context length; None = min(model's, 4096)
     max_num_seqs: int = 1             # sequences that can run at once (the batch)
@@ -26,6 +28,9 @@ class EngineConfig:
     weights: str = "auto"
     show_progress: bool = False       # progress bar while loading
     encoder_cache_mb: int = 256       # image embeddings kept by content hash (vision models)
+    # the vision encoder's linear layers: fp32 (exact) | bf16 (bf16 weights and inputs, fp32
+    # accumulation: ~2x faster on CPUs with AVX512-BF16 or AMX, lossy: models/vision/precision.py)
+    vision_precision: str = "fp32"
     planned_decode: bool = True       # decode steps as one native call where the model allows
     prefix_caching: bool = True       # share the KV blocks of prompts' common prefixes (block_manager.py)
     device: str = "cpu"               # "cpu", or "cuda" / "cuda:N": weights dequantized (or int4-bf16)
@@ -46,6 +51,8 @@ class EngineConfig:
     speculative_ngram: int = 3
 
     def __post_init__(self) -> None:
+        if self.mmproj is not None and self.model is None:
+            raise ValueError("mmproj needs model: the .gguf text model the image encoder belongs to")
         if self.threads is not None and not 1 <= self.threads <= 4 * (os.cpu_count() or 1):
             raise ValueError(f"threads must be between 1 and {4 * (os.cpu_count() or 1)}, got {self.threads}")
         if self.max_model_len is not None and self.max_model_len < 16:
@@ -70,6 +77,9 @@ class EngineConfig:
         if self.device != "cpu" and self.weights not in ("auto", "fp32", "int4-bf16"):
             raise ValueError(f"weights {self.weights} run on the CPU only; on {self.device} weights are "
                              "dequantized at load (weights auto or fp32) or int4-bf16")
+        if self.vision_precision not in VISION_PRECISIONS:
+            raise ValueError(f"vision_precision must be one of {', '.join(VISION_PRECISIONS)}, "
+                             f"got {self.vision_precision!r}")
         if self.tool_format not in FORMAT_NAMES:
             raise ValueError(f"tool_format must be one of {', '.join(FORMAT_NAMES)}, got {self.tool_format!r}")
         check_speculative(self.speculative, self.speculative_tokens, self.speculative_ngram)

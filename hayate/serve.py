@@ -42,12 +42,14 @@ def add_serve_parser(commands) -> None:
                        help="how GGUF weights are kept (see `hayate run --help`; default auto)")
     serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                        help="prefill every prompt whole instead of sharing the cached blocks of common prefixes")
-    from hayate.cli import add_device_options, add_kv_cache_option, add_speculative_options, add_tool_format_option
+    from hayate.cli import (add_device_options, add_kv_cache_option, add_speculative_options, add_tool_format_option,
+                            add_vision_options)
 
     add_device_options(serve)
     add_kv_cache_option(serve)
     add_tool_format_option(serve)
     add_speculative_options(serve)
+    add_vision_options(serve)
     serve.add_argument("--allowed-media-dir", type=Path,
                        help="local image paths (file:// or absolute) may be read from under this folder only")
     serve.add_argument("--allow-remote-media", action="store_true",
@@ -72,13 +74,13 @@ def command_serve(args: argparse.Namespace) -> int:
 
     _check_options(args)
     settings = ServerSettings(api_keys=api_keys(args), max_n=args.max_n, media=media_policy(args))
-    config = EngineConfig(model=args.model, threads=args.threads, max_model_len=args.max_model_len,
+    config = EngineConfig(model=args.model, mmproj=args.mmproj, threads=args.threads, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_batch, kv_cache_tokens=args.kv_cache_tokens,
                           weights=args.weights, encoder_cache_mb=args.encoder_cache_mb,
                           prefix_caching=args.prefix_caching,
                           device=args.device, dtype=args.dtype, cuda_graphs=not args.enforce_eager,
                           kv_cache_dtype=args.kv_cache_dtype, tool_format=args.tool_format,
-                          **speculative_settings(args))
+                          vision_precision=args.vision_precision, **speculative_settings(args))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     failures: list[str] = []
 
@@ -112,7 +114,7 @@ def media_policy(args: argparse.Namespace):
     limits = ImageLimits(max_bytes=int(args.max_image_mb * 1024 * 1024),
                          max_pixels=int(args.max_image_megapixels * 1_000_000), max_images=args.max_images)
     return MediaPolicy(limits=limits, allowed_media_dir=args.allowed_media_dir,
-                       allow_remote_media=args.allow_remote_media)
+                       allow_remote_media=args.allow_remote_media, default_detail=args.image_detail)
 
 
 def _check_options(args: argparse.Namespace) -> None:

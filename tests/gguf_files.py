@@ -47,8 +47,11 @@ def random_blocks(qtype: QType, rows: int, cols: int, rng: np.random.Generator) 
     return blocks.reshape(rows, -1)
 
 
-def write_model(path: Path, arch: str, config: dict, tensors: dict[str, tuple[np.ndarray, QType]]) -> Path:
-    """A GGUF file with a model's metadata (as llama.cpp's converter writes it) and the given tensors."""
+def write_model(path: Path, arch: str, config: dict, tensors: dict[str, tuple[np.ndarray, QType]],
+                vocabulary: tuple[list[str], list[int]] | None = None,
+                chat_template: str = "{% for m in messages %}{{ m['content'] }}{% endfor %}") -> Path:
+    """A GGUF file with a model's metadata (as llama.cpp's converter writes it) and the given
+    tensors; `vocabulary`: (tokens, token types) of a byte-level BPE without merges."""
     writer = gguf.GGUFWriter(str(path), arch)
     heads = config["num_attention_heads"]
     writer.add_block_count(config["num_hidden_layers"])
@@ -61,11 +64,12 @@ def write_model(path: Path, arch: str, config: dict, tensors: dict[str, tuple[np
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
     writer.add_rope_dimension_count(config["hidden_size"] // heads)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"tok{i}" for i in range(config["vocab_size"])])
-    writer.add_token_types([1] * config["vocab_size"])
+    tokens, token_types = vocabulary or ([f"tok{i}" for i in range(config["vocab_size"])], [1] * config["vocab_size"])
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
-    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    writer.add_chat_template(chat_template)
     for name, (array, qtype) in tensors.items():
         raw_dtype = qtype if array.dtype == np.uint8 else None
         writer.add_tensor(name, array, raw_dtype=raw_dtype)

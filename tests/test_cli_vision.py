@@ -31,7 +31,7 @@ def test_run_with_an_image_prints_image_timings(capsys, vlm_folder, picture):
                              "What is in this picture?")
     assert code == 0 and out.strip()
     summary = err.strip().splitlines()[-1]
-    assert "1 image: decode" in summary and "preprocess" in summary and "encode" in summary
+    assert "1 image (80 tokens): decode" in summary and "preprocess" in summary and "encode" in summary
 
 
 def test_run_with_a_missing_or_broken_image(capsys, vlm_folder, tmp_path, picture):

@@ -35,7 +35,7 @@ def picture(width: int, height: int, seed: int) -> bytes:
 
 
 def user(text: str, *images) -> dict:
-    return {"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+    return {"role": "user", "content": [*({"type": "image", "image": i, "detail": "high"} for i in images),
                                         {"type": "text", "text": text}]}
 
 

@@ -27,6 +27,7 @@ class ImageTimings:
     load: float = 0.0              # reading or fetching, and decoding, the images, at the edge
     encode: float = 0.0            # the vision encoder, for the images the cache lacked
     encoder_cache_hits: int = 0    # images whose embeddings came from the encoder cache
+    num_image_tokens: int = 0      # the prompt's image tokens, all images together
 
 
 @dataclass

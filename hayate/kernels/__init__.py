@@ -16,7 +16,7 @@ import torch
 log = logging.getLogger("hayate.kernels")
 
 
-SOURCES = ("native.cpp", "decode.cpp", "block_formats.h", "ggml_blocks.h", "interleaved.h", "interleaved_fill.h",
+SOURCES = ("native.cpp", "decode.cpp", "vision_attention.cpp", "block_formats.h", "ggml_blocks.h", "interleaved.h", "interleaved_fill.h",
            "interleaved_kernel.h", "decode_attention.h", "kv_elements.h", "worker_pool.h")
 
 

@@ -6,6 +6,7 @@
 #include "kv_elements.h"
 
 void register_decode_plan(pybind11::module& m);  // decode.cpp
+void register_vision_attention(pybind11::module& m);  // vision_attention.cpp
 
 // x [M, K] float32 (M <= 16); w [N, row bytes] uint8 of a natively read ggml_type
 // (block_formats.h). Returns [M, N] float32.
@@ -169,4 +170,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("store_kv", &store_kv, "float32 values into a KV-cache-typed tensor, as the planned step stores them");
   register_decode_plan(m);
+  register_vision_attention(m);
 }

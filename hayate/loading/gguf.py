@@ -165,15 +165,18 @@ class GGUFModelFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.reader, self.metadata = _open_reader(self.path)
+        self.reader, self.metadata = open_reader(self.path)
         self.architecture = self.metadata.get("general.architecture", "")
+        if self.architecture == "clip":
+            raise GGUFError(f"{self.path.name} is an image encoder (mmproj), not a text model: give it as "
+                            "--mmproj, beside the text model's GGUF as --model")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise GGUFError(f"{self.path.name} has architecture {describe(self.architecture)}, which hayate "
                             f"does not support (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         self._by_name = {tensor.name: tensor for tensor in self.reader.tensors}
         self._hf_names = {t.name: _hf_name(t.name, self.path, self.architecture) for t in self.reader.tensors
                           if t.name not in _SKIPPED_TENSORS}
-        _check_tensor_types(self.reader.tensors, self.path)
+        check_tensor_types(self.reader.tensors, self.path)
 
     def __len__(self) -> int:
         return len(self._hf_names)
@@ -254,7 +257,7 @@ class GGUFModelFile:
     def _load(self, tensor: gguf.ReaderTensor, hf_name: str, keep_packed: bool) -> torch.Tensor | PackedWeight:
         shape = tuple(int(dim) for dim in reversed(tensor.shape.tolist()))  # torch order
         ggml_type = int(tensor.tensor_type)
-        raw = _mapped(tensor.data)
+        raw = mapped_tensor(tensor.data)
         rows = self._row_order(hf_name, shape[0])
         if keep_packed and len(shape) == 2:
             packed = raw.view(torch.uint8).reshape(shape[0], -1)
@@ -351,7 +354,7 @@ def llama3_rope_factors(scaling: dict[str, Any], rope_theta: float, dim: int) ->
                     np.where(wavelength > low_wavelength, scaling["factor"], medium))
 
 
-def _open_reader(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
+def open_reader(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
     """The file's reader and metadata; any parse failure is one GGUFError."""
     if not path.is_file():
         raise GGUFError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
@@ -367,7 +370,7 @@ def _open_reader(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
         raise GGUFError(f"{path} is truncated or corrupt ({reason})") from None
 
 
-def _mapped(data: np.ndarray) -> torch.Tensor:
+def mapped_tensor(data: np.ndarray) -> torch.Tensor:
     """The tensor's bytes in the file's memory map, not copied: a packed weight is read from
     the page cache (or rearranged from it once); decoding and loading make their own copies.
     Never written to: the map is read-only."""
@@ -387,7 +390,7 @@ def _hf_name(gguf_name: str, path: Path, architecture: str) -> str:
     raise GGUFError(f"{path.name} has a tensor hayate does not know: '{gguf_name}'")
 
 
-def _check_tensor_types(tensors: list[gguf.ReaderTensor], path: Path) -> None:
+def check_tensor_types(tensors: list[gguf.ReaderTensor], path: Path) -> None:
     for ggml_type in {int(tensor.tensor_type) for tensor in tensors}:
         if not can_dequantize(ggml_type):
             raise GGUFError(f"{path.name} uses tensor type {QType(ggml_type).name}, which hayate cannot decode")

@@ -97,7 +97,7 @@ class ModelDims:
     head_dim: int
 
 
-class _Metadata:
+class Metadata:
     """Typed reads of one file's metadata; each bad value raises a GGUFError naming its key."""
 
     def __init__(self, metadata: Mapping[str, Any], architecture: str, source: str):
@@ -139,7 +139,7 @@ class _Metadata:
 def check_model(metadata: Mapping[str, Any], tensors: Mapping[str, Any], architecture: str,
                 source: str) -> ModelDims:
     """Every key hf_config() reads, and every tensor the model will load, against each other."""
-    meta = _Metadata(metadata, architecture, source)
+    meta = Metadata(metadata, architecture, source)
     dims = _dims(meta, tensors)
     meta.integer(meta.key("context_length"), required=False, maximum=MAX_CONTEXT)
     meta.number(meta.key("attention.layer_norm_rms_epsilon"), 1e-6)
@@ -152,7 +152,7 @@ def check_model(metadata: Mapping[str, Any], tensors: Mapping[str, Any], archite
     return dims
 
 
-def _dims(meta: _Metadata, tensors: Mapping[str, Any]) -> ModelDims:
+def _dims(meta: Metadata, tensors: Mapping[str, Any]) -> ModelDims:
     hidden_key, heads_key = meta.key("embedding_length"), meta.key("attention.head_count")
     hidden, heads = meta.integer(hidden_key, required=True), meta.integer(heads_key, required=True)
     kv_key = meta.key("attention.head_count_kv")
@@ -172,7 +172,7 @@ def _dims(meta: _Metadata, tensors: Mapping[str, Any]) -> ModelDims:
                      heads=heads, kv_heads=kv_heads, head_dim=head_dim)
 
 
-def _check_head_dim(meta: _Metadata, head_dim: int, source: str) -> None:
+def _check_head_dim(meta: Metadata, head_dim: int, source: str) -> None:
     if head_dim % 2:
         raise meta.fail(f"the head size {source} must be even (rotary embeddings turn pairs of values)")
     for name in ("attention.value_length", "rope.dimension_count"):
@@ -182,7 +182,7 @@ def _check_head_dim(meta: _Metadata, head_dim: int, source: str) -> None:
                             f"({source})")
 
 
-def _vocab_size(meta: _Metadata, tensors: Mapping[str, Any]) -> int:
+def _vocab_size(meta: Metadata, tensors: Mapping[str, Any]) -> int:
     embedding = tensors.get("token_embd.weight")
     if embedding is None or len(embedding.shape) != 2:
         raise meta.fail("the token embedding tensor token_embd.weight is missing or not a matrix")
@@ -193,7 +193,7 @@ def _vocab_size(meta: _Metadata, tensors: Mapping[str, Any]) -> int:
     return vocab
 
 
-def _check_rope(meta: _Metadata, tensors: Mapping[str, Any], head_dim: int) -> None:
+def _check_rope(meta: Metadata, tensors: Mapping[str, Any], head_dim: int) -> None:
     key = meta.key("rope.scaling.type")
     kind = meta.typed(key, str, "a string")
     freqs = tensors.get("rope_freqs.weight")
@@ -208,7 +208,7 @@ def _check_rope(meta: _Metadata, tensors: Mapping[str, Any], head_dim: int) -> N
         _check_rope_factors(meta, freqs, head_dim)
 
 
-def _check_rope_factors(meta: _Metadata, freqs: Any, head_dim: int) -> None:
+def _check_rope_factors(meta: Metadata, freqs: Any, head_dim: int) -> None:
     shape = tuple(int(d) for d in freqs.shape)
     if shape != (head_dim // 2,) or freqs.tensor_type not in (gguf.GGMLQuantizationType.F32,
                                                                  gguf.GGMLQuantizationType.F16):
@@ -221,7 +221,7 @@ def _check_rope_factors(meta: _Metadata, freqs: Any, head_dim: int) -> None:
 
 # ---- tensor shapes --------------------------------------------------------------------------
 
-def _layer_shapes(dims: ModelDims, meta: _Metadata) -> list[tuple[str, tuple[int, ...], str]]:
+def _layer_shapes(dims: ModelDims, meta: Metadata) -> list[tuple[str, tuple[int, ...], str]]:
     """(tensor, torch-order shape, the keys that imply it) for one layer's weights."""
     def keys(*names: str) -> str:
         values = {"embedding_length": dims.hidden, "feed_forward_length": dims.ffn,
@@ -250,18 +250,18 @@ def _layer_shapes(dims: ModelDims, meta: _Metadata) -> list[tuple[str, tuple[int
         ("ffn_down", (hidden, dims.ffn), keys(*ffn))]
 
 
-def _check_tensors(meta: _Metadata, tensors: Mapping[str, Any], dims: ModelDims) -> None:
+def _check_tensors(meta: Metadata, tensors: Mapping[str, Any], dims: ModelDims) -> None:
     """Each tensor the model loads has the shape the metadata implies; none is missing or extra."""
     _check_layer_count(meta, tensors, dims.layers)
     expected = _expected_tensors(meta, tensors, dims)
     for name, (shape, keys, required) in expected.items():
-        _check_shape(meta, tensors, name, shape, keys, required)
+        check_shape(meta, tensors, name, shape, keys, required)
     extra = next((name for name in tensors if name not in expected and name != "rope_freqs.weight"), None)
     if extra is not None:
         raise meta.fail(f"the tensor {extra} has no place in this {meta.architecture} model")
 
 
-def _expected_tensors(meta: _Metadata, tensors: Mapping[str, Any],
+def _expected_tensors(meta: Metadata, tensors: Mapping[str, Any],
                       dims: ModelDims) -> dict[str, tuple[tuple[int, ...], str, bool]]:
     """name -> (torch-order shape, the keys that imply it, whether it must be present)."""
     hidden_key = f"{meta.key('embedding_length')}={dims.hidden}"
@@ -280,7 +280,7 @@ def _expected_tensors(meta: _Metadata, tensors: Mapping[str, Any],
     return expected
 
 
-def _check_layer_count(meta: _Metadata, tensors: Mapping[str, Any], layers: int) -> None:
+def _check_layer_count(meta: Metadata, tensors: Mapping[str, Any], layers: int) -> None:
     indices = {int(match[1]) for name in tensors if (match := _LAYER_NAME.match(name))}
     if len(indices) == layers and max(indices, default=-1) == layers - 1:
         return   # exactly layers 0 .. layers - 1
@@ -288,8 +288,8 @@ def _check_layer_count(meta: _Metadata, tensors: Mapping[str, Any], layers: int)
     raise meta.fail(f"{meta.key('block_count')} is {layers}, but the file has tensors for {found}")
 
 
-def _check_shape(meta: _Metadata, tensors: Mapping[str, Any], name: str, expected: tuple[int, ...],
-                 keys: str, required: bool = True) -> None:
+def check_shape(meta: Metadata, tensors: Mapping[str, Any], name: str, expected: tuple[int, ...],
+                keys: str, required: bool = True) -> None:
     tensor = tensors.get(name)
     if tensor is None:
         if required:
@@ -306,7 +306,7 @@ def check_tokenizer_metadata(metadata: Mapping[str, Any], vocab_size: int | None
                              source: str = "GGUF metadata") -> None:
     """tokenizer.ggml.*: arrays of the right element types and lengths, merges of the form
     "a b", special token ids inside the vocabulary."""
-    meta = _Metadata(metadata, "", source)
+    meta = Metadata(metadata, "", source)
     tokens = metadata.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise meta.fail("there is no tokenizer (tokenizer.ggml.tokens is missing)")
@@ -345,7 +345,7 @@ def is_merge(merge: Any) -> bool:
     return bool(space and left and right) and " " not in right
 
 
-def _check_array(meta: _Metadata, key: str, valid: Any, what: str, length: int | None = None,
+def _check_array(meta: Metadata, key: str, valid: Any, what: str, length: int | None = None,
                  types: set[type] = frozenset()) -> None:
     """Every element valid(); `types`: exact element types that are valid as such (and, for
     merges, pieces checked at C speed), so a 150k-token vocabulary is not checked one by one in

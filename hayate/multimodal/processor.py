@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import PIL.Image
 
-from hayate.multimodal.features import ImageFeatures
+from hayate.multimodal.features import ImageDetail, ImageFeatures
 
 IMAGE_MARKER = "<image>"  # what the chat templates of SmolVLM and LLaVA write for an image part
 
@@ -24,8 +24,9 @@ class ImageProcessor(Protocol):
     image_token: str    # the marker the chat template writes for an image
     image_token_id: int  # the id whose rows the vision encoder's output replaces
 
-    def process(self, image: PIL.Image.Image, content_hash: str) -> ImageFeatures:
-        """Pixel tiles and prompt placeholder for one image."""
+    def process(self, image: PIL.Image.Image, content_hash: str, detail: ImageDetail = "high") -> ImageFeatures:
+        """Pixel tiles and prompt placeholder for one image, seen at `detail` (OpenAI's:
+        "low" one view at the encoder's size, "high" the model's full tiling, "auto" by size)."""
         ...
 
     def expand_prompt(self, text: str, images: list[ImageFeatures]) -> str:

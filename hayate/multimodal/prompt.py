@@ -1,8 +1,9 @@
 """Chat messages, possibly holding images, to prompt token ids plus processed images.
 
 Messages are dicts as chat templates take them. A part {"type": "image", "image": DecodedImage}
-carries an image already decoded at the edge (CLI or server); the template sees it as
-{"type": "image"} and writes the model's marker, which the processor then expands into the
+carries an image already decoded at the edge (CLI or server), and may say how closely to look at
+it ("detail": "low" | "high" | "auto", OpenAI's; `default_detail` otherwise); the template sees
+it as {"type": "image"} and writes the model's marker, which the processor then expands into the
 image's tokens."""
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from hayate.loading.chat_template import ChatTemplate
 from hayate.loading.tokenizer import Tokenizer
-from hayate.multimodal.features import PromptImages
+from hayate.multimodal.features import IMAGE_DETAILS, ImageDetail, PromptImages
 from hayate.multimodal.image import DecodedImage, MediaError
 
 if TYPE_CHECKING:
@@ -36,24 +37,27 @@ class ChatPrompt:
     images: PromptImages | None   # None for a text-only conversation
 
 
-def message_images(messages: list[dict]) -> list[DecodedImage]:
-    """The decoded images of a conversation, in order."""
-    return [part["image"] for message in messages if isinstance(message.get("content"), list)
+def image_parts(messages: list[dict]) -> list[dict]:
+    """The image parts of a conversation, in order."""
+    return [part for message in messages if isinstance(message.get("content"), list)
             for part in message["content"] if part.get("type") == "image"]
 
 
 def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer,
                 processor: ImageProcessor | None, add_generation_prompt: bool = True,
-                max_chars: int | None = None, tools: list[dict] | None = None) -> ChatPrompt:
-    """Raises MediaError (an image the model cannot take), ChatTemplateError, and PromptTooLong
-    when the messages' text, or the rendered prompt, is longer than max_chars. `tools` (OpenAI's
-    shape) go to the template as transformers passes them."""
+                max_chars: int | None = None, tools: list[dict] | None = None,
+                default_detail: ImageDetail = "auto") -> ChatPrompt:
+    """Raises MediaError (an image the model cannot take, an unknown detail), ChatTemplateError,
+    and PromptTooLong when the messages' text, or the rendered prompt, is longer than max_chars.
+    `tools` (OpenAI's shape) go to the template as transformers passes them."""
     check_prompt_chars(sum(map(_text_chars, messages)), max_chars)
-    images = message_images(messages)
-    if images and processor is None:
+    parts = image_parts(messages)
+    if parts and processor is None:
         raise MediaError("this model does not accept images")
     begin = time.perf_counter()
-    features = [processor.process(image.image, image.content_hash) for image in images]
+    images: list[DecodedImage] = [part["image"] for part in parts]
+    details = [check_detail(part.get("detail") or default_detail) for part in parts]
+    features = [processor.process(image.image, image.content_hash, detail) for image, detail in zip(images, details)]
     conversation = [_template_message(message, vision=processor is not None) for message in messages]
     text = template.render(conversation, add_generation_prompt=add_generation_prompt, tools=tools)
     check_prompt_chars(len(text), max_chars)
@@ -65,6 +69,12 @@ def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokeniz
         return ChatPrompt(token_ids, None)
     return ChatPrompt(token_ids, PromptImages(features, preprocess_s=time.perf_counter() - begin,
                                               load_s=sum(image.load_seconds for image in images)))
+
+
+def check_detail(detail: str) -> ImageDetail:
+    if detail not in IMAGE_DETAILS:
+        raise MediaError(f"an image's detail must be one of {', '.join(IMAGE_DETAILS)}; got {detail!r}")
+    return detail   # type: ignore[return-value]
 
 
 def _text_chars(message: dict) -> int:

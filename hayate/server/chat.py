@@ -13,7 +13,7 @@ from hayate.engine.request import RequestOutput
 from hayate.loading.chat_template import ChatTemplateError
 from hayate.multimodal.image import ImageLimits, MediaError, check_image_count
 from hayate.multimodal.media import MediaPolicy, load_image_url
-from hayate.multimodal.prompt import ChatPrompt, PromptTooLong, encode_chat
+from hayate.multimodal.prompt import ChatPrompt, PromptTooLong, check_detail, encode_chat
 from hayate.server.errors import ERROR_RESPONSES, APIError
 from hayate.server.generation import ChoiceRun, ChoiceState, choice_specs
 from hayate.server.logprobs import chat_logprobs
@@ -116,13 +116,31 @@ def _part(part: ContentPart, param: str, media: MediaPolicy) -> dict:
         url = image_part_url(part)
         if url is None:
             raise APIError(400, 'an image part needs "image_url": {"url": ...}', param=param)
+        detail = image_part_detail(part, param, media.default_detail)   # a bad one before any fetch
         try:
-            return {"type": "image", "image": load_image_url(url, media)}
+            return {"type": "image", "image": load_image_url(url, media), "detail": detail}
         except MediaError as error:
             raise APIError(error.status, str(error), param=param, code="invalid_image") from None
     if part.type != "text" or part.text is None:
         raise APIError(400, f"content parts must be text or image_url parts, got type {part.type!r}", param=param)
     return {"type": "text", "text": part.text}
+
+
+def image_part_detail(part: ContentPart, param: str, default: str) -> str:
+    """OpenAI chat writes {"image_url": {"url": ..., "detail": ...}}; its Responses API puts
+    "detail" beside "image_url". Absent: the server's default (`--image-detail`, auto)."""
+    extra = part.model_extra or {}
+    nested = extra.get("image_url")
+    if isinstance(nested, dict) and "detail" in nested:
+        where, detail = f"{param}.image_url.detail", nested["detail"]
+    else:
+        where, detail = f"{param}.detail", extra.get("detail")
+    if detail is None:
+        return default
+    try:
+        return check_detail(detail)
+    except MediaError as error:
+        raise APIError(400, str(error), param=where) from None
 
 
 def image_part_url(part: ContentPart) -> str | None:

@@ -175,7 +175,8 @@ class ChoiceRun:
         prompt_time, completion_time = first_token - scheduled, finished - first_token
         return Usage(prompt_tokens=sum(prompts.values()), completion_tokens=completion_tokens,
                      total_tokens=sum(prompts.values()) + completion_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values()),
+                                                               image_tokens=_image_tokens(timings)),
                      queue_time=scheduled - arrival, prompt_time=prompt_time,
                      completion_time=completion_time, total_time=prompt_time + completion_time,
                      completion_tokens_details=_predictions([t.speculative for t in timings if t.speculative]),
@@ -191,11 +192,17 @@ def _predictions(counts: list[SpeculativeCounts]) -> CompletionTokensDetails | N
     return CompletionTokensDetails(accepted_prediction_tokens=accepted, rejected_prediction_tokens=drafted - accepted)
 
 
+def _image_tokens(timings: list) -> int | None:
+    """The prompt's image tokens (the choices share one prompt); None without images."""
+    return next((t.images.num_image_tokens for t in timings if t.images is not None), None)
+
+
 def _image_usage(images: list[ImageTimings]) -> ImageUsage | None:
     """The choices share one prompt's images: count them once; add up the encoder's work."""
     if not images:
         return None
-    return ImageUsage(images=images[0].num_images, decode_time=images[0].load, preprocess_time=images[0].preprocess,
+    return ImageUsage(images=images[0].num_images, image_tokens=images[0].num_image_tokens,
+                      decode_time=images[0].load, preprocess_time=images[0].preprocess,
                       encode_time=sum(i.encode for i in images),
                       encoder_cache_hits=sum(i.encoder_cache_hits for i in images))
 

@@ -68,6 +68,7 @@ def json_response(body: BaseModel) -> Response:
 class ImageUsage(BaseModel):
     """hayate's breakdown of the time a request's images took before the first token."""
     images: int
+    image_tokens: int = Field(description="prompt tokens that stand for the images (their encoder's output rows)")
     decode_time: float = Field(description="seconds reading or fetching, and decoding, the images")
     preprocess_time: float = Field(description="seconds in the image processor (resize, tiles, normalisation)")
     encode_time: float = Field(description="seconds in the vision encoder")
@@ -84,6 +85,7 @@ class FloorShare(BaseModel):
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(description="prompt tokens whose keys and values came from the prefix cache")
+    image_tokens: int | None = Field(None, exclude_if=_is_none, description="prompt tokens that stand for images")
 
 
 class CompletionTokensDetails(BaseModel):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hayate.models.vision.precision import bf16_attention
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -76,8 +78,12 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x [images, patches, hidden], mask [images, 1, 1, patches] bool (True: attend) or None."""
         images, patches, hidden = x.shape
-        q, k, v = (proj(x).view(images, patches, self.num_heads, -1).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if mask is None:   # the bf16 encoder's native kernel (precision.py), where it applies
+            out = bf16_attention(q, k, v, self.num_heads, self.scale)
+            if out is not None:
+                return self.out_proj(out)
+        q, k, v = (t.view(images, patches, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.out_proj(out.transpose(1, 2).reshape(images, patches, hidden))
 

@@ -83,7 +83,8 @@ async function loadConfig() {
 // ---- one turn -------------------------------------------------------------------------------
 function userMessage(text, images) {
   if (!images.length) return { role: "user", content: text };
-  const parts = images.map((url) => ({ type: "image_url", image_url: { url } }));
+  const detail = $("image-detail").value;
+  const parts = images.map((url) => ({ type: "image_url", image_url: { url, detail } }));
   return { role: "user", content: text ? [{ type: "text", text }, ...parts] : parts };
 }
 

@@ -39,7 +39,8 @@ export function answerStats(clock, usage) {
     const stages = `decode ${ms(images.decode_time)}, preprocess ${ms(images.preprocess_time)}, `
       + `encode ${ms(images.encode_time)}`;
     const cached = images.encoder_cache_hits ? `, ${images.encoder_cache_hits} from cache` : "";
-    rows.push(["images", `${images.images} image${images.images === 1 ? "" : "s"}`, stages + cached]);
+    const label = `${images.images} image${images.images === 1 ? "" : "s"}, ${images.image_tokens} tokens`;
+    rows.push(["images", label, stages + cached]);
   }
   for (const part of ["decode", "prefill"]) {
     const share = usage.floor_share ? usage.floor_share[part] : null;
