@@ -28,16 +28,17 @@ QUESTIONS = ("What is in this picture?", "Describe the colours you see, one by o
 SIZES = ((640, 480), (480, 640), (800, 600), (512, 512), (1024, 576), (300, 200), (720, 720), (1280, 960))
 
 
-def answers(llm: LLM, images: list[bytes], detail: str, max_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Greedy token ids for every (image, question), and each image's embeddings."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+def answers(llm: LLM, images: list[bytes], detail: str, max_tokens: int) -> tuple[list, list[torch.Tensor]]:
+    """Greedy results (token ids, each step's top two logprobs) for every (image, question), and
+    each image's embeddings."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=2)
     tokens, embeddings = [], []
     cache = llm.engine.runner.images.cache
     for data in images:
         image = decode_image(data, ImageLimits())
         for question in QUESTIONS:
             content = [{"type": "image", "image": image, "detail": detail}, {"type": "text", "text": question}]
-            tokens.append(llm.chat([{"role": "user", "content": content}], params).token_ids)
+            tokens.append(llm.chat([{"role": "user", "content": content}], params))
         view = llm.processor.process(image.image, image.content_hash, detail)
         embeddings.append(cache.get(view.cache_key).float())
     return tokens, embeddings
@@ -45,6 +46,12 @@ def answers(llm: LLM, images: list[bytes], detail: str, max_tokens: int) -> tupl
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def gap(result, index: int) -> float:
+    """The fp32 run's logprob margin between its two likeliest tokens where the answers part."""
+    top = result.logprobs[index].top
+    return top[0][1] - top[1][1] if len(top) > 1 else float("inf")
 
 
 def main() -> None:
@@ -60,8 +67,8 @@ def main() -> None:
     print(f"{args.shape}-shaped random model, {args.images} images x {len(QUESTIONS)} questions, "
           f"{args.max_tokens} greedy tokens each\n")
     print("| detail | answers identical to fp32 | first difference at token (median) "
-          "| embedding cosine, min | mean |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+          "| fp32's top-2 logprob gap there (largest) | embedding cosine, min | mean |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory(prefix="hayate-vision-exactness-") as folder:
         make_folder(args.shape, Path(folder))
         engines = {precision: LLM(folder, threads=args.threads, max_model_len=8192, vision_precision=precision,
@@ -69,10 +76,14 @@ def main() -> None:
         for detail in args.details:
             exact_tokens, exact_embeddings = answers(engines["fp32"], images, detail, args.max_tokens)
             fast_tokens, fast_embeddings = answers(engines["bf16"], images, detail, args.max_tokens)
-            same = sum(a == b for a, b in zip(exact_tokens, fast_tokens))
-            where = [i for a, b in zip(exact_tokens, fast_tokens) if (i := first_difference(a, b)) is not None]
+            parted = [(a, i) for a, b in zip(exact_tokens, fast_tokens)
+                      if (i := first_difference(a.token_ids, b.token_ids)) is not None]
+            where = [i for _, i in parted]
+            largest_gap = max((gap(a, i) for a, i in parted), default=None)
             cosines = torch.cat([F.cosine_similarity(a, b, dim=-1) for a, b in zip(exact_embeddings, fast_embeddings)])
-            print(f"| {detail} | {same} / {len(exact_tokens)} | {statistics.median(where) if where else '-'} "
+            print(f"| {detail} | {len(exact_tokens) - len(parted)} / {len(exact_tokens)} "
+                  f"| {statistics.median(where) if where else '-'} "
+                  f"| {'-' if largest_gap is None else f'{largest_gap:.4f}'} "
                   f"| {cosines.min():.6f} | {cosines.mean():.6f} |")
 
 

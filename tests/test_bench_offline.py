@@ -20,7 +20,7 @@ from tiny_models import make_tiny_model
 
 ENGINE_KEYS = {"status", "error", "load_s", "ttft_ms", "decode_tokens_per_s", "itl_ms", "itl_p99_over_p50",
                "decode_tokens", "decode_prompt_length", "itl_samples_ms"}
-TOP_KEYS = {"model", "threads", "weights", "kv_cache_dtype", "prompt_lengths", "decode_tokens", "decode_prompt_length",
+TOP_KEYS = {"model", "threads", "weights", "kv_cache_dtype", "speculative", "prompt_lengths", "decode_tokens", "decode_prompt_length",
             "repeats", "statistic", "engines", "ratios", "ratios_by_round", "plan", "environment"}
 
 
@@ -95,11 +95,11 @@ def test_bench_command_end_to_end(tiny_llm, tmp_path, capsys):
     folder, _ = tiny_llm
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     code = main(["bench", "--model", str(folder), "--threads", "1", "--prompt-lengths", "8,16",
-                 "--decode-tokens", "8", "--repeats", "1", "--kv-cache-dtype", "float16",
+                 "--decode-tokens", "8", "--repeats", "1", "--kv-cache-dtype", "float16", "--speculative", "ngram",
                  "--json", str(out_json), "--plot", str(out_png)])
     assert code == 0
     data = json.loads(out_json.read_text())
-    assert data["kv_cache_dtype"] == "float16"
+    assert data["kv_cache_dtype"] == "float16" and data["speculative"] == "ngram"
     assert data["engines"]["hayate"]["decode_tokens"] == 8 and data["prompt_lengths"] == [8, 16]
     out = capsys.readouterr().out
     assert "decode tok/s" in out and "plan predicted" in out

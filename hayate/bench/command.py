@@ -20,7 +20,7 @@ from hayate.bench.peers import (DEFAULT_LLAMA_PYTHON, PeerFailed, PeerProcess, e
 from hayate.bench.report import BenchReport, notes, results_table, write_json
 from hayate.bench.rounds import run_rounds
 from hayate.bench.timings import EngineResult, failed
-from hayate.cli import add_kv_cache_option
+from hayate.cli import add_kv_cache_option, add_speculative_options, speculative_settings
 from hayate.config import WEIGHT_MODES
 from hayate.cpus import thread_count, usable_cpus
 
@@ -61,6 +61,7 @@ def add_bench_parser(commands) -> None:
                             "or at normal priority (busy); default none")
     bench.add_argument("--peer-timeout", type=float, default=1800, help="seconds allowed per peer (1800)")
     add_kv_cache_option(bench)
+    add_speculative_options(bench)
 
 
 def load_hayate(args: argparse.Namespace) -> HayateContender:
@@ -69,7 +70,7 @@ def load_hayate(args: argparse.Namespace) -> HayateContender:
     start = time.perf_counter()
     # No prefix caching: every repeat must prefill its whole prompt, as the peers do.
     llm = LLM(args.model, threads=args.threads, weights=args.weights, kv_cache_dtype=args.kv_cache_dtype,
-              show_progress=True, prefix_caching=False)
+              show_progress=True, prefix_caching=False, **speculative_settings(args))
     return HayateContender(llm, args.decode_tokens, time.perf_counter() - start)
 
 
@@ -154,5 +155,5 @@ def command_bench(args: argparse.Namespace) -> int:
     floor = plan_floor(llm, args.threads, plan)
     engines = [by_name[hayate.name], *(by_name[name] for name in peer_names)]
     show(BenchReport(job["model"], job["threads"], args.weights, plan, engines, floor, load_average,
-                     args.kv_cache_dtype, args.background), args)
+                     args.kv_cache_dtype, args.background, args.speculative), args)
     return 0

@@ -29,6 +29,7 @@ class BenchReport:
     load_average_before: float | None = None   # 1-minute load average when the bench started
     kv_cache_dtype: str = "auto"
     background: str = "none"             # the load beside every measurement (background.py)
+    speculative: str | None = None       # hayate's speculative decoding (--speculative), if any
 
     def engine(self, name: str) -> EngineResult | None:
         return next((engine for engine in self.engines if engine.name == name), None)
@@ -61,6 +62,7 @@ def results_table(report: BenchReport) -> Table:
     peers = [engine for engine in report.engines if engine.name != HAYATE and engine.ok]
     kv = "" if report.kv_cache_dtype == "auto" else f", KV cache {report.kv_cache_dtype}"
     background = "" if report.background == "none" else f", background {report.background}"
+    kv += "" if report.speculative is None else f", hayate speculative {report.speculative}"
     table = Table(title=f"{Path(report.model).name}, {report.threads} threads, weights {report.weights}{kv}, "
                         f"median of {report.plan.repeats} rounds, engines taking turns{background}")
     table.add_column("metric")
@@ -177,7 +179,7 @@ def floor_json(report: BenchReport) -> dict | None:
 def to_json(report: BenchReport) -> dict:
     return {
         "model": report.model, "threads": report.threads, "weights": report.weights,
-        "kv_cache_dtype": report.kv_cache_dtype, "background": report.background,
+        "kv_cache_dtype": report.kv_cache_dtype, "background": report.background, "speculative": report.speculative,
         "background_load": DESCRIPTIONS[report.background],
         "prompt_lengths": report.plan.prompt_lengths, "decode_tokens": report.plan.decode_tokens,
         "decode_prompt_length": report.plan.decode_prompt_length, "repeats": report.plan.repeats,
