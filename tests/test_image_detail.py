@@ -130,6 +130,19 @@ def test_server_refuses_an_unknown_detail(server, part, param):
     assert post(server, {"type": "image_url", "image_url": {"url": data_uri(SMALL)}}).status_code == 200
 
 
+def count_encoder_calls(llm: LLM, monkeypatch) -> list[int]:
+    """The tiles of each call the engine makes to the model's encoder, as they happen."""
+    model, calls = llm.engine.runner.model, []
+    encode = model.encode_image
+
+    def counted(pixels, mask=None):
+        calls.append(len(pixels))
+        return encode(pixels, mask)
+
+    monkeypatch.setattr(model, "encode_image", counted)
+    return calls
+
+
 def test_images_of_a_step_share_one_encoder_batch(folder, monkeypatch):
     """Two requests' images (a low view and a five-tile high view of another picture, and the
     high one again in a third request) go through the encoder as one call of six tiles in the
@@ -139,9 +152,7 @@ def test_images_of_a_step_share_one_encoder_batch(folder, monkeypatch):
                alone.prepare_chat(ask(WIDE, "high"))]
     expected = [alone.chat(ask(SMALL, "low"), GREEDY).token_ids, alone.chat(ask(WIDE, "high"), GREEDY).token_ids]
     llm = LLM(str(folder), max_num_seqs=4)
-    model, batches = llm.engine.runner.model, []
-    encode = model.encode_image
-    monkeypatch.setattr(model, "encode_image", lambda pixels, mask=None: batches.append(len(pixels)) or encode(pixels, mask))
+    batches = count_encoder_calls(llm, monkeypatch)
     for name, prompt in zip(("small", "wide", "wide again"), prompts):
         llm.engine.add_request(name, prompt.token_ids, GREEDY, prompt.images)
     tokens: dict[str, list[int]] = {"small": [], "wide": [], "wide again": []}
@@ -159,9 +170,7 @@ def test_an_images_tiles_go_through_the_encoder_a_few_at_a_time(folder, monkeypa
 
     llm = LLM(str(folder))
     whole = llm.chat(ask(WIDE, "high"), GREEDY)
-    model, calls = llm.engine.runner.model, []
-    encode = model.encode_image
-    monkeypatch.setattr(model, "encode_image", lambda pixels, mask=None: calls.append(len(pixels)) or encode(pixels, mask))
+    calls = count_encoder_calls(llm, monkeypatch)
     monkeypatch.setattr(images, "MAX_PIXELS_PER_CALL", 2 * 64 * 64)
     llm.engine.runner.images.cache = type(llm.engine.runner.images.cache)(1 << 20)   # forget the first answer's
     chunked = llm.chat(ask(WIDE, "high"), GREEDY)

@@ -109,10 +109,12 @@ class ImageEmbedder:
         encoded = {}
         for group in groups.values():
             pixels = torch.cat([f.pixel_values for f in group])
-            masks = None if group[0].pixel_attention_mask is None else torch.cat([f.pixel_attention_mask for f in group])
+            masks = [f.pixel_attention_mask for f in group]
+            masks = None if masks[0] is None else torch.cat(masks)
             rows = self._encode_tiles(pixels, masks)
             for features, embeddings in zip(group, rows.split([f.num_image_tokens for f in group])):
-                encoded[features.cache_key] = embeddings
+                # a batch's slices are copied out: a cached view would keep the whole batch alive
+                encoded[features.cache_key] = embeddings.clone() if len(group) > 1 else embeddings
         return encoded
 
     def _encode_tiles(self, pixels: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:

@@ -8,7 +8,10 @@ cores. The matrix products' inputs round to bf16 and their products accumulate i
 GEMM, whose output rounds to bf16 once (PyTorch's CPU GEMM has no bf16-in, fp32-out form).
 Outputs that only feed another product (q, k and v into attention, the first MLP layer into
 its activation) stay bf16; the others return to fp32, where the residual stream, the biases
-after them and the layer norms stay. The error this adds is measured, not assumed: `bench/vision_exactness.py`."""
+after them and the layer norms stay. Attention over bf16 q, k, v runs in a native AVX512-BF16
+kernel (kernels/vision_attention.cpp; PyTorch's CPU flash attention is no faster in bf16
+than in fp32 without AMX). The error all this adds is measured, not assumed:
+`bench/vision_exactness.py`."""
 from __future__ import annotations
 
 import torch
