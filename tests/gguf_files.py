@@ -63,6 +63,9 @@ def write_model(path: Path, arch: str, config: dict, tensors: dict[str, tuple[np
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
     writer.add_rope_dimension_count(config["hidden_size"] // heads)
+    if config.get("num_local_experts"):   # Mixtral
+        writer.add_expert_count(config["num_local_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
     writer.add_tokenizer_model("gpt2")
     tokens, token_types = vocabulary or ([f"tok{i}" for i in range(config["vocab_size"])], [1] * config["vocab_size"])
     writer.add_token_list(tokens)
@@ -116,3 +119,16 @@ def tiny_model(arch: str, **overrides) -> torch.nn.Module:
         for parameter in model.parameters():  # norms start at 1 and biases at 0: make all distinct
             parameter.normal_()
     return model
+
+
+def load_gguf(path: Path):
+    """(model, config) built from a GGUF file with every weight dequantized: the eager reference."""
+    from hayate.loading.gguf import GGUFModelFile
+    from hayate.models.config import ModelConfig
+    from hayate.models.registry import build_model
+
+    source = GGUFModelFile(path)
+    config = ModelConfig.from_hf(source.hf_config())
+    model = build_model(config, max_positions=256)
+    model.load_weights(source.tensors(keep_packed=False))
+    return model.eval(), config

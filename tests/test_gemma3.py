@@ -22,9 +22,8 @@ from hayate.loading.gguf import GGUFModelFile
 from hayate.loading.gguf_checks import GGUFError, check_model
 from hayate.loading.tokenizer import Tokenizer
 from hayate.models.config import ModelConfig
-from hayate.models.registry import build_model
 from hayate.sampling import SamplingParams
-from gguf_files import QType, encode, projections_per_layer
+from gguf_files import QType, encode, load_gguf, projections_per_layer
 from test_llama_parity import TURNS, hayate_logits_by_turns, load_hayate
 from tiny_models import BYTE_VOCAB, VOCAB_SIZE, byte_tokenizer
 
@@ -101,14 +100,6 @@ def export_gguf(path: Path, model: torch.nn.Module, qtype: QType = QType.F32) ->
     writer.write_tensors_to_file()
     writer.close()
     return path
-
-
-def load_gguf(path: Path):
-    source = GGUFModelFile(path)
-    config = ModelConfig.from_hf(source.hf_config())
-    model = build_model(config, max_positions=256)
-    model.load_weights(source.tensors(keep_packed=False))
-    return model.eval(), config
 
 
 def test_config_layers_and_scales(folder):

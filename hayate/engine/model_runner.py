@@ -70,7 +70,8 @@ class ModelRunner:
         if planned_decode and self.plan is None:   # an unplanned model's packed layers run the VNNI kernel
             rearrange_for_vnni(packed_linears(model))
         self.static = None
-        if static and self.plan is None:
+        # a model whose step's shapes depend on its data (MoE routing) cannot be captured
+        if static and self.plan is None and getattr(model, "static_shapes", True):
             self.static = StaticDecode(model, self.kv_cache, num_blocks, max_batch,
                                        max_len or config.max_position_embeddings,
                                        capture=self.device.type == "cuda")

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from hayate.layers.quant import PackedWeight, QType, can_dequantize, dequantize, is_quantized
-from hayate.loading.gguf_checks import GGUFError, check_array_length, check_model, check_tensor_info, describe
+from hayate.loading.gguf_checks import GGUFError, check_model, describe
+from hayate.loading.gguf_experts import expert_hf_name, expert_settings, held_nbytes
+from hayate.loading.gguf_reader import FastReader, read_metadata
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
-ValueType = gguf.GGUFValueType
 
 # GGUF tensor name -> Hugging Face name; "{i}" is the layer index.
 _GLOBAL_TENSORS = {
@@ -53,111 +54,6 @@ _EMBEDDING = "model.embed_tokens.weight"
 # What a mutated header can make the gguf package's reader raise.
 _PARSE_ERRORS = (ValueError, KeyError, IndexError, TypeError, ArithmeticError, MemoryError, RecursionError,
                  struct.error)
-# Fewest bytes a metadata field (key length, a 1-byte key, type, a 1-byte value) and a tensor
-# entry (name length, a 1-byte name, dimension count, type, offset) take.
-_MIN_FIELD_BYTES, _MIN_TENSOR_BYTES = 14, 25
-
-
-class _FastReader(gguf.GGUFReader):
-    """GGUFReader that parses metadata arrays in bulk, and refuses (ValueError) any count,
-    length or offset that reaches past the end of the file before acting on it.
-
-    The stock reader makes several numpy views per array element, which costs ~2 s for a
-    49k-token vocabulary. The fields built here have the same parts/data layout.
-    """
-
-    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
-        # The stock reader would return a short (or empty) view and read on from there.
-        if int(offset) + np.dtype(dtype).itemsize * int(count) > self.data.size:
-            raise ValueError(f"the field at byte {int(offset)} runs past the end of the file")
-        return super()._get(offset, dtype, count, override_order)
-
-    def _build_fields(self, offs: int, count: int) -> int:
-        if self.byte_order != "I":
-            raise ValueError("its byte order is not this machine's, which hayate does not read")
-        if int(count) * _MIN_FIELD_BYTES > self.data.size - offs:
-            raise ValueError(f"the header claims {int(count)} metadata fields, more than the file holds")
-        return super()._build_fields(offs, count)
-
-    def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list]:
-        if int(count) * _MIN_TENSOR_BYTES > self.data.size - offs:
-            raise ValueError(f"the header claims {int(count)} tensors, more than the file holds")
-        return super()._build_tensor_info(offs, count)
-
-    def _build_tensors(self, start_offs: int, fields: list) -> None:
-        for field in fields:
-            _name_length, name, _n_dims, dims, raw_type, offset = field.parts
-            check_tensor_info(bytes(name).decode("utf-8", errors="replace"), [int(d) for d in dims],
-                              int(raw_type[0]), int(offset[0]), start_offs, self.data.size)
-        super()._build_tensors(start_offs, fields)
-
-    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list]:
-        if _value_type(raw_type, orig_offs) != ValueType.ARRAY:
-            return super()._get_field_parts(orig_offs, raw_type)
-        item_type, count = struct.unpack_from("=IQ", self.data, orig_offs)
-        scalar = self.gguf_scalar_to_np.get(_value_type(item_type, orig_offs))
-        item_bytes = {ValueType.STRING: 8, ValueType.ARRAY: 12}.get(item_type) or np.dtype(scalar).itemsize
-        check_array_length(count, item_bytes, self.data.size - orig_offs - 12, orig_offs)
-        header = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
-        offs = orig_offs + 12
-        if item_type == ValueType.STRING:
-            parts, offs = self._string_parts(offs, count)
-        elif scalar is not None:
-            parts, offs = self._scalar_parts(offs, count, np.dtype(scalar))
-        else:  # arrays of arrays, each read through this method again
-            return super()._get_field_parts(orig_offs, raw_type)
-        # Each element is a (length, bytes) pair for strings and a single part otherwise.
-        step = 2 if item_type == ValueType.STRING else 1
-        data_idxs = list(range(len(header) + step - 1, len(header) + len(parts), step))
-        types = [ValueType.ARRAY] + ([ValueType(item_type)] if count else [])
-        return offs - orig_offs, header + parts, data_idxs, types
-
-    def _string_parts(self, offs: int, count: int) -> tuple[list[np.ndarray], int]:
-        raw = self.data.view(np.ndarray)  # plain ndarray: memmap slicing is slow
-        parts: list[np.ndarray] = []
-        for _ in range(count):
-            (length,) = struct.unpack_from("=Q", raw, offs)
-            end = offs + 8 + length
-            if end > raw.size:
-                raise ValueError("string runs past the end of the file")
-            parts += (raw[offs:offs + 8].view(np.uint64), raw[offs + 8:end])
-            offs = end
-        return parts, offs
-
-    def _scalar_parts(self, offs: int, count: int, dtype: np.dtype) -> tuple[list[np.ndarray], int]:
-        end = offs + count * dtype.itemsize
-        if end > self.data.size:
-            raise ValueError("array runs past the end of the file")
-        values = self.data.view(np.ndarray)[offs:end].view(dtype)
-        return list(values.reshape(count, 1)), end
-
-
-def _value_type(raw_type: int, offset: int) -> ValueType:
-    try:
-        return ValueType(int(raw_type))
-    except ValueError:
-        raise ValueError(f"the field at byte {offset} has unknown value type {int(raw_type)}") from None
-
-
-def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """All key/value fields of a GGUF file as plain Python values (str, int, float, bool, list)."""
-    return {name: _field_value(field) for name, field in reader.fields.items()
-            if not name.startswith("GGUF.")}
-
-
-def _field_value(field: gguf.ReaderField) -> Any:
-    if field.types == [ValueType.FLOAT32]:
-        # The shortest decimal that rounds to this float32: 1e-05, not 9.999999747378752e-06.
-        return float(str(field.parts[-1][0]))
-    if field.types == [ValueType.STRING]:
-        return field.parts[-1].tobytes().decode("utf-8", errors="replace")
-    if len(field.types) != 2 or field.types[0] != ValueType.ARRAY:
-        return field.contents()  # scalars, strings, empty and nested arrays
-    if field.types[1] == ValueType.STRING:
-        return [field.parts[i].tobytes().decode("utf-8", errors="replace") for i in field.data]
-    if field.types[1] == ValueType.ARRAY:
-        return field.contents()
-    return np.concatenate([field.parts[i] for i in field.data]).tolist()
 
 
 class GGUFModelFile:
@@ -216,6 +112,7 @@ class GGUFModelFile:
             "bos_token_id": self.metadata.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self._eos_token_id(),
             **(self._gemma3_settings(hidden // heads) if self.architecture == "gemma3" else {}),
+            **expert_settings(self.metadata, self.architecture),   # Mixtral
         }
 
     def _gemma3_settings(self, default_head_dim: int) -> dict[str, Any]:
@@ -251,8 +148,8 @@ class GGUFModelFile:
         return sum(4 * int(self._by_name[name].n_elements) for name in self._hf_names)
 
     def stored_nbytes(self) -> int:
-        """Bytes all weights take as stored (packed) in the file."""
-        return sum(int(self._by_name[name].n_bytes) for name in self._hf_names)
+        """Bytes all weights take as stored (packed) in the file; experts', decoded (gguf_experts.py)."""
+        return sum(held_nbytes(name, self._by_name[name]) for name in self._hf_names)
 
     def _load(self, tensor: gguf.ReaderTensor, hf_name: str, keep_packed: bool) -> torch.Tensor | PackedWeight:
         shape = tuple(int(dim) for dim in reversed(tensor.shape.tolist()))  # torch order
@@ -363,7 +260,7 @@ def open_reader(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
     if magic != b"GGUF":
         raise GGUFError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        reader = _FastReader(path)
+        reader = FastReader(path)
         return reader, read_metadata(reader)
     except _PARSE_ERRORS as error:
         reason = " ".join(str(error).split()) or type(error).__name__
@@ -380,6 +277,8 @@ def mapped_tensor(data: np.ndarray) -> torch.Tensor:
 
 
 def _hf_name(gguf_name: str, path: Path, architecture: str) -> str:
+    if (expert_name := expert_hf_name(gguf_name)) is not None:   # Mixtral's experts and routers
+        return expert_name
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _GLOBAL_TENSORS and suffix in ("weight", "bias"):
         return f"{_GLOBAL_TENSORS[stem]}.{suffix}"

@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 
 from hayate.layers.rotary import MAX_POSITIONS as MAX_CONTEXT   # a longer context_length is corrupt
+from hayate.loading.gguf_experts import with_experts
 
 MAX_ARRAY_ELEMENTS = 2 ** 20     # per metadata array (the largest vocabularies hold ~262k tokens)
 MAX_TENSOR_DIMS = 4              # GGML_MAX_DIMS
@@ -277,7 +278,7 @@ def _expected_tensors(meta: Metadata, tensors: Mapping[str, Any],
             expected[f"blk.{layer}.{part}.weight"] = (shape, keys, True)
             if biased and part in biases:
                 expected[f"blk.{layer}.{part}.bias"] = (shape[:1], keys, True)
-    return expected
+    return with_experts(meta, tensors, dims, expected)   # a Mixtral file's experts for its FFN
 
 
 def _check_layer_count(meta: Metadata, tensors: Mapping[str, Any], layers: int) -> None:

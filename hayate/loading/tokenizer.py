@@ -6,9 +6,11 @@ BPE with byte fallback for `"llama"`, the way transformers' GGUF loader and llam
 """
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
@@ -88,7 +90,10 @@ def _byte_alphabet() -> dict[int, str]:
 
 def _vocab(tokens: Sequence[str]) -> dict[str, int]:
     """token -> id; empty or repeated spellings get placeholders so every id keeps a name."""
-    vocab: dict[str, int] = {}
+    vocab = dict(zip(tokens, range(len(tokens))))
+    if len(vocab) == len(tokens) and "" not in vocab:
+        return vocab   # no placeholders needed: built at C speed
+    vocab = {}
     for token_id, token in enumerate(tokens):
         key = token or f"[EMPTY_{token_id}]"
         vocab[key if key not in vocab else f"[DUPLICATE_{token_id}]"] = token_id
@@ -112,18 +117,13 @@ def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], source: str, **op
 
 def _byte_level_backend(metadata: dict, source: str) -> Backend:
     tokens, types = metadata["tokenizer.ggml.tokens"], _token_types(metadata)
-    alphabet = set(_byte_alphabet().values())
     spelling = _byte_alphabet()
-
-    def spell(token_id_and_token):
-        token_id, token = token_id_and_token
-        # Added tokens keep their text (that is how they are matched); a normal token with
-        # characters outside the byte alphabet is stored as text by the converter: respell it.
-        if types[token_id] != NORMAL or set(token) <= alphabet:
-            return token
-        return "".join(spelling[b] for b in token.encode("utf-8"))
-
-    spelled = [spell(pair) for pair in enumerate(tokens)]
+    # Added tokens keep their text (that is how they are matched); a normal token with
+    # characters outside the byte alphabet is stored as text by the converter: respell it.
+    spelled = list(tokens)
+    for token_id in _outside(tokens, set(spelling.values())):
+        if types[token_id] == NORMAL:
+            spelled[token_id] = "".join(spelling[b] for b in tokens[token_id].encode("utf-8"))
     family = _FAMILY_BY_PRE.get(metadata.get("tokenizer.ggml.pre", "default"), "gpt2")
     bpe = _bpe(_vocab(spelled), _split_merges(metadata.get("tokenizer.ggml.merges", [])), source,
                ignore_merges=family in _IGNORE_MERGES_FAMILIES)
@@ -133,6 +133,11 @@ def _byte_level_backend(metadata: dict, source: str) -> Backend:
         [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     return backend
+
+
+def _outside(tokens: Sequence[str], alphabet: set[str]) -> Iterator[int]:
+    """Ids of the tokens with a character outside `alphabet` (found at C speed: few are)."""
+    return itertools.compress(itertools.count(), map(operator.not_, map(alphabet.issuperset, tokens)))
 
 
 def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:

@@ -34,6 +34,9 @@ class ModelConfig:
     local_rope_theta: float | None = None
     query_scale: float | None = None
     norm_weight_offset: float = 0.0
+    # Mixture of experts (Mixtral): experts per layer (0: a dense MLP) and experts each token uses.
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
     # The whole config.json, for settings only one architecture reads (a VLM's vision_config).
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -73,11 +76,22 @@ class ModelConfig:
             text_model_type=text_model_type,
             image_token_id=_image_token_id(original),
             hf_config=dict(original),
+            **_expert_settings(hf),
         )
         return replace(config, **_gemma3_settings(hf, config)) if text_model_type in _GEMMA3 else config
 
 
 _SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _expert_settings(hf: dict[str, Any]) -> dict[str, int]:
+    """num_local_experts and num_experts_per_tok (Mixtral's names), or nothing for a dense model."""
+    if not hf.get("num_local_experts"):
+        return {}
+    experts, used = _positive(hf, "num_local_experts"), _positive(hf, "num_experts_per_tok")
+    if used > experts:
+        raise ValueError(f"model config: num_experts_per_tok ({used}) exceeds num_local_experts ({experts})")
+    return dict(num_local_experts=experts, num_experts_per_tok=used)
 
 
 def _positive(hf: dict[str, Any], key: str, default: int | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The Llama family: Llama 2/3, Mistral, Qwen2 (QKV bias), SmolLM2 (tied embeddings).
+"""The Llama family: Llama 2/3, Mistral, Qwen2 (QKV bias), SmolLM2 (tied embeddings), and
+with a sparse mixture of experts as each layer's MLP (layers/moe.py), Mixtral (mixtral.py).
 
 Module names follow Hugging Face's, so checkpoint names map onto parameters directly."""
 from __future__ import annotations
@@ -14,6 +15,7 @@ from hayate.layers.quant import PackedWeight
 from hayate.layers.norm import RMSNorm
 from hayate.layers.fuse import fuse_linears
 from hayate.layers.linear import share_workspace
+from hayate.layers.moe import SparseMoE
 from hayate.layers.rotary import RotaryEmbedding, apply_rotary
 from hayate.models.config import ModelConfig
 from hayate.models.weights import WeightValue, embedding, load_named_weights
@@ -83,7 +85,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config) if not config.num_local_experts else SparseMoE(
+            config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -8,10 +8,12 @@ from hayate.models.gemma3 import Gemma3ForCausalLM
 from hayate.models.idefics3 import Idefics3ForConditionalGeneration
 from hayate.models.llama import LlamaForCausalLM
 from hayate.models.llava import LlavaForConditionalGeneration
+from hayate.models.mixtral import MixtralForCausalLM
 
 _MODEL_TYPES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
+    "mixtral": MixtralForCausalLM,   # also a GGUF "llama" file with experts (gguf_experts.py)
     "qwen2": LlamaForCausalLM,
     "gemma3_text": Gemma3ForCausalLM,
     "gemma3": Gemma3ForCausalLM,   # a GGUF file's architecture, or a multimodal folder's text part

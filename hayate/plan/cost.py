@@ -2,13 +2,15 @@
 
 Counts come from the built model itself (the bytes each linear layer really holds, in
 whatever form it runs: fp32, bf16, GGUF blocks, packed int4), so the plan follows the
-weights the engine will actually read."""
+weights the engine will actually read. A mixture of experts reads only the experts its
+tokens are routed to: the expected number touched, not all of them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
 
+from hayate.layers.moe import SparseMoE
 from hayate.layers.quant import QType
 from hayate.models.config import ModelConfig
 
@@ -76,6 +78,26 @@ def _linears(model: nn.Module) -> dict[str, nn.Module]:
             and not name.startswith(vision)}
 
 
+def experts_touched(num_experts: int, top_k: int, tokens: int) -> float:
+    """Experts that `tokens` tokens routed to top_k of num_experts each (uniformly, at random)
+    touch, in expectation: E * (1 - (1 - k/E)^tokens)."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
+
+
+def _expert_rows(model: nn.Module, step_tokens: list[int]) -> list[CostRow]:
+    """Each MoE block's experts over steps of these many tokens: the bytes of the experts each
+    step touches, and every token's top_k SwiGLU products."""
+    rows = []
+    for name, block in model.named_modules():
+        if isinstance(block, SparseMoE):
+            experts = block.experts
+            touched = sum(experts_touched(experts.num_experts, block.top_k, tokens) for tokens in step_tokens)
+            weights = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // experts.num_experts
+            rows.append(CostRow(f"{name}.experts", round(touched * module_bytes(experts) / experts.num_experts),
+                                2 * sum(step_tokens) * block.top_k * weights))
+    return rows
+
+
 def _attention_cost(config: ModelConfig, queries: int, keys: int, kv_bytes: int) -> CostRow:
     """QK^T and PV for `queries` tokens over `keys` cached positions, all layers."""
     per_layer_flops = 4 * queries * keys * config.num_attention_heads * config.head_dim
@@ -90,6 +112,7 @@ def decode_cost(model: nn.Module, config: ModelConfig, batch: int, context: int,
     """One decode step: `batch` sequences, each at `context` cached tokens."""
     rows = [CostRow(name, module_bytes(m), 2 * batch * m.in_features * m.out_features, getattr(m, "ggml_type", None))
             for name, m in _linears(model).items()]
+    rows += _expert_rows(model, [batch])
     rows.append(CostRow("embedding rows", batch * config.hidden_size * 4, 0))
     attention = _attention_cost(config, 1, context, kv_bytes)
     rows.append(CostRow(attention.name, batch * attention.bytes, batch * attention.flops))
@@ -105,6 +128,7 @@ def prefill_cost(model: nn.Module, config: ModelConfig, prompt_len: int, chunk: 
     rows = [CostRow(name, module_bytes(m) * (1 if m is head else chunks),
                     2 * (1 if m is head else prompt_len) * m.in_features * m.out_features)
             for name, m in _linears(model).items()]
+    rows += _expert_rows(model, [min(chunk, prompt_len - start) for start in range(0, prompt_len, chunk)])
     # Causal attention: on average each query sees half the prompt.
     attention = _attention_cost(config, prompt_len, max(prompt_len // 2, 1), kv_bytes)
     rows.append(attention)

@@ -1,0 +1,60 @@
+"""A sparse mixture of SwiGLU experts (Mixtral's block): a router picks top_k of the experts
+for each token and the block returns their outputs, weighted by the router.
+
+It computes exactly what transformers' eager MixtralSparseMoeBlock computes, in the same order
+(experts in ascending order, each over the rows routed to it, added back with index_add_), so
+the two agree bit for bit. Module and parameter names are transformers 5's: the router `gate`,
+and each projection stacked over the experts (`experts.gate_up_proj`, `experts.down_proj`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [tokens, experts] -> (weights [tokens, top_k] fp32, expert ids [tokens, top_k]):
+    softmax over all experts in fp32, the top_k kept and renormalised to sum to 1."""
+    probabilities = F.softmax(router_logits.float(), dim=-1)
+    weights, expert_ids = torch.topk(probabilities, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), expert_ids
+
+
+class Experts(nn.Module):
+    """num_experts SwiGLU MLPs, each projection's weights stacked: expert e is the slab [e]."""
+
+    def __init__(self, num_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.num_experts, self.inner = num_experts, inner
+        # zeros, not random: the values come from the checkpoint (and on the meta device are free)
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * inner, hidden))   # gate rows, then up
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden, inner))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [tokens, hidden], expert_ids and weights [tokens, top_k] -> [tokens, hidden]."""
+        out = torch.zeros_like(x)
+        # [experts, top_k, tokens]: 1 where a token's slot chose the expert
+        mask = F.one_hot(expert_ids, self.num_experts).permute(2, 1, 0)
+        for expert in mask.sum(dim=(1, 2)).nonzero().flatten().tolist():
+            slots, rows = torch.where(mask[expert])
+            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert]) * weights[rows, slots, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+
+class SparseMoE(nn.Module):
+    """The MLP of a mixture-of-experts decoder layer: x [tokens, hidden] -> [tokens, hidden]."""
+
+    def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden, num_experts, bias=False)   # the router
+        self.experts = Experts(num_experts, hidden, inner)
+
+    def fuse(self, packed_apart: bool = False) -> None:
+        """Nothing to fuse: each expert's gate and up are stacked already (LlamaMLP's hook)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, expert_ids = route(self.gate(x), self.top_k)
+        return self.experts(x, expert_ids, weights)
