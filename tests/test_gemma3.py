@@ -25,7 +25,7 @@ from hayate.models.config import ModelConfig
 from hayate.sampling import SamplingParams
 from gguf_files import QType, encode, load_gguf, projections_per_layer
 from test_llama_parity import TURNS, hayate_logits_by_turns, load_hayate
-from tiny_models import BYTE_VOCAB, VOCAB_SIZE, byte_tokenizer
+from tiny_models import BYTE_VOCAB, VOCAB_SIZE, save_tiny_folder
 
 # 6 layers so that one (the last) is global; a window shorter than every turn; a query scale
 # and a head size that are not hidden / heads.
@@ -50,8 +50,7 @@ def reference() -> transformers.Gemma3ForCausalLM:
 @pytest.fixture(scope="module")
 def folder(reference, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("gemma3")
-    reference.save_pretrained(path, safe_serialization=True)
-    byte_tokenizer().save_pretrained(path)
+    save_tiny_folder(reference, path)
     return path
 
 

@@ -28,7 +28,7 @@ from hayate.plan.cost import decode_cost, experts_touched, prefill_cost
 from hayate.sampling import SamplingParams
 from gguf_files import QType, TINY_CONFIG, encode, llama_cpp_permute, load_gguf, write_model
 from test_llama_parity import TURNS, load_hayate
-from tiny_models import BYTE_VOCAB, VOCAB_SIZE, byte_tokenizer
+from tiny_models import BYTE_VOCAB, VOCAB_SIZE, save_tiny_folder
 
 TINY = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
@@ -47,8 +47,7 @@ def reference() -> transformers.MixtralForCausalLM:
 @pytest.fixture(scope="module")
 def folder(reference, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("mixtral")
-    reference.save_pretrained(path, safe_serialization=True)   # per-expert w1/w2/w3 names
-    byte_tokenizer().save_pretrained(path)
+    save_tiny_folder(reference, path)   # per-expert w1/w2/w3 names
     return path
 
 

@@ -49,6 +49,12 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0) -> torch.nn.Module:
         initializer_range=0.1, bos_token_id=BYTE_VOCAB, eos_token_id=BYTE_VOCAB + 3, **extra)
     torch.manual_seed(seed)
     model = model_class(config).eval()
+    return save_tiny_folder(model, folder)
+
+
+def save_tiny_folder(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """Save a transformers model with the byte tokenizer, as a folder hayate and transformers
+    both load; return the model."""
     model.save_pretrained(folder, safe_serialization=True)
     byte_tokenizer().save_pretrained(folder)
     return model

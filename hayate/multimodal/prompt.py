@@ -2,7 +2,7 @@
 
 Messages are dicts as chat templates take them. A part {"type": "image", "image": DecodedImage}
 carries an image already decoded at the edge (CLI or server), and may say how closely to look at
-it ("detail": "low" | "high" | "auto", OpenAI's; `default_detail` otherwise); the template sees
+it ("detail": "low" | "high" | "auto", OpenAI's; auto when absent); the template sees
 it as {"type": "image"} and writes the model's marker, which the processor then expands into the
 image's tokens."""
 from __future__ import annotations
@@ -45,8 +45,7 @@ def image_parts(messages: list[dict]) -> list[dict]:
 
 def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer,
                 processor: ImageProcessor | None, add_generation_prompt: bool = True,
-                max_chars: int | None = None, tools: list[dict] | None = None,
-                default_detail: ImageDetail = "auto") -> ChatPrompt:
+                max_chars: int | None = None, tools: list[dict] | None = None) -> ChatPrompt:
     """Raises MediaError (an image the model cannot take, an unknown detail), ChatTemplateError,
     and PromptTooLong when the messages' text, or the rendered prompt, is longer than max_chars.
     `tools` (OpenAI's shape) go to the template as transformers passes them."""
@@ -56,7 +55,7 @@ def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokeniz
         raise MediaError("this model does not accept images")
     begin = time.perf_counter()
     images: list[DecodedImage] = [part["image"] for part in parts]
-    details = [check_detail(part.get("detail") or default_detail) for part in parts]
+    details = [check_detail(part.get("detail") or "auto") for part in parts]
     features = [processor.process(image.image, image.content_hash, detail) for image, detail in zip(images, details)]
     conversation = [_template_message(message, vision=processor is not None) for message in messages]
     text = template.render(conversation, add_generation_prompt=add_generation_prompt, tools=tools)
