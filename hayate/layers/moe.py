@@ -1,9 +1,11 @@
 """A sparse mixture of SwiGLU experts (Mixtral's block): a router picks top_k of the experts
-for each token and the block returns their outputs, weighted by the router.
+for each token and the block returns their outputs, weighted by the router. The same block
+serves Qwen2-MoE (weights not renormalised; a shared expert beside the routed ones, scaled by
+a sigmoid gate), Qwen3-MoE and OLMoE (weights renormalised or not, as their configs say).
 
-It computes exactly what transformers' eager MixtralSparseMoeBlock computes, in the same order
-(experts in ascending order, each over the rows routed to it, added back with index_add_), so
-the two agree bit for bit. Module and parameter names are transformers 5's: the router `gate`,
+It computes exactly what transformers' eager sparse MoE blocks compute, in the same order
+(experts in ascending order, each over the rows routed to it, added back with index_add_; the
+shared expert's share added last), so the two agree bit for bit. Module and parameter names are transformers 5's: the router `gate`,
 and each projection stacked over the experts (`experts.gate_up_proj`, `experts.down_proj`)."""
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route(router_logits: torch.Tensor, top_k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [tokens, experts] -> (weights [tokens, top_k] fp32, expert ids [tokens, top_k]):
-    softmax over all experts in fp32, the top_k kept and renormalised to sum to 1."""
+    softmax over all experts in fp32, the top_k kept (and renormalised to sum to 1 if normalize)."""
     probabilities = F.softmax(router_logits.float(), dim=-1)
     weights, expert_ids = torch.topk(probabilities, top_k, dim=-1)
-    return weights / weights.sum(dim=-1, keepdim=True), expert_ids
+    return (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights), expert_ids
 
 
 class Experts(nn.Module):
@@ -44,17 +46,28 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """The MLP of a mixture-of-experts decoder layer: x [tokens, hidden] -> [tokens, hidden]."""
+    """The MLP of a mixture-of-experts decoder layer: x [tokens, hidden] -> [tokens, hidden].
+    shared_expert: an MLP every token also goes through (Qwen2-MoE), weighted by
+    sigmoid(shared_expert_gate(x)); None for none."""
 
-    def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int):
+    def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int, normalize: bool = True,
+                 shared_expert: nn.Module | None = None):
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.normalize = top_k, normalize
         self.gate = nn.Linear(hidden, num_experts, bias=False)   # the router
         self.experts = Experts(num_experts, hidden, inner)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_expert is not None else None
 
     def fuse(self, packed_apart: bool = False) -> None:
-        """Nothing to fuse: each expert's gate and up are stacked already (LlamaMLP's hook)."""
+        """Nothing to fuse (LlamaMLP's hook): each expert's gate and up are stacked already, and
+        the shared expert's stay apart, as transformers runs them (stacked, a GEMM may round
+        otherwise)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, expert_ids = route(self.gate(x), self.top_k)
-        return self.experts(x, expert_ids, weights)
+        shared = self.shared_expert(x) if self.shared_expert is not None else None
+        weights, expert_ids = route(self.gate(x), self.top_k, self.normalize)
+        out = self.experts(x, expert_ids, weights)
+        if shared is None:
+            return out
+        return out + torch.sigmoid(self.shared_expert_gate(x)) * shared

@@ -34,9 +34,20 @@ class ModelConfig:
     local_rope_theta: float | None = None
     query_scale: float | None = None
     norm_weight_offset: float = 0.0
-    # Mixture of experts (Mixtral): experts per layer (0: a dense MLP) and experts each token uses.
+    # Mixture of experts: experts per layer (0: a dense MLP), experts each token uses, an
+    # expert's inner size (0: intermediate_size), the shared expert's (0: none; Qwen2-MoE),
+    # whether the chosen experts' weights are renormalised to sum to 1 (Mixtral: yes), and the
+    # layers that keep a dense MLP of intermediate_size (Qwen-MoE's mlp_only_layers, sparse step).
     num_local_experts: int = 0
     num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    dense_layers: tuple[int, ...] = ()
+    # Normalised queries and keys: "head" (Qwen3: RMSNorm over each head), "full" (OLMoE: over
+    # the whole projection), "" none; OLMoE's clip_qkv clamps q, k and v to +-it.
+    qk_norm: str = ""
+    clip_qkv: float | None = None
     # The whole config.json, for settings only one architecture reads (a VLM's vision_config).
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -68,7 +79,7 @@ class ModelConfig:
             rope_scaling=_rope_scaling(hf),
             max_position_embeddings=_positive(hf, "max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", text_model_type == "qwen2")),
+            attention_bias=_attention_bias(hf, text_model_type),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
             bos_token_id=hf.get("bos_token_id"),
@@ -76,6 +87,8 @@ class ModelConfig:
             text_model_type=text_model_type,
             image_token_id=_image_token_id(original),
             hf_config=dict(original),
+            qk_norm=_QK_NORM.get(text_model_type, ""),
+            clip_qkv=None if hf.get("clip_qkv") is None else float(hf["clip_qkv"]),
             **_expert_settings(hf),
         )
         return replace(config, **_gemma3_settings(hf, config)) if text_model_type in _GEMMA3 else config
@@ -84,14 +97,37 @@ class ModelConfig:
 _SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def _expert_settings(hf: dict[str, Any]) -> dict[str, int]:
-    """num_local_experts and num_experts_per_tok (Mixtral's names), or nothing for a dense model."""
-    if not hf.get("num_local_experts"):
+# Families whose attention normalises queries and keys, and over what.
+_QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}
+# Families whose q/k/v carry a bias by default (transformers' Qwen2 and Qwen2-MoE: qkv_bias).
+_QKV_BIAS = ("qwen2", "qwen2_moe")
+
+
+def _attention_bias(hf: dict[str, Any], model_type: str) -> bool:
+    if hf.get("attention_bias") is not None:
+        return bool(hf["attention_bias"])
+    return bool(hf.get("qkv_bias", model_type in _QKV_BIAS))
+
+
+def _expert_settings(hf: dict[str, Any]) -> dict[str, Any]:
+    """The mixture-of-experts settings (Mixtral's num_local_experts, or the Qwen-MoE / OLMoE
+    num_experts and their extras), or nothing for a dense model."""
+    key = "num_local_experts" if hf.get("num_local_experts") else "num_experts"
+    if not hf.get(key):
         return {}
-    experts, used = _positive(hf, "num_local_experts"), _positive(hf, "num_experts_per_tok")
+    experts, used = _positive(hf, key), _positive(hf, "num_experts_per_tok")
     if used > experts:
-        raise ValueError(f"model config: num_experts_per_tok ({used}) exceeds num_local_experts ({experts})")
-    return dict(num_local_experts=experts, num_experts_per_tok=used)
+        raise ValueError(f"model config: num_experts_per_tok ({used}) exceeds {key} ({experts})")
+    step = _positive(hf, "decoder_sparse_step", 1)
+    dense_only = set(hf.get("mlp_only_layers") or ())
+    layers = _positive(hf, "num_hidden_layers")
+    return dict(
+        num_local_experts=experts, num_experts_per_tok=used,
+        moe_intermediate_size=_positive(hf, "moe_intermediate_size", _positive(hf, "intermediate_size")),
+        shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+        # (transformers 5 names every family's count num_local_experts; Mixtral always renormalises)
+        norm_topk_prob=bool(hf.get("norm_topk_prob", hf.get("text_model_type", hf["model_type"]) == "mixtral")),
+        dense_layers=tuple(i for i in range(layers) if i in dense_only or (i + 1) % step != 0))
 
 
 def _positive(hf: dict[str, Any], key: str, default: int | None = None) -> int:

@@ -1,5 +1,6 @@
-"""The Llama family: Llama 2/3, Mistral, Qwen2 (QKV bias), SmolLM2 (tied embeddings), and
-with a sparse mixture of experts as each layer's MLP (layers/moe.py), Mixtral (mixtral.py).
+"""The Llama family: Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (queries and keys normalised
+per head), SmolLM2 (tied embeddings), and with a sparse mixture of experts as each layer's MLP
+(layers/moe.py), Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (mixtral.py).
 
 Module names follow Hugging Face's, so checkpoint names map onto parameters directly."""
 from __future__ import annotations
@@ -31,9 +32,15 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
         # Qwen2 puts a bias on q/k/v only; Llama's attention_bias covers o_proj too.
         self.o_proj = nn.Linear(heads * head_dim, config.hidden_size,
-                                bias=bias and (config.text_model_type or config.model_type) != "qwen2")
+                                bias=bias and (config.text_model_type or config.model_type) not in ("qwen2", "qwen2_moe"))
         self.attn = Attention(heads, kv_heads, head_dim)
         self.shape = (heads, kv_heads, head_dim)
+        # Qwen3 normalises each head of q and k, OLMoE the whole projections (before RoPE).
+        self.qk_norm, self.clip = config.qk_norm, config.clip_qkv
+        if config.qk_norm:
+            whole = config.qk_norm == "full"
+            self.q_norm = RMSNorm(heads * head_dim if whole else head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_heads * head_dim if whole else head_dim, config.rms_norm_eps)
 
         self.qkv_proj: nn.Module | None = None   # q, k, v stacked, made by fuse()
 
@@ -52,14 +59,21 @@ class LlamaAttention(nn.Module):
             q, k, v = self.qkv_proj(x).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k = apply_rotary(rope, q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim))
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(rope, q, k)
         return self.o_proj(self.attn(q, k, v.view(tokens, kv_heads, head_dim), meta))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, inner: int | None = None):
         super().__init__()
-        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        hidden, inner, bias = config.hidden_size, inner or config.intermediate_size, config.mlp_bias
         self.gate_proj = nn.Linear(hidden, inner, bias=bias)
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
@@ -80,13 +94,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config) if not config.num_local_experts else SparseMoE(
-            config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok)
+        self.mlp = _mlp(config) if config.num_local_experts and index not in config.dense_layers else LlamaMLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -94,12 +107,20 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _mlp(config: ModelConfig) -> SparseMoE:
+    """A mixture-of-experts layer's MLP, with its shared expert where the config has one."""
+    shared = config.shared_expert_intermediate_size
+    return SparseMoE(config.hidden_size, config.moe_intermediate_size or config.intermediate_size,
+                     config.num_local_experts, config.num_experts_per_tok, config.norm_topk_prob,
+                     LlamaMLP(config, shared) if shared else None)
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -15,6 +15,10 @@ _MODEL_TYPES: dict[str, type[nn.Module]] = {
     "mistral": LlamaForCausalLM,
     "mixtral": MixtralForCausalLM,   # also a GGUF "llama" file with experts (gguf_experts.py)
     "qwen2": LlamaForCausalLM,
+    "qwen2_moe": MixtralForCausalLM,
+    "qwen3": LlamaForCausalLM,
+    "qwen3_moe": MixtralForCausalLM,
+    "olmoe": MixtralForCausalLM,
     "gemma3_text": Gemma3ForCausalLM,
     "gemma3": Gemma3ForCausalLM,   # a GGUF file's architecture, or a multimodal folder's text part
     "idefics3": Idefics3ForConditionalGeneration,   # SmolVLM
