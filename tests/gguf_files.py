@@ -49,9 +49,11 @@ def random_blocks(qtype: QType, rows: int, cols: int, rng: np.random.Generator) 
 
 def write_model(path: Path, arch: str, config: dict, tensors: dict[str, tuple[np.ndarray, QType]],
                 vocabulary: tuple[list[str], list[int]] | None = None,
-                chat_template: str = "{% for m in messages %}{{ m['content'] }}{% endfor %}") -> Path:
+                chat_template: str = "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                extra_metadata: dict[str, int | float | bool] | None = None) -> Path:
     """A GGUF file with a model's metadata (as llama.cpp's converter writes it) and the given
-    tensors; `vocabulary`: (tokens, token types) of a byte-level BPE without merges."""
+    tensors; `vocabulary`: (tokens, token types) of a byte-level BPE without merges;
+    `extra_metadata`: more keys ("{arch}." added in front), typed by their values."""
     writer = gguf.GGUFWriter(str(path), arch)
     heads = config["num_attention_heads"]
     writer.add_block_count(config["num_hidden_layers"])
@@ -62,10 +64,16 @@ def write_model(path: Path, arch: str, config: dict, tensors: dict[str, tuple[np
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
-    writer.add_rope_dimension_count(config["hidden_size"] // heads)
-    if config.get("num_local_experts"):   # Mixtral
-        writer.add_expert_count(config["num_local_experts"])
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    if config.get("head_dim") and config["head_dim"] != config["hidden_size"] // heads:
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    if experts := config.get("num_local_experts") or config.get("num_experts"):   # Mixtral's name, Qwen2-MoE's
+        writer.add_expert_count(experts)
         writer.add_expert_used_count(config["num_experts_per_tok"])
+    for key, value in (extra_metadata or {}).items():
+        add = writer.add_bool if isinstance(value, bool) else writer.add_uint32 if isinstance(value, int) else writer.add_float32
+        add(f"{arch}.{key}", value)
     writer.add_tokenizer_model("gpt2")
     tokens, token_types = vocabulary or ([f"tok{i}" for i in range(config["vocab_size"])], [1] * config["vocab_size"])
     writer.add_token_list(tokens)

@@ -297,10 +297,10 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unknown_tensor(tmp_path):
-    path = tmp_path / "moe.gguf"
-    # a shared expert (Qwen2-MoE's): Mixtral's routed experts are known (test_mixtral.py)
-    write_model(path, "llama", TINY_CONFIG, {"blk.0.ffn_gate_shexp.weight": (np.zeros((4, 32), np.float32), QType.F32)})
-    assert_one_line_error(path, "blk.0.ffn_gate_shexp.weight")
+    path = tmp_path / "phi3.gguf"
+    # Phi-3's fused q/k/v (experts and shared experts are known: test_mixtral.py, test_moe_families.py)
+    write_model(path, "llama", TINY_CONFIG, {"blk.0.attn_qkv.weight": (np.zeros((4, 32), np.float32), QType.F32)})
+    assert_one_line_error(path, "blk.0.attn_qkv.weight")
 
 
 def test_undecodable_tensor_type(tmp_path):

@@ -220,20 +220,43 @@ def test_gguf_q8_0_experts_match_rounded_reference(reference, tmp_path, per_expe
 
 
 @pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
-def test_gguf_packed_attention_matches_fp32(reference, tmp_path):
-    """A Q8_0 file: attention and head run packed by the native kernels (unplanned: the MoE
-    is eager), the experts decoded at load; the same tokens as the file decoded to fp32."""
-    path = export_gguf(tmp_path / "mixtral-q8.gguf", reference, QType.Q8_0, matrix_type=QType.Q8_0)
+@pytest.mark.parametrize("per_expert", [False, True], ids=["stacked", "per-expert"])
+def test_gguf_packed_matches_fp32(reference, tmp_path, per_expert):
+    """A Q8_0 file: attention, head and every expert run packed by the native kernels
+    (unplanned: the MoE is eager), each expert's gate, up and down a packed layer over the
+    file's blocks; the same tokens as the file decoded to fp32."""
+    path = export_gguf(tmp_path / "mixtral-q8.gguf", reference, QType.Q8_0, per_expert, matrix_type=QType.Q8_0)
     packed, fp32 = LLM(str(path), weights="auto", prefill_chunk=5), LLM(str(path), weights="fp32")
-    modules = [type(m).__name__ for m in packed.engine.runner.model.modules()]
-    assert modules.count("PackedLinear") > 0 and packed.engine.runner.plan is None
+    model = packed.engine.runner.model
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        assert len(experts.packed) == 4 and experts.gate_up_proj.numel() == experts.down_proj.numel() == 0
+        assert all(type(m).__name__ == "PackedLinear" for parts in experts.packed for m in parts)
+    assert packed.engine.runner.plan is None and fp32.engine.runner.model.model.layers[0].mlp.experts.packed is None
     ours, theirs = packed.generate(PROMPT, GREEDY), fp32.generate(PROMPT, GREEDY)
     assert ours.token_ids == theirs.token_ids
-    # the memory check counts the experts as loaded (fp32), not as stored
-    source = GGUFModelFile(path)
-    experts = [tensor for tensor in source.reader.tensors if "_exps" in tensor.name]
-    assert source.stored_nbytes() > sum(4 * int(t.n_elements) for t in experts) > sum(int(t.n_bytes) for t in experts)
     assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-3
+    # the memory check counts quantized experts as stored; batched, the same tokens
+    source = GGUFModelFile(path)
+    assert source.stored_nbytes() == sum(int(t.n_bytes) for t in source.reader.tensors)
+    prompts = [PROMPT, PROMPT[3:12], [7, 3]]
+    assert [r.token_ids for r in packed.generate(prompts, GREEDY)] == [r.token_ids for r in fp32.generate(prompts, GREEDY)]
+
+
+def test_gguf_float_and_packed_experts_in_one_layer(reference, tmp_path):
+    """A layer whose experts come partly as blocks and partly in float runs them all in float:
+    the packed ones are decoded into the slabs, equal to the file decoded to fp32."""
+    path = export_gguf(tmp_path / "mixed.gguf", reference, QType.Q8_0, per_expert=True)
+    source = GGUFModelFile(path)
+    weights = [(n, w.dequantize() if n.endswith("layers.1.block_sparse_moe.experts.1.w2.weight") else w)
+               for n, w in source.tensors(keep_packed=True)]
+    model = build_model(ModelConfig.from_hf(source.hf_config()), max_positions=256)
+    model.load_weights(weights)
+    expected, _ = load_gguf(path)
+    assert model.model.layers[0].mlp.experts.packed is not None and model.model.layers[1].mlp.experts.packed is None
+    for name in ("gate_up_proj", "down_proj"):
+        assert torch.equal(getattr(model.model.layers[1].mlp.experts, name),
+                           getattr(expected.model.layers[1].mlp.experts, name))
 
 
 def test_gguf_checks_know_experts(reference, tmp_path):

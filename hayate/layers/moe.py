@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hayate.layers.linear import PackedLinear
+from hayate.layers.quant import PackedWeight
+
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [tokens, experts] -> (weights [tokens, top_k] fp32, expert ids [tokens, top_k]):
@@ -23,14 +26,24 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool = True) -> tu
 
 
 class Experts(nn.Module):
-    """num_experts SwiGLU MLPs, each projection's weights stacked: expert e is the slab [e]."""
+    """num_experts SwiGLU MLPs, each projection's weights stacked: expert e is the slab [e].
+    Or, after use_packed(), each expert's gate, up and down as packed layers reading the
+    file's blocks (a quantized GGUF file's experts stay as small as stored)."""
 
     def __init__(self, num_experts: int, hidden: int, inner: int):
         super().__init__()
-        self.num_experts, self.inner = num_experts, inner
+        self.num_experts, self.hidden, self.inner = num_experts, hidden, inner
         # zeros, not random: the values come from the checkpoint (and on the meta device are free)
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * inner, hidden))   # gate rows, then up
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden, inner))
+        self.packed: nn.ModuleList | None = None   # per expert: (gate, up, down) PackedLinear
+
+    def use_packed(self, gate: list[PackedWeight], up: list[PackedWeight], down: list[PackedWeight]) -> None:
+        """Run each expert from its packed weights (one list entry per expert); the float
+        slabs are let go."""
+        self.packed = nn.ModuleList(nn.ModuleList(PackedLinear(w) for w in parts) for parts in zip(gate, up, down))
+        self.gate_up_proj = nn.Parameter(torch.empty(0, 2 * self.inner, self.hidden), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(0, self.hidden, self.inner), requires_grad=False)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden], expert_ids and weights [tokens, top_k] -> [tokens, hidden]."""
@@ -39,9 +52,13 @@ class Experts(nn.Module):
         mask = F.one_hot(expert_ids, self.num_experts).permute(2, 1, 0)
         for expert in mask.sum(dim=(1, 2)).nonzero().flatten().tolist():
             slots, rows = torch.where(mask[expert])
-            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert]) * weights[rows, slots, None]
-            out.index_add_(0, rows, y.to(out.dtype))
+            if self.packed is not None:
+                gate_layer, up_layer, down_layer = self.packed[expert]
+                y = down_layer(F.silu(gate_layer(x[rows])) * up_layer(x[rows]))
+            else:
+                gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            out.index_add_(0, rows, (y * weights[rows, slots, None]).to(out.dtype))
         return out
 
 

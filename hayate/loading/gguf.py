@@ -18,7 +18,13 @@ from hayate.loading.gguf_checks import GGUFError, check_model, describe
 from hayate.loading.gguf_experts import expert_hf_name, expert_settings, held_nbytes
 from hayate.loading.gguf_reader import FastReader, read_metadata
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "olmoe", "gemma3")
+# A GGUF architecture -> Hugging Face's model_type, where the two differ.
+_HF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# Architectures whose attention normalises queries and keys (gemma3 has its own table below).
+QK_NORM_ARCHITECTURES = ("qwen3", "qwen3moe", "olmoe")
+# Architectures with q/k/v biases in every file.
+QKV_BIAS_ARCHITECTURES = ("qwen2", "qwen2moe")
 
 # GGUF tensor name -> Hugging Face name; "{i}" is the layer index.
 _GLOBAL_TENSORS = {
@@ -37,11 +43,11 @@ _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_QK_NORM_TENSORS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 # Gemma 3 norms around both halves of a layer, and QK-norm; its ffn_norm is the FFN's pre-norm.
 _GEMMA3_LAYER_TENSORS = {
     **_LAYER_TENSORS,
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
+    **_QK_NORM_TENSORS,
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
@@ -95,7 +101,7 @@ class GGUFModelFile:
         heads = int(self._arch_key("attention.head_count"))
         hidden = int(self._arch_key("embedding_length"))
         return {
-            "model_type": self.architecture,
+            "model_type": _HF_MODEL_TYPES.get(self.architecture, self.architecture),
             "vocab_size": self._vocab_size(),
             "hidden_size": hidden,
             "intermediate_size": int(self._arch_key("feed_forward_length")),
@@ -108,11 +114,13 @@ class GGUFModelFile:
             "rope_scaling": self._rope_scaling(),
             "max_position_embeddings": int(self._arch_key("context_length", 2048)),
             "tie_word_embeddings": "output.weight" not in self._by_name,
-            "attention_bias": self.architecture == "qwen2" or "blk.0.attn_q.bias" in self._by_name,
+            "attention_bias": self.architecture in QKV_BIAS_ARCHITECTURES or "blk.0.attn_q.bias" in self._by_name,
             "bos_token_id": self.metadata.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self._eos_token_id(),
             **(self._gemma3_settings(hidden // heads) if self.architecture == "gemma3" else {}),
-            **expert_settings(self.metadata, self.architecture),   # Mixtral
+            **expert_settings(self.metadata, self.architecture, self._by_name),   # Mixtral, Qwen-MoE, OLMoE
+            **({"clip_qkv": self._arch_key("attention.clamp_kqv")}   # OLMoE
+               if f"{self.architecture}.attention.clamp_kqv" in self.metadata else {}),
         }
 
     def _gemma3_settings(self, default_head_dim: int) -> dict[str, Any]:
@@ -148,14 +156,19 @@ class GGUFModelFile:
         return sum(4 * int(self._by_name[name].n_elements) for name in self._hf_names)
 
     def stored_nbytes(self) -> int:
-        """Bytes all weights take as stored (packed) in the file; experts', decoded (gguf_experts.py)."""
+        """Bytes all weights take as stored (packed) in the file; float experts', as fp32 (gguf_experts.py)."""
         return sum(held_nbytes(name, self._by_name[name]) for name in self._hf_names)
 
     def _load(self, tensor: gguf.ReaderTensor, hf_name: str, keep_packed: bool) -> torch.Tensor | PackedWeight:
         shape = tuple(int(dim) for dim in reversed(tensor.shape.tolist()))  # torch order
         ggml_type = int(tensor.tensor_type)
         raw = mapped_tensor(tensor.data)
+        if hf_name.endswith(".shared_expert_gate.weight"):   # stored as a vector: a [1, hidden] matrix
+            shape = (1, shape[-1])
         rows = self._row_order(hf_name, shape[0])
+        if keep_packed and len(shape) == 3:   # experts stacked (gguf_experts.py): their rows one after another
+            return PackedWeight(raw.view(torch.uint8).reshape(shape[0] * shape[1], -1), ggml_type,
+                                (shape[0] * shape[1], shape[2]))
         if keep_packed and len(shape) == 2:
             packed = raw.view(torch.uint8).reshape(shape[0], -1)
             return PackedWeight(packed if rows is None else packed[rows], ggml_type, shape)
@@ -277,13 +290,14 @@ def mapped_tensor(data: np.ndarray) -> torch.Tensor:
 
 
 def _hf_name(gguf_name: str, path: Path, architecture: str) -> str:
-    if (expert_name := expert_hf_name(gguf_name)) is not None:   # Mixtral's experts and routers
+    if (expert_name := expert_hf_name(gguf_name)) is not None:   # experts, routers, shared experts
         return expert_name
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _GLOBAL_TENSORS and suffix in ("weight", "bias"):
         return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
     match = re.fullmatch(r"blk\.(0|[1-9]\d{0,8})\.(\w+)", stem)
-    layer_tensors = _GEMMA3_LAYER_TENSORS if architecture == "gemma3" else _LAYER_TENSORS
+    layer_tensors = _GEMMA3_LAYER_TENSORS if architecture == "gemma3" else (
+        {**_LAYER_TENSORS, **_QK_NORM_TENSORS} if architecture in QK_NORM_ARCHITECTURES else _LAYER_TENSORS)
     if match and match[2] in layer_tensors and suffix in ("weight", "bias"):
         return f"model.layers.{match[1]}.{layer_tensors[match[2]]}.{suffix}"
     raise GGUFError(f"{path.name} has a tensor hayate does not know: '{gguf_name}'")

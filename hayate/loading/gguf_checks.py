@@ -148,6 +148,9 @@ def check_model(metadata: Mapping[str, Any], tensors: Mapping[str, Any], archite
     _check_rope(meta, tensors, dims.head_dim)
     if architecture == "gemma3":
         meta.integer(meta.key("attention.sliding_window"), required=True, maximum=MAX_CONTEXT)
+    if meta.get(meta.key("attention.clamp_kqv")) is not None:   # OLMoE's clip_qkv
+        meta.number(meta.key("attention.clamp_kqv"), 1.0)
+    meta.typed(meta.key("expert_weights_norm"), bool, "true or false")
     _check_tensors(meta, tensors, dims)
     check_tokenizer_metadata(metadata, dims.vocab, source)
     return dims
@@ -239,7 +242,12 @@ def _layer_shapes(dims: ModelDims, meta: Metadata) -> list[tuple[str, tuple[int,
               ("attn_k_norm", (dims.head_dim,), keys("attention.key_length")),
               ("post_attention_norm", (hidden,), keys("embedding_length")),
               ("post_ffw_norm", (hidden,), keys("embedding_length"))]
-    return (gemma3 if meta.architecture == "gemma3" else []) + [
+    # Qwen3 normalises each head of q and k, OLMoE the whole projections.
+    whole = meta.architecture == "olmoe"
+    qk_norm = [("attn_q_norm", (q_rows if whole else dims.head_dim,), keys(*attention)),
+               ("attn_k_norm", (kv_rows if whole else dims.head_dim,), keys(*kv))]
+    extra = {"gemma3": gemma3, "qwen3": qk_norm, "qwen3moe": qk_norm, "olmoe": qk_norm}
+    return extra.get(meta.architecture, []) + [
         ("attn_norm", (hidden,), keys("embedding_length")),
         ("ffn_norm", (hidden,), keys("embedding_length")),
         ("attn_q", (q_rows, hidden), keys(*attention)),
@@ -270,7 +278,7 @@ def _expected_tensors(meta: Metadata, tensors: Mapping[str, Any],
                 "output_norm.weight": ((dims.hidden,), hidden_key, True),
                 "output.weight": ((dims.vocab, dims.hidden), hidden_key, False)}
     # Qwen2 has q/k/v biases; a Llama file has them (and one on o_proj) or none at all.
-    biased = meta.architecture == "qwen2" or "blk.0.attn_q.bias" in tensors
+    biased = meta.architecture in ("qwen2", "qwen2moe") or "blk.0.attn_q.bias" in tensors
     biases = {"attn_q", "attn_k", "attn_v"} | ({"attn_output"} if meta.architecture == "llama" else set())
     shapes = _layer_shapes(dims, meta)
     for layer in range(dims.layers):   # as many as the file has layers: checked before

@@ -45,18 +45,54 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, WeightValue]]) -> None:
         written: dict[str, int] = {}   # stacked parameter -> elements written
-        rest = _without_experts(self, without_tied_head(self.config, weights), written)
+        packed: dict[tuple[int, str, int], PackedWeight] = {}   # (layer, gate/up/down, expert) -> blocks
+        rest = _without_experts(self, without_tied_head(self.config, weights), written, packed)
         load_named_weights(self, rest, skip=("rotary_emb.inv_freq", *_STACKED))
+        _place_packed(self, packed, written)
         for name, param in self.named_parameters():
             if name.endswith(_STACKED) and written.get(name, 0) != param.numel():
                 raise ValueError(f"checkpoint lacks some experts' weights of {name}")
         finish_loading(self, self.model)
 
 
+def _place_packed(model: MixtralForCausalLM, packed: dict[tuple[int, str, int], PackedWeight],
+                  written: dict[str, int]) -> None:
+    """Each layer whose experts all came packed (every expert's gate, up and down) runs them
+    packed; a layer with some in float gets its packed ones decoded into the float slabs."""
+    experts = model.config.num_local_experts
+    for layer in sorted({key[0] for key in packed}):
+        block = model.model.layers[layer].mlp.experts
+        parts = {part: [packed.get((layer, part, e)) for e in range(experts)] for part in _PACKED_PARTS}
+        if all(w is not None for ws in parts.values() for w in ws):
+            for part, ws in parts.items():
+                if any(tuple(w.shape) != _expert_shape(block, part) for w in ws):
+                    raise ValueError(f"layer {layer}'s experts' {part} weights have shape {tuple(ws[0].shape)}, "
+                                     f"model expects {_expert_shape(block, part)}")
+            block.use_packed(parts["gate"], parts["up"], parts["down"])
+            written.update({f"model.layers.{layer}.mlp.{name}": 0 for name in _STACKED})   # now empty
+            continue
+        for (at, part, expert), weight in packed.items():
+            if at == layer:
+                target = block.down_proj if part == "down" else block.gate_up_proj.narrow(
+                    -2, _PACKED_PARTS.index(part) * block.inner, block.inner)
+                name = f"model.layers.{layer}.mlp.experts.{part} (expert {expert})"
+                _copy_slab(name, target[expert], weight)
+                key = f"model.layers.{layer}.mlp.{_STACKED[1] if part == 'down' else _STACKED[0]}"
+                written[key] = written.get(key, 0) + target[expert].numel()
+
+
+_PACKED_PARTS = ("gate", "up", "down")
+
+
+def _expert_shape(block, part: str) -> tuple[int, int]:
+    return (block.hidden, block.inner) if part == "down" else (block.inner, block.hidden)
+
+
 def _without_experts(model: MixtralForCausalLM, weights: Iterable[tuple[str, WeightValue]],
-                     written: dict[str, int]) -> Iterable[tuple[str, WeightValue]]:
+                     written: dict[str, int], packed: dict) -> Iterable[tuple[str, WeightValue]]:
     """The weights less the experts', which are copied here into their slabs of the stacked
-    parameters (`written` counts what each got); the router renamed to the block's `mlp.gate`."""
+    parameters (`written` counts what each got), or kept in `packed` per expert where they
+    come as GGUF blocks; the router renamed to the block's `mlp.gate`."""
     for name, value in weights:
         match = _EXPERT_NAME.fullmatch(name)
         if match is None:
@@ -69,6 +105,9 @@ def _without_experts(model: MixtralForCausalLM, weights: Iterable[tuple[str, Wei
         mlp = model.model.layers[layer].mlp if layer < len(model.model.layers) else None
         if not isinstance(mlp, SparseMoE):
             raise ValueError(f"checkpoint has an unexpected weight {name}")
+        if isinstance(value, PackedWeight) and part != "gate_up_proj":
+            _keep_packed(packed, layer, _PACKED_PARTS[2 if half is None else half], expert, value, mlp.experts)
+            continue
         target = getattr(mlp.experts, stacked)
         if expert is not None:
             target = target[int(expert)]
@@ -80,8 +119,22 @@ def _without_experts(model: MixtralForCausalLM, weights: Iterable[tuple[str, Wei
         written[key] = written.get(key, 0) + target.numel()
 
 
+def _keep_packed(packed: dict, layer: int, part: str, expert: str | None, value: PackedWeight, block) -> None:
+    """One expert's blocks, or (expert None) all experts' stacked rows split into each one's."""
+    if expert is not None:
+        packed[(layer, part, int(expert))] = value
+        return
+    rows = value.shape[0] // block.num_experts
+    if rows * block.num_experts != value.shape[0]:
+        raise ValueError(f"layer {layer}'s stacked experts' {part} weights have {value.shape[0]} rows "
+                         f"for {block.num_experts} experts")
+    for e in range(block.num_experts):
+        packed[(layer, part, e)] = PackedWeight(value.data[e * rows:(e + 1) * rows], value.ggml_type,
+                                                (rows, value.shape[1]))
+
+
 def _copy_slab(name: str, target: torch.Tensor, value: WeightValue) -> None:
-    if isinstance(value, PackedWeight):   # experts run in float for now: decoded at load
+    if isinstance(value, PackedWeight):   # beside float experts of the same layer: decoded
         value = value.dequantize()
     if tuple(value.shape) != tuple(target.shape):
         raise ValueError(f"weight {name} has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")

@@ -92,7 +92,7 @@ def _expert_rows(model: nn.Module, step_tokens: list[int]) -> list[CostRow]:
         if isinstance(block, SparseMoE):
             experts = block.experts
             touched = sum(experts_touched(experts.num_experts, block.top_k, tokens) for tokens in step_tokens)
-            weights = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // experts.num_experts
+            weights = 3 * experts.inner * experts.hidden   # one expert's gate, up and down
             rows.append(CostRow(f"{name}.experts", round(touched * module_bytes(experts) / experts.num_experts),
                                 2 * sum(step_tokens) * block.top_k * weights))
     return rows
