@@ -38,6 +38,17 @@ def test_prompts_have_exactly_the_requested_lengths(tiny_llm):
         assert len(prompt) == length and all(0 <= token < 320 for token in prompt)
 
 
+def test_a_vocabulary_without_the_text_is_an_error_not_a_hang():
+    class Empty:   # a file whose tokens cover none of the bench's text
+        add_bos_token, bos_token_id = True, 1
+
+        def encode(self, text, add_special_tokens=False):
+            return []
+
+    with pytest.raises(ValueError, match="into no tokens"):
+        build_prompt(Empty(), 32)
+
+
 def test_lengths_are_capped_to_the_context():
     plan = plan_lengths([16, 512, 2048], decode_tokens=8, repeats=1, max_model_len=256, progress=lambda _: None)
     assert plan.prompt_lengths == [16, 254] and plan.decode_prompt_length == 16

@@ -60,6 +60,8 @@ def plan_lengths(requested: list[int], decode_tokens: int, repeats: int, max_mod
 def build_prompt(tokenizer, length: int) -> list[int]:
     """Exactly `length` token ids: BOS (if the model wants one), then the text, repeated."""
     body = tokenizer.encode(NATURAL_TEXT, add_special_tokens=False)
+    if not body:   # a vocabulary with none of the text's pieces: repeating nothing never ends
+        raise ValueError("the model's tokenizer turns the bench's English text into no tokens")
     wants_bos = tokenizer.add_bos_token and tokenizer.bos_token_id is not None
     ids = [tokenizer.bos_token_id] if wants_bos else []
     while len(ids) < length:
