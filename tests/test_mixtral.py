@@ -236,6 +236,12 @@ def test_gguf_packed_matches_fp32(reference, tmp_path, per_expert):
     ours, theirs = packed.generate(PROMPT, GREEDY), fp32.generate(PROMPT, GREEDY)
     assert ours.token_ids == theirs.token_ids
     assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-3
+    # the plan counts the experts a step touches once, as held (blocks rearranged for the kernel)
+    rows = decode_cost(model, packed.model_config, batch=1, context=10).rows
+    assert not any(".experts." in row.name for row in rows)
+    held = sum(m.nbytes() for layer in model.model.layers for parts in layer.mlp.experts.packed for m in parts)
+    experts = sum(row.bytes for row in rows if row.name.endswith(".experts"))
+    assert experts == pytest.approx(held * 2 / 4, abs=4)   # top 2 of 4 at batch 1
     # the memory check counts quantized experts as stored; batched, the same tokens
     source = GGUFModelFile(path)
     assert source.stored_nbytes() == sum(int(t.n_bytes) for t in source.reader.tensors)

@@ -48,10 +48,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden], expert_ids and weights [tokens, top_k] -> [tokens, hidden]."""
         out = torch.zeros_like(x)
-        # [experts, top_k, tokens]: 1 where a token's slot chose the expert
-        mask = F.one_hot(expert_ids, self.num_experts).permute(2, 1, 0)
-        for expert in mask.sum(dim=(1, 2)).nonzero().flatten().tolist():
-            slots, rows = torch.where(mask[expert])
+        for expert, (slots, rows) in _routed_rows(expert_ids).items():
             if self.packed is not None:
                 gate_layer, up_layer, down_layer = self.packed[expert]
                 y = down_layer(F.silu(gate_layer(x[rows])) * up_layer(x[rows]))
@@ -60,6 +57,19 @@ class Experts(nn.Module):
                 y = F.linear(F.silu(gate) * up, self.down_proj[expert])
             out.index_add_(0, rows, (y * weights[rows, slots, None]).to(out.dtype))
         return out
+
+
+def _routed_rows(expert_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """expert -> (slots, rows) of the tokens routed to it, experts ascending and, within one,
+    slot by slot, tokens ascending: the order transformers' one-hot mask gives (torch.where
+    over [top_k, tokens]), grouped in Python (a few dozen ids a step) instead of in ten ops."""
+    ids, grouped = expert_ids.tolist(), {}
+    for slot in range(expert_ids.shape[1]):
+        for row, chosen in enumerate(ids):
+            slots, rows = grouped.setdefault(chosen[slot], ([], []))
+            slots.append(slot)
+            rows.append(row)
+    return {e: (torch.tensor(grouped[e][0]), torch.tensor(grouped[e][1])) for e in sorted(grouped)}
 
 
 class SparseMoE(nn.Module):

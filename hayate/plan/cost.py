@@ -71,11 +71,13 @@ def memory_by_format(model: nn.Module) -> dict[str, int]:
 
 def _linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every leaf module of the text model that multiplies by a weight matrix (nn.Linear or a
-    packed twin); a vision model's encoder runs once per image, not per token."""
+    packed twin); a vision model's encoder runs once per image, not per token; experts (a
+    packed expert's layers too) are _expert_rows' to count, by the share a step touches."""
     vision = tuple(f"{name}." for name in getattr(model, "VISION_MODULES", ()))
+    skipped = vision + tuple(f"{name}.experts." for name, m in model.named_modules() if isinstance(m, SparseMoE))
     return {name: m for name, m in model.named_modules()
             if hasattr(m, "in_features") and hasattr(m, "out_features") and not list(m.children())
-            and not name.startswith(vision)}
+            and not name.startswith(skipped)}
 
 
 def experts_touched(num_experts: int, top_k: int, tokens: int) -> float:
@@ -93,8 +95,9 @@ def _expert_rows(model: nn.Module, step_tokens: list[int]) -> list[CostRow]:
             experts = block.experts
             touched = sum(experts_touched(experts.num_experts, block.top_k, tokens) for tokens in step_tokens)
             weights = 3 * experts.inner * experts.hidden   # one expert's gate, up and down
+            packed_type = experts.packed[0][0].ggml_type if experts.packed is not None else None
             rows.append(CostRow(f"{name}.experts", round(touched * module_bytes(experts) / experts.num_experts),
-                                2 * sum(step_tokens) * block.top_k * weights))
+                                2 * sum(step_tokens) * block.top_k * weights, packed_type))
     return rows
 
 
