@@ -200,19 +200,44 @@ def test_gguf_f32_matches_transformers(family, tmp_path):
 
 @pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
 def test_gguf_q8_0_packed_matches_fp32(family, tmp_path):
-    """Q8_0 matrices (each expert's too) run packed by the native kernels, eagerly (no planned
-    step: QK-norm or experts), the same tokens as the file decoded to fp32."""
+    """Q8_0 matrices (each expert's too) run packed by the native kernels: the MoE families
+    eagerly, Qwen3 by the planned step (its per-head QK-norm in the plan); the same tokens as
+    the file decoded to fp32."""
     name, reference = gguf_family(family)
     path = export_gguf(tmp_path / f"{name}-q8.gguf", name, reference, QType.Q8_0)
     packed, fp32 = LLM(str(path), weights="auto", prefill_chunk=5), LLM(str(path), weights="fp32")
     model = packed.engine.runner.model
     modules = [type(m).__name__ for m in model.modules()]
-    assert modules.count("PackedLinear") > 0 and packed.engine.runner.plan is None
+    assert modules.count("PackedLinear") > 0 and (packed.engine.runner.plan is not None) == (name == "qwen3")
     blocks = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)]
     assert len(blocks) == (0 if name == "qwen3" else 3) and all(len(b.experts.packed) == 4 for b in blocks)
     ours, theirs = packed.generate(PROMPT, GREEDY), fp32.generate(PROMPT, GREEDY)
     assert ours.token_ids == theirs.token_ids
     assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-3
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
+def test_qwen3_planned_step_equals_its_eager_twin(family, tmp_path):
+    """Qwen3's QK-norm in the planned native step: alone and in a batch, the tokens and
+    logprobs of the eager model over the same packed weights."""
+    name, reference = gguf_family(family)
+    if name != "qwen3":
+        pytest.skip("the planned step takes the dense families")
+    path = export_gguf(tmp_path / "qwen3-q8.gguf", name, reference, QType.Q8_0)
+    planned, eager = LLM(str(path), max_num_seqs=3), LLM(str(path), max_num_seqs=3, planned_decode=False)
+    assert planned.engine.runner.plan is not None and eager.engine.runner.plan is None
+    prompts = [PROMPT, PROMPT[3:12], [7, 3]]
+    for ours, theirs in zip(planned.generate(prompts, GREEDY), eager.generate(prompts, GREEDY)):
+        assert ours.token_ids == theirs.token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-4
+    before = planned.generate(PROMPT, GREEDY)
+    for llm in (planned, eager):   # the plan reads the norms' own weights: scaled, both answers move alike
+        with torch.no_grad():
+            for layer in llm.engine.runner.model.model.layers:
+                layer.self_attn.q_norm.weight.mul_(4.0)
+    ours, theirs = planned.generate(PROMPT, GREEDY), eager.generate(PROMPT, GREEDY)
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-4
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, before.logprobs)) > 1e-3
 
 
 def test_gguf_checks_know_each_family(family, tmp_path):

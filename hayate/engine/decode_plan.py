@@ -53,8 +53,10 @@ class PlannedDecode:
             threads=torch.get_num_threads(), embedding_type=getattr(text.embed_tokens, "ggml_type", 0))
         for layer in text.layers:
             qkv, o, gate_up, down = _projections(layer)
+            attention = layer.self_attn   # Qwen3's per-head QK-norm, where it has one
+            norms = (attention.q_norm.weight, attention.k_norm.weight) if attention.qk_norm else (None, None)
             plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                           *_matrix(qkv), *_matrix(o), *_matrix(gate_up), *_matrix(down))
+                           *_matrix(qkv), *_matrix(o), *_matrix(gate_up), *_matrix(down), *norms)
         plan.set_head(*_matrix([model.lm_head])[:2])
         planned = cls(plan, kv_cache.block_size)
         planned.warm_up()
@@ -129,13 +131,18 @@ def _linears(model: nn.Module) -> list:
 
 
 def _plannable(model: nn.Module) -> bool:
-    if type(model) is not LlamaForCausalLM or not isinstance(model.lm_head, PackedLinear) or model.config.qk_norm:
-        return False   # (the native step has no normalised queries and keys: Qwen3 runs eagerly)
+    config = model.config if type(model) is LlamaForCausalLM else None
+    if config is None or not isinstance(model.lm_head, PackedLinear) or config.qk_norm not in ("", "head") \
+            or config.clip_qkv is not None:
+        return False   # (the native step normalises q and k per head, as Qwen3 does, or not at all)
     text = model.model
     table = _table(text.embed_tokens)
     if table.device.type != "cpu" or not (table.dtype == torch.float32 or text.embed_tokens.ggml_type in NATIVE_TYPES):
         return False
+    norms = [getattr(layer.self_attn, name) for layer in text.layers for name in ("q_norm", "k_norm")
+             if config.qk_norm]
     eps = {text.norm.eps} | {n.eps for layer in text.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
+    eps |= {n.eps for n in norms}
     linears = _linears(model)
     if any(not isinstance(m, PackedLinear) or m.ggml_type not in NATIVE_TYPES for m in linears):
         return False

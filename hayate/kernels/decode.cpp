@@ -1,6 +1,7 @@
 // A Llama-family decode step planned once at start-up and run as one native call: the
-// embedding lookup, every layer (RMSNorm, fused QKV, RoPE, the KV-cache write, attention over
-// the paged cache, the output projection, the SwiGLU MLP, residuals), the final norm and the
+// embedding lookup, every layer (RMSNorm, fused QKV, QK-norm where a layer has it, RoPE, the
+// KV-cache write, attention over the paged cache, the output projection, the SwiGLU MLP,
+// residuals), the final norm and the
 // vocabulary projection, for up to kMaxRows rows: each a token at its position (decodes, or
 // the consecutive tokens of a short prompt chunk, which see each other causally).
 //
@@ -163,6 +164,7 @@ struct PackedMatrix {
 
 struct Layer {
   torch::Tensor input_norm, post_norm;  // float32 [hidden]
+  torch::Tensor q_norm, k_norm;         // float32 [head_dim] (Qwen3's per-head QK-norm), or undefined
   PackedMatrix qkv, o, gate_up, down;
 };
 
@@ -197,10 +199,19 @@ class DecodePlan {
                  c10::optional<torch::Tensor> qkv_bias, pybind11::object o, pybind11::object o_type,
                  c10::optional<torch::Tensor> o_bias, pybind11::object gate_up, pybind11::object gate_up_type,
                  c10::optional<torch::Tensor> gate_up_bias, pybind11::object down, pybind11::object down_type,
-                 c10::optional<torch::Tensor> down_bias) {
+                 c10::optional<torch::Tensor> down_bias, c10::optional<torch::Tensor> q_norm,
+                 c10::optional<torch::Tensor> k_norm) {
     Layer layer;
     layer.input_norm = input_norm.contiguous();
     layer.post_norm = post_norm.contiguous();
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "QK-norm needs both q_norm and k_norm");
+    if (q_norm.has_value()) {
+      layer.q_norm = q_norm->contiguous();
+      layer.k_norm = k_norm->contiguous();
+      TORCH_CHECK(layer.q_norm.numel() == head_dim_ && layer.k_norm.numel() == head_dim_ &&
+                      layer.q_norm.dtype() == torch::kFloat32 && layer.k_norm.dtype() == torch::kFloat32,
+                  "q_norm and k_norm must be float32 [head_dim]");
+    }
     layer.qkv = PackedMatrix(qkv, qkv_type, hidden_, qkv_bias);
     layer.o = PackedMatrix(o, o_type, heads_ * head_dim_, o_bias);
     layer.gate_up = PackedMatrix(gate_up, gate_up_type, hidden_, gate_up_bias);
@@ -305,10 +316,11 @@ class DecodePlan {
     }
   }
 
-  // RoPE on the new q and k, k and v into the cache (T: its element type), then attention
-  // over each sequence's keys.
+  // QK-norm (where the layer has it) and RoPE on the new q and k, k and v into the cache (T:
+  // its element type), then attention over each sequence's keys.
   template <typename T>
   void write_and_attend(size_t index, int64_t B, const int64_t* pos) {
+    const Layer& L = layers_[index];
     const int64_t D = head_dim_, width = (heads_ + 2 * kv_heads_) * D, rows = kv_cache_.size(2);
     T* k_cache = static_cast<T*>(kv_cache_.data_ptr()) + index * 2 * rows * kv_heads_ * D;
     T* v_cache = k_cache + rows * kv_heads_ * D;
@@ -316,6 +328,10 @@ class DecodePlan {
       float* q = qkv_.data() + b * width;
       const float* c = cos_.data_ptr<float>() + pos[b] * D;
       const float* s = sin_.data_ptr<float>() + pos[b] * D;
+      if (L.q_norm.defined()) {   // each head of q, then of k, normalised in place
+        rms_norm_rows(q, L.q_norm.data_ptr<float>(), q, heads_, D, eps_);
+        rms_norm_rows(q + heads_ * D, L.k_norm.data_ptr<float>(), q + heads_ * D, kv_heads_, D, eps_);
+      }
       rope_heads(q, heads_ + kv_heads_, D, c, s);  // q's heads, then k's, are consecutive
       const int64_t row = cache_row(b, pos[b]);
       store_row(q + heads_ * D, kv_heads_ * D, k_cache + row * kv_heads_ * D);
@@ -375,7 +391,10 @@ void register_decode_plan(pybind11::module& m) {
            py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("embedding"),
            py::arg("cos"), py::arg("sin"), py::arg("final_norm"), py::arg("kv_cache"), py::arg("block_size"),
            py::arg("threads"), py::arg("embedding_type") = 0)
-      .def("add_layer", &DecodePlan::add_layer)
+      .def("add_layer", &DecodePlan::add_layer, py::arg("input_norm"), py::arg("post_norm"), py::arg("qkv"),
+           py::arg("qkv_type"), py::arg("qkv_bias"), py::arg("o"), py::arg("o_type"), py::arg("o_bias"),
+           py::arg("gate_up"), py::arg("gate_up_type"), py::arg("gate_up_bias"), py::arg("down"),
+           py::arg("down_type"), py::arg("down_bias"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none())
       .def("set_head", &DecodePlan::set_head)
       .def("run", &DecodePlan::run, py::call_guard<py::gil_scoped_release>());
 }
