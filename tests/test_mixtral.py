@@ -222,9 +222,9 @@ def test_gguf_q8_0_experts_match_rounded_reference(reference, tmp_path, per_expe
 @pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
 @pytest.mark.parametrize("per_expert", [False, True], ids=["stacked", "per-expert"])
 def test_gguf_packed_matches_fp32(reference, tmp_path, per_expert):
-    """A Q8_0 file: attention, head and every expert run packed by the native kernels
-    (unplanned: the MoE is eager), each expert's gate, up and down a packed layer over the
-    file's blocks; the same tokens as the file decoded to fp32."""
+    """A Q8_0 file: attention, head and every expert run packed by the native kernels, each
+    expert's gate, up and down a packed layer over the file's blocks (the planned step takes
+    them, routed, and the eager model too); the same tokens as the file decoded to fp32."""
     path = export_gguf(tmp_path / "mixtral-q8.gguf", reference, QType.Q8_0, per_expert, matrix_type=QType.Q8_0)
     packed, fp32 = LLM(str(path), weights="auto", prefill_chunk=5), LLM(str(path), weights="fp32")
     model = packed.engine.runner.model
@@ -232,7 +232,7 @@ def test_gguf_packed_matches_fp32(reference, tmp_path, per_expert):
         experts = layer.mlp.experts
         assert len(experts.packed) == 4 and experts.gate_up_proj.numel() == experts.down_proj.numel() == 0
         assert all(type(m).__name__ == "PackedLinear" for parts in experts.packed for m in parts)
-    assert packed.engine.runner.plan is None and fp32.engine.runner.model.model.layers[0].mlp.experts.packed is None
+    assert packed.engine.runner.plan is not None and fp32.engine.runner.model.model.layers[0].mlp.experts.packed is None
     ours, theirs = packed.generate(PROMPT, GREEDY), fp32.generate(PROMPT, GREEDY)
     assert ours.token_ids == theirs.token_ids
     assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-3
@@ -247,6 +247,21 @@ def test_gguf_packed_matches_fp32(reference, tmp_path, per_expert):
     assert source.stored_nbytes() == sum(int(t.n_bytes) for t in source.reader.tensors)
     prompts = [PROMPT, PROMPT[3:12], [7, 3]]
     assert [r.token_ids for r in packed.generate(prompts, GREEDY)] == [r.token_ids for r in fp32.generate(prompts, GREEDY)]
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
+def test_planned_experts_equal_their_eager_twin(reference, tmp_path):
+    """The planned step's routed experts (rows grouped per expert, experts ascending): alone,
+    in a batch and in prompt chunks, the tokens and logprobs of the eager block over the same
+    packed weights."""
+    path = export_gguf(tmp_path / "mixtral-q8.gguf", reference, QType.Q8_0, matrix_type=QType.Q8_0)
+    planned = LLM(str(path), max_num_seqs=3, prefill_chunk=5)
+    eager = LLM(str(path), max_num_seqs=3, prefill_chunk=5, planned_decode=False)
+    assert planned.engine.runner.plan is not None and eager.engine.runner.plan is None
+    prompts = [PROMPT, PROMPT[3:12], [7, 3]]
+    for ours, theirs in zip(planned.generate(prompts, GREEDY), eager.generate(prompts, GREEDY)):
+        assert ours.token_ids == theirs.token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-4
 
 
 def test_gguf_float_and_packed_experts_in_one_layer(reference, tmp_path):

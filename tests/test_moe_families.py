@@ -142,6 +142,7 @@ def test_plan_and_its_shrunken_twin(family, capsys):
 
 # ---- GGUF ------------------------------------------------------------------------------------
 
+PLANNED = ("qwen3", "qwen3_moe")   # the families the planned native step takes
 GGUF_ARCHITECTURES = {"qwen2_moe-sparse": "qwen2moe", "qwen3_moe": "qwen3moe", "qwen3_moe-unnormalised": None,
                       "qwen2_moe": None, "olmoe": "olmoe", "qwen3": "qwen3"}   # None: dense layers among sparse
 
@@ -200,15 +201,15 @@ def test_gguf_f32_matches_transformers(family, tmp_path):
 
 @pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
 def test_gguf_q8_0_packed_matches_fp32(family, tmp_path):
-    """Q8_0 matrices (each expert's too) run packed by the native kernels: the MoE families
-    eagerly, Qwen3 by the planned step (its per-head QK-norm in the plan); the same tokens as
-    the file decoded to fp32."""
+    """Q8_0 matrices (each expert's too) run packed by the native kernels: Qwen3 and Qwen3-MoE
+    by the planned step (per-head QK-norm and routed experts in the plan), Qwen2-MoE (a shared
+    expert) and OLMoE (whole-projection QK-norm) eagerly; the same tokens as the file in fp32."""
     name, reference = gguf_family(family)
     path = export_gguf(tmp_path / f"{name}-q8.gguf", name, reference, QType.Q8_0)
     packed, fp32 = LLM(str(path), weights="auto", prefill_chunk=5), LLM(str(path), weights="fp32")
     model = packed.engine.runner.model
     modules = [type(m).__name__ for m in model.modules()]
-    assert modules.count("PackedLinear") > 0 and (packed.engine.runner.plan is not None) == (name == "qwen3")
+    assert modules.count("PackedLinear") > 0 and (packed.engine.runner.plan is not None) == (name in PLANNED)
     blocks = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)]
     assert len(blocks) == (0 if name == "qwen3" else 3) and all(len(b.experts.packed) == 4 for b in blocks)
     ours, theirs = packed.generate(PROMPT, GREEDY), fp32.generate(PROMPT, GREEDY)
@@ -217,13 +218,13 @@ def test_gguf_q8_0_packed_matches_fp32(family, tmp_path):
 
 
 @pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
-def test_qwen3_planned_step_equals_its_eager_twin(family, tmp_path):
-    """Qwen3's QK-norm in the planned native step: alone and in a batch, the tokens and
-    logprobs of the eager model over the same packed weights."""
+def test_planned_step_equals_its_eager_twin(family, tmp_path):
+    """Qwen3's QK-norm, and Qwen3-MoE's routed experts, in the planned native step: alone and
+    in a batch, the tokens and logprobs of the eager model over the same packed weights."""
     name, reference = gguf_family(family)
-    if name != "qwen3":
-        pytest.skip("the planned step takes the dense families")
-    path = export_gguf(tmp_path / "qwen3-q8.gguf", name, reference, QType.Q8_0)
+    if name not in PLANNED:
+        pytest.skip("a shared expert or whole-projection QK-norm runs eagerly")
+    path = export_gguf(tmp_path / f"{name}-q8.gguf", name, reference, QType.Q8_0)
     planned, eager = LLM(str(path), max_num_seqs=3), LLM(str(path), max_num_seqs=3, planned_decode=False)
     assert planned.engine.runner.plan is not None and eager.engine.runner.plan is None
     prompts = [PROMPT, PROMPT[3:12], [7, 3]]

@@ -1,5 +1,6 @@
-"""The decode step planned once at start-up: a Llama-family model whose projections are all
-natively readable GGUF blocks (NATIVE_TYPES, mixed as a file mixes them; q, k and v of
+"""The decode step planned once at start-up: a Llama-family model (Qwen3's QK-norm, and a
+mixture of experts whose experts are packed, Mixtral's or Qwen3-MoE's, included) whose
+projections are all natively readable GGUF blocks (NATIVE_TYPES, mixed as a file mixes them; q, k and v of
 different types, which do not fuse, run side by side in one call) runs a whole step
 (embedding to logits) as one native call over weights, KV cache and buffers fixed at
 construction (hayate/kernels/decode.cpp).
@@ -18,7 +19,9 @@ from hayate.engine.kv_cache import KVCache
 from hayate.kernels import MAX_NATIVE_ROWS, native_kernels
 from hayate.layers.embedding import PackedEmbedding
 from hayate.layers.linear import NATIVE_TYPES, PackedLinear, rearrange_for_vnni
+from hayate.layers.moe import SparseMoE
 from hayate.models.llama import LlamaForCausalLM
+from hayate.models.mixtral import MixtralForCausalLM
 
 
 class PlannedDecode:
@@ -52,11 +55,18 @@ class PlannedDecode:
             final_norm=text.norm.weight, kv_cache=kv_cache.storage, block_size=kv_cache.block_size,
             threads=torch.get_num_threads(), embedding_type=getattr(text.embed_tokens, "ggml_type", 0))
         for layer in text.layers:
-            qkv, o, gate_up, down = _projections(layer)
+            qkv, o, *mlp = _projections(layer)
             attention = layer.self_attn   # Qwen3's per-head QK-norm, where it has one
             norms = (attention.q_norm.weight, attention.k_norm.weight) if attention.qk_norm else (None, None)
+            dense = [*_matrix(mlp[0]), *_matrix(mlp[1])] if mlp else [None] * 6
             plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                           *_matrix(qkv), *_matrix(o), *_matrix(gate_up), *_matrix(down), *norms)
+                           *_matrix(qkv), *_matrix(o), *dense, *norms)
+            if not mlp:   # the layer's experts, each expert's gate and up side by side
+                block, experts = layer.mlp, layer.mlp.experts.packed
+                gate_up, down = [_matrix([g, u]) for g, u, _ in experts], [_matrix([d]) for _, _, d in experts]
+                plan.add_experts(block.gate.weight.detach(), block.top_k, block.normalize,
+                                 [m[0] for m in gate_up], [m[1] for m in gate_up], [m[0] for m in down],
+                                 [m[1] for m in down])
         plan.set_head(*_matrix([model.lm_head])[:2])
         planned = cls(plan, kv_cache.block_size)
         planned.warm_up()
@@ -119,19 +129,33 @@ def _table(embedding: nn.Module) -> torch.Tensor:
 
 
 def _projections(layer: nn.Module) -> list[list]:
-    """A layer's qkv, o, gate_up and down projections, each as its fused layer or its parts."""
+    """A layer's qkv, o, gate_up and down projections, each as its fused layer or its parts
+    (a mixture of experts' layer: qkv and o only)."""
     attention, mlp = layer.self_attn, layer.mlp
     qkv = [attention.qkv_proj] if attention.qkv_proj is not None else [attention.q_proj, attention.k_proj, attention.v_proj]
+    if isinstance(mlp, SparseMoE):
+        return [qkv, [attention.o_proj]]
     gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
     return [qkv, [attention.o_proj], gate_up, [mlp.down_proj]]
 
 
 def _linears(model: nn.Module) -> list:
-    return [model.lm_head] + [m for layer in model.model.layers for part in _projections(layer) for m in part]
+    """Every projection the plan reads: the head, each layer's, and each expert's."""
+    experts = [m for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)
+               for parts in (layer.mlp.experts.packed or ()) for m in parts]
+    return [model.lm_head] + [m for layer in model.model.layers for part in _projections(layer) for m in part] + experts
+
+
+def _experts_plannable(model: nn.Module) -> bool:
+    """A mixture of experts' layers, where it has them, each packed, without a shared expert,
+    its router in fp32."""
+    blocks = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)]
+    return all(block.experts.packed is not None and block.shared_expert is None and type(block.gate) is nn.Linear
+               and block.gate.weight.dtype == torch.float32 and block.gate.bias is None for block in blocks)
 
 
 def _plannable(model: nn.Module) -> bool:
-    config = model.config if type(model) is LlamaForCausalLM else None
+    config = model.config if type(model) in (LlamaForCausalLM, MixtralForCausalLM) else None
     if config is None or not isinstance(model.lm_head, PackedLinear) or config.qk_norm not in ("", "head") \
             or config.clip_qkv is not None:
         return False   # (the native step normalises q and k per head, as Qwen3 does, or not at all)
@@ -147,4 +171,4 @@ def _plannable(model: nn.Module) -> bool:
     if any(not isinstance(m, PackedLinear) or m.ggml_type not in NATIVE_TYPES for m in linears):
         return False
     biases = [[m.bias is None for m in part] for layer in text.layers for part in _projections(layer)]
-    return len(eps) == 1 and all(len(set(part)) == 1 for part in biases)
+    return len(eps) == 1 and all(len(set(part)) == 1 for part in biases) and _experts_plannable(model)

@@ -11,161 +11,15 @@
 // GEMV (gemv_into); norms and RoPE are the operators' (rms_norm_rows, rope_heads); attention
 // is split-K (decode_attention.h), over a KV cache of float, float16 or bfloat16 (kv_elements.h).
 #include "decode_attention.h"
-#include "ggml_blocks.h"
-#include "interleaved_kernel.h"
-#include "worker_pool.h"
+#include "routed_experts.h"
 
 namespace {
-
-#if HAYATE_INTERLEAVED
-// A GGUF weight rearranged for the VNNI kernel: the model's packed layers hold it instead of
-// the file's blocks once a plan is built, and the plan shares it (one copy of the weights).
-struct InterleavedWeight {
-  InterleavedMatrix matrix;
-  InterleavedWeight(const torch::Tensor& w, int64_t ggml_type, int64_t K, std::shared_ptr<uint8_t> storage = nullptr,
-                    bool fill = true)
-      : matrix(w, ggml_type, K, std::move(storage), fill) {}
-
-  // A model's weights rearranged into one arena of 2 MB pages (one page table walk per 2 MB
-  // for the whole model, no page rounded up per matrix): ws[i] is [N, row_bytes_of(types[i], K_i)].
-  static std::vector<InterleavedWeight> all(const std::vector<torch::Tensor>& ws, const std::vector<int64_t>& types,
-                                            const std::vector<int64_t>& Ks) {
-    TORCH_CHECK(ws.size() == types.size() && ws.size() == Ks.size(), "one type and K per weight");
-    constexpr int64_t kAlign = 4096;
-    std::vector<int64_t> offsets;
-    int64_t total = 0;
-    for (size_t i = 0; i < ws.size(); ++i) {
-      offsets.push_back(total);
-      total += (InterleavedMatrix::bytes_for(types[i], ws[i].size(0), Ks[i]) + kAlign - 1) / kAlign * kAlign;
-    }
-    // every byte of each matrix gets written: no zeroing pass over the arena
-    const std::shared_ptr<uint8_t> arena = huge_page_buffer(std::max<int64_t>(total, 1), /*zeroed=*/false);
-    std::vector<InterleavedWeight> weights;
-    for (size_t i = 0; i < ws.size(); ++i)   // each shares the arena's ownership
-      weights.emplace_back(ws[i], types[i], Ks[i], std::shared_ptr<uint8_t>(arena, arena.get() + offsets[i]), false);
-    std::vector<InterleavedMatrix*> matrices;
-    for (InterleavedWeight& weight : weights) matrices.push_back(&weight.matrix);
-    InterleavedMatrix::fill_all(matrices, ws);   // all matrices' groups shared by all threads
-    return weights;
-  }
-
-  // x [M, K] -> [M, N], 16 rows a pass, on PyTorch's threads (the eager model's steps)
-  torch::Tensor apply(torch::Tensor x) const {
-    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == matrix.K(),
-                "x must be float32 [M, in_features]");
-    x = x.contiguous();
-    ActivationPlanes planes;
-    const int64_t M = x.size(0), K = matrix.K(), N = matrix.N();
-    auto out = torch::empty({M, N}, x.options());
-    IntraOpThreads threads;
-    for (int64_t m = 0; m < M; m += kMaxRows)
-      interleaved_gemv(x.data_ptr<float>() + m * K, std::min(kMaxRows, M - m), &matrix, 1, planes,
-                       out.data_ptr<float>() + m * N, threads);
-    return out;
-  }
-
-  // fp32 [N, K] (prefill), into `out` when given: bit for bit gguf's dequantization
-  torch::Tensor dequantize(c10::optional<torch::Tensor> into) const {
-    torch::Tensor out = into.has_value() ? *into : torch::empty({matrix.N(), matrix.K()}, torch::kFloat32);
-    TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == matrix.N() * matrix.K(),
-                "out must be a contiguous float32 tensor of N * K elements");
-    float* values = out.data_ptr<float>();
-    at::parallel_for(0, matrix.groups(), 1, [&](int64_t begin, int64_t end) { matrix.dequantize_groups(values, begin, end); });
-    return out;
-  }
-};
-#endif
-
-// Scratch for a projection's input: per-block sums (GGUF-block kernel) or byte planes.
-struct Activations {
-  std::vector<float> sums;
-#if HAYATE_INTERLEAVED
-  ActivationPlanes planes;
-#endif
-};
-
-// A projection's weights: one matrix, or several side by side (q, k and v whose types differ,
-// as in a Q4_K_M file), their outputs consecutive columns. Rearranged for the VNNI kernel
-// where the CPU has it (interleaved.h; shared with the model's packed layers), else the GGUF
-// blocks read in place (ggml_blocks.h).
-struct PackedMatrix {
-  int64_t N = 0, K = 0;
-  torch::Tensor bias;    // float32 [N], or undefined
-#if HAYATE_INTERLEAVED
-  std::vector<InterleavedMatrix> parts;
-#else
-  std::vector<torch::Tensor> parts;   // uint8 [N_i, row bytes]
-  std::vector<int64_t> types;
-#endif
-
-  PackedMatrix() = default;
-  // weight: an InterleavedWeight (shared), or GGUF blocks uint8 [N, row bytes] (rearranged into
-  // the plan's own copy where the CPU has VNNI, else read in place); or a list of them, with a
-  // list of types.
-  PackedMatrix(const pybind11::object& weight, const pybind11::object& ggml_type, int64_t in_features,
-               c10::optional<torch::Tensor> b)
-      : K(in_features) {
-    namespace py = pybind11;
-    if (py::isinstance<py::list>(weight) || py::isinstance<py::tuple>(weight)) {
-      const py::sequence weights = weight.cast<py::sequence>(), types = ggml_type.cast<py::sequence>();
-      TORCH_CHECK(weights.size() == types.size() && weights.size() > 0, "one type per weight");
-      for (size_t i = 0; i < weights.size(); ++i) add(weights[i], types[i].cast<int64_t>());
-    } else {
-      add(weight, ggml_type.cast<int64_t>());
-    }
-    if (b.has_value()) {
-      bias = b->contiguous();
-      TORCH_CHECK(bias.dtype() == torch::kFloat32 && bias.numel() == N, "bias must be float32 [out_features]");
-    }
-  }
-
-  void add(const pybind11::object& weight, int64_t type) {
-#if HAYATE_INTERLEAVED
-    if (pybind11::isinstance<InterleavedWeight>(weight)) {
-      parts.push_back(weight.cast<const InterleavedWeight&>().matrix);
-      TORCH_CHECK(parts.back().K() == K && parts.back().type() == type, "the rearranged weight does not match its layer");
-    } else {
-      parts.emplace_back(checked_blocks(weight.cast<torch::Tensor>(), type), type, K);
-    }
-    N += parts.back().N();
-#else
-    parts.push_back(checked_blocks(weight.cast<torch::Tensor>(), type).contiguous());
-    types.push_back(type);
-    N += parts.back().size(0);
-#endif
-  }
-
-  torch::Tensor checked_blocks(const torch::Tensor& w, int64_t type) const {
-    TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "packed weights must be 2-D uint8");
-    TORCH_CHECK(w.size(1) == row_bytes_of(type, K), "weight bytes do not match K");
-    return w;
-  }
-
-  // out [M, N] = x [M, K] W^T (+ bias)
-  void apply(const float* x, int64_t M, Activations& scratch, float* out, WorkerPool& threads) const {
-#if HAYATE_INTERLEAVED
-    interleaved_gemv(x, M, parts.data(), parts.size(), scratch.planes, out, threads);
-#else
-    scratch.sums.resize(M * K / kBlock);
-    int64_t column = 0;
-    for (size_t i = 0; i < parts.size(); ++i) {
-      gemv_into(x, M, K, parts[i].data_ptr<uint8_t>(), parts[i].size(0), types[i], scratch.sums.data(), out + column,
-                N, threads);
-      column += parts[i].size(0);
-    }
-#endif
-    if (bias.defined()) {
-      const float* b = bias.data_ptr<float>();
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) out[m * N + n] += b[n];
-    }
-  }
-};
 
 struct Layer {
   torch::Tensor input_norm, post_norm;  // float32 [hidden]
   torch::Tensor q_norm, k_norm;         // float32 [head_dim] (Qwen3's per-head QK-norm), or undefined
-  PackedMatrix qkv, o, gate_up, down;
+  PackedMatrix qkv, o, gate_up, down;   // gate_up and down empty in a mixture of experts' layer
+  RoutedExperts experts;                 // defined only there
 };
 
 class DecodePlan {
@@ -214,11 +68,39 @@ class DecodePlan {
     }
     layer.qkv = PackedMatrix(qkv, qkv_type, hidden_, qkv_bias);
     layer.o = PackedMatrix(o, o_type, heads_ * head_dim_, o_bias);
-    layer.gate_up = PackedMatrix(gate_up, gate_up_type, hidden_, gate_up_bias);
-    layer.down = PackedMatrix(down, down_type, layer.gate_up.N / 2, down_bias);
+    if (!gate_up.is_none()) {   // else add_experts() gives the layer its MLP
+      layer.gate_up = PackedMatrix(gate_up, gate_up_type, hidden_, gate_up_bias);
+      layer.down = PackedMatrix(down, down_type, layer.gate_up.N / 2, down_bias);
+      TORCH_CHECK(layer.down.N == hidden_, "projections must return the hidden size");
+    }
     TORCH_CHECK(layer.qkv.N == (heads_ + 2 * kv_heads_) * head_dim_, "fused qkv has the wrong width");
-    TORCH_CHECK(layer.o.N == hidden_ && layer.down.N == hidden_, "projections must return the hidden size");
+    TORCH_CHECK(layer.o.N == hidden_, "projections must return the hidden size");
     layers_.push_back(std::move(layer));
+  }
+
+  // The last added layer's MLP as a mixture of experts: router float32 [experts, hidden]; per
+  // expert, its gate and up side by side (lists of weights and types) and its down.
+  void add_experts(torch::Tensor router, int64_t top_k, bool normalize, const std::vector<pybind11::object>& gate_up,
+                   const std::vector<pybind11::object>& gate_up_types, const std::vector<pybind11::object>& down,
+                   const std::vector<pybind11::object>& down_types) {
+    TORCH_CHECK(!layers_.empty() && layers_.back().gate_up.N == 0 && !layers_.back().experts.defined(),
+                "experts go to a layer added without a dense MLP");
+    TORCH_CHECK(router.dtype() == torch::kFloat32 && router.dim() == 2 && router.size(1) == hidden_,
+                "the router must be float32 [experts, hidden]");
+    const size_t count = static_cast<size_t>(router.size(0));
+    TORCH_CHECK(gate_up.size() == count && gate_up_types.size() == count && down.size() == count &&
+                    down_types.size() == count && top_k >= 1 && top_k <= router.size(0),
+                "one gate_up and one down per expert, and 1 <= top_k <= experts");
+    RoutedExperts& experts = layers_.back().experts;
+    experts.router = router.contiguous();
+    experts.top_k = top_k;
+    experts.normalize = normalize;
+    for (size_t e = 0; e < count; ++e) {
+      experts.gate_up.emplace_back(gate_up[e], gate_up_types[e], hidden_, c10::nullopt);
+      experts.down.emplace_back(down[e], down_types[e], experts.gate_up.back().N / 2, c10::nullopt);
+      TORCH_CHECK(experts.down.back().N == hidden_ && experts.gate_up.back().N == experts.gate_up.front().N,
+                  "every expert must have the same shape, returning the hidden size");
+    }
   }
 
   void set_head(pybind11::object lm_head, pybind11::object ggml_type) {
@@ -234,6 +116,7 @@ class DecodePlan {
     const int64_t B = static_cast<int64_t>(ids.size()), R = static_cast<int64_t>(logit_rows.size());
     TORCH_CHECK(B >= 1 && B <= kMaxRows, "a planned decode step takes 1 to ", kMaxRows, " sequences");
     TORCH_CHECK(layers_.size() == static_cast<size_t>(kv_cache_.size(0)) && head_.N > 0, "the plan is incomplete");
+    for (const Layer& L : layers_) TORCH_CHECK(L.gate_up.N > 0 || L.experts.defined(), "a layer has no MLP");
     TORCH_CHECK(pos.size() == ids.size() && block_tables.size() == ids.size(),
                 "positions and block_tables must have one entry per token id");
     TORCH_CHECK(R <= B, "at most one logit row per row");
@@ -271,8 +154,6 @@ class DecodePlan {
     h_.resize(B * hidden_);
     qkv_.resize(B * first.qkv.N);
     attn_.resize(B * heads_ * head_dim_);
-    gate_up_.resize(B * first.gate_up.N);
-    act_.resize(B * first.gate_up.N / 2);
     out_.resize(B * hidden_);
   }
 
@@ -285,18 +166,17 @@ class DecodePlan {
     L.o.apply(attn_.data(), B, scratch_, out_.data(), threads_);
     for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
     rms_norm_rows(x, L.post_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
-    L.gate_up.apply(h_.data(), B, scratch_, gate_up_.data(), threads_);
-    const int64_t inner = L.gate_up.N / 2;
-    for (int64_t b = 0; b < B; ++b) silu_mul(gate_up_.data() + b * 2 * inner, inner, act_.data() + b * inner);
-    L.down.apply(act_.data(), B, scratch_, out_.data(), threads_);
+    if (L.experts.defined()) {
+      layers_[index].experts.run(h_.data(), B, hidden_, out_.data(), scratch_, threads_);
+    } else {
+      gate_up_.resize(B * L.gate_up.N);
+      act_.resize(B * L.gate_up.N / 2);
+      L.gate_up.apply(h_.data(), B, scratch_, gate_up_.data(), threads_);
+      const int64_t inner = L.gate_up.N / 2;
+      for (int64_t b = 0; b < B; ++b) silu_mul(gate_up_.data() + b * 2 * inner, inner, act_.data() + b * inner);
+      L.down.apply(act_.data(), B, scratch_, out_.data(), threads_);
+    }
     for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
-  }
-
-  // act = silu(gate) * up, gate and up the two halves of gate_up [2 * inner]
-  static void silu_mul(const float* gate_up, int64_t inner, float* act) {
-    for (int64_t i = 0; i < inner; ++i) act[i] = -gate_up[i];
-    exp_in_place(act, inner);   // e^-g
-    for (int64_t i = 0; i < inner; ++i) act[i] = gate_up[i] / (1.f + act[i]) * gate_up[inner + i];
   }
 
   int64_t cache_row(int64_t b, int64_t position) const {
@@ -395,6 +275,8 @@ void register_decode_plan(pybind11::module& m) {
            py::arg("qkv_type"), py::arg("qkv_bias"), py::arg("o"), py::arg("o_type"), py::arg("o_bias"),
            py::arg("gate_up"), py::arg("gate_up_type"), py::arg("gate_up_bias"), py::arg("down"),
            py::arg("down_type"), py::arg("down_bias"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none())
+      .def("add_experts", &DecodePlan::add_experts, py::arg("router"), py::arg("top_k"), py::arg("normalize"),
+           py::arg("gate_up"), py::arg("gate_up_types"), py::arg("down"), py::arg("down_types"))
       .def("set_head", &DecodePlan::set_head)
       .def("run", &DecodePlan::run, py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,93 @@
+// A mixture of experts' MLP in the planned step (Mixtral, Qwen3-MoE): the router in fp32, a
+// softmax and the top_k of each row (renormalised or not), the rows grouped by expert (experts
+// ascending; within one, slot by slot, rows ascending: the eager block's order), each touched
+// expert's gate/up and down over its rows on the plan's threads, and their outputs added back
+// weighted in that same order (the eager block's index_add_).
+#pragma once
+#include "decode_attention.h"
+#include "packed_matrix.h"
+
+namespace {
+
+// act = silu(gate) * up, gate and up the two halves of gate_up [2 * inner]
+inline void silu_mul(const float* gate_up, int64_t inner, float* act) {
+  for (int64_t i = 0; i < inner; ++i) act[i] = -gate_up[i];
+  exp_in_place(act, inner);   // e^-g
+  for (int64_t i = 0; i < inner; ++i) act[i] = gate_up[i] / (1.f + act[i]) * gate_up[inner + i];
+}
+
+struct RoutedExperts {
+  torch::Tensor router;                     // float32 [experts, hidden]
+  std::vector<PackedMatrix> gate_up, down;  // per expert: gate and up side by side; down
+  int64_t top_k = 0;
+  bool normalize = true;
+
+  bool defined() const { return !gate_up.empty(); }
+
+  // out [B, hidden] = the block over h [B, hidden] (each row a token)
+  void run(const float* h, int64_t B, int64_t hidden, float* out, Activations& scratch, WorkerPool& threads) {
+    route(h, B, hidden);
+    std::fill(out, out + B * hidden, 0.f);
+    const int64_t experts = router.size(0), inner = gate_up.front().N / 2;
+    for (int64_t e = 0; e < experts; ++e) {
+      rows_.clear();
+      for (int64_t slot = 0; slot < top_k; ++slot)
+        for (int64_t b = 0; b < B; ++b)
+          if (chosen_[b * top_k + slot] == e) rows_.push_back(b * top_k + slot);
+      const int64_t n = static_cast<int64_t>(rows_.size());
+      if (n == 0) continue;
+      xs_.resize(n * hidden);
+      for (int64_t i = 0; i < n; ++i) std::copy_n(h + rows_[i] / top_k * hidden, hidden, xs_.data() + i * hidden);
+      hs_.resize(n * 2 * inner);
+      acts_.resize(n * inner);
+      ys_.resize(n * hidden);
+      gate_up[e].apply(xs_.data(), n, scratch, hs_.data(), threads);
+      for (int64_t i = 0; i < n; ++i) silu_mul(hs_.data() + i * 2 * inner, inner, acts_.data() + i * inner);
+      down[e].apply(acts_.data(), n, scratch, ys_.data(), threads);
+      for (int64_t i = 0; i < n; ++i) {
+        float* row = out + rows_[i] / top_k * hidden;
+        const float weight = weights_[rows_[i]];
+        for (int64_t j = 0; j < hidden; ++j) row[j] += ys_[i * hidden + j] * weight;
+      }
+    }
+  }
+
+ private:
+  // Each row's top_k experts (chosen_) and their weights (weights_), [B][top_k], largest first.
+  void route(const float* h, int64_t B, int64_t hidden) {
+    const int64_t experts = router.size(0);
+    const float* r = router.data_ptr<float>();
+    chosen_.resize(B * top_k);
+    weights_.resize(B * top_k);
+    probabilities_.resize(experts);
+    for (int64_t b = 0; b < B; ++b) {
+      float largest = -INFINITY;
+      for (int64_t e = 0; e < experts; ++e) {
+        float dot = 0.f;
+        for (int64_t j = 0; j < hidden; ++j) dot += h[b * hidden + j] * r[e * hidden + j];
+        probabilities_[e] = dot;
+        largest = std::max(largest, dot);
+      }
+      float total = 0.f;
+      for (int64_t e = 0; e < experts; ++e) total += (probabilities_[e] = std::exp(probabilities_[e] - largest));
+      for (int64_t e = 0; e < experts; ++e) probabilities_[e] /= total;
+      float kept = 0.f;
+      for (int64_t slot = 0; slot < top_k; ++slot) {   // the largest left, the lowest expert on a tie
+        int64_t best = -1;
+        for (int64_t e = 0; e < experts; ++e)
+          if ((best < 0 || probabilities_[e] > probabilities_[best]) && probabilities_[e] >= 0.f) best = e;
+        chosen_[b * top_k + slot] = best;
+        weights_[b * top_k + slot] = probabilities_[best];
+        kept += probabilities_[best];
+        probabilities_[best] = -1.f;   // taken
+      }
+      if (normalize)
+        for (int64_t slot = 0; slot < top_k; ++slot) weights_[b * top_k + slot] /= kept;
+    }
+  }
+
+  std::vector<int64_t> chosen_, rows_;
+  std::vector<float> weights_, probabilities_, xs_, hs_, acts_, ys_;
+};
+
+}  // namespace
