@@ -264,6 +264,35 @@ def test_planned_experts_equal_their_eager_twin(reference, tmp_path):
         assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-4
 
 
+@pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
+def test_planned_routing_survives_nan(reference, tmp_path):
+    """A router with NaN rows (a broken file): the planned step picks NaN first as topk does,
+    never an expert out of range, and answers as the eager block does."""
+    import copy
+
+    broken = copy.deepcopy(reference)
+    with torch.no_grad():
+        broken.model.layers[0].mlp.gate.weight[1:3] = float("nan")
+    path = export_gguf(tmp_path / "nan.gguf", broken, QType.Q8_0, matrix_type=QType.Q8_0)
+    planned, eager = LLM(str(path)), LLM(str(path), planned_decode=False)
+    assert planned.engine.runner.plan is not None
+    assert planned.generate(PROMPT, GREEDY).token_ids == eager.generate(PROMPT, GREEDY).token_ids
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
+def test_dispatch_twin_packs_its_experts(reference, tmp_path):
+    """hayate plan's shrunken twin of a packed MoE file packs its experts too (its router
+    stays fp32), so the step it times is planned as the real one is."""
+    from hayate.plan.dispatch import build_twin, dispatch_seconds
+
+    path = export_gguf(tmp_path / "mixtral-q8.gguf", reference, QType.Q8_0, matrix_type=QType.Q8_0)
+    real = LLM(str(path)).loaded
+    twin = build_twin(real)
+    assert _plannable(real.model) and _plannable(twin)
+    assert all(len(layer.mlp.experts.packed) == 4 for layer in twin.model.layers)
+    assert dispatch_seconds(real, context=8, steps=2) > 0
+
+
 def test_gguf_float_and_packed_experts_in_one_layer(reference, tmp_path):
     """A layer whose experts come partly as blocks and partly in float runs them all in float:
     the packed ones are decoded into the slabs, equal to the file decoded to fp32."""

@@ -72,14 +72,18 @@ struct RoutedExperts {
       for (int64_t e = 0; e < experts; ++e) total += (probabilities_[e] = std::exp(probabilities_[e] - largest));
       for (int64_t e = 0; e < experts; ++e) probabilities_[e] /= total;
       float kept = 0.f;
-      for (int64_t slot = 0; slot < top_k; ++slot) {   // the largest left, the lowest expert on a tie
+      taken_.assign(experts, 0);
+      for (int64_t slot = 0; slot < top_k; ++slot) {   // the largest left (NaN above all, as topk), lowest on a tie
         int64_t best = -1;
-        for (int64_t e = 0; e < experts; ++e)
-          if ((best < 0 || probabilities_[e] > probabilities_[best]) && probabilities_[e] >= 0.f) best = e;
+        for (int64_t e = 0; e < experts; ++e) {
+          if (taken_[e]) continue;
+          const float p = probabilities_[e];
+          if (best < 0 || (std::isnan(p) && !std::isnan(probabilities_[best])) || p > probabilities_[best]) best = e;
+        }
+        taken_[best] = 1;
         chosen_[b * top_k + slot] = best;
         weights_[b * top_k + slot] = probabilities_[best];
         kept += probabilities_[best];
-        probabilities_[best] = -1.f;   // taken
       }
       if (normalize)
         for (int64_t slot = 0; slot < top_k; ++slot) weights_[b * top_k + slot] /= kept;
@@ -87,6 +91,7 @@ struct RoutedExperts {
   }
 
   std::vector<int64_t> chosen_, rows_;
+  std::vector<uint8_t> taken_;
   std::vector<float> weights_, probabilities_, xs_, hs_, acts_, ys_;
 };
 

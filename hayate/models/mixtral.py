@@ -34,8 +34,8 @@ _STACKED = ("experts.gate_up_proj", "experts.down_proj")
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
-    # Which rows each expert gets depends on the routing: no fixed-shape (CUDA graph) step, and
-    # no planned native step (decode_plan.py plans LlamaForCausalLM itself only).
+    # Which rows each expert gets depends on the routing: no fixed-shape (CUDA graph) step. The
+    # planned native step takes packed experts without a shared expert (decode_plan.py).
     static_shapes = False
 
     def __init__(self, config: ModelConfig, max_positions: int | None = None):

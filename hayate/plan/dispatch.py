@@ -19,6 +19,7 @@ from torch import nn
 
 from hayate.config import EngineConfig
 from hayate.layers.linear import PackedLinear
+from hayate.layers.moe import SparseMoE
 from hayate.layers.quant import PackedWeight, QType
 from hayate.loading.loader import LoadedModel
 from hayate.models.config import ModelConfig
@@ -45,16 +46,33 @@ def build_twin(loaded: LoadedModel) -> nn.Module:
     config = twin_config(loaded.config)
     twin = build_model(config, max_positions=loaded.max_model_len).eval()
     packed_type = _packed_type(loaded.model)
-    if packed_type is not None:
-        targets = [(n, m) for n, m in twin.named_modules() if isinstance(m, nn.Linear)]
+    if packed_type is not None:   # routers stay fp32, as loaded
+        targets = [(n, m) for n, m in twin.named_modules() if isinstance(m, nn.Linear)
+                   and not n.endswith((".mlp.gate", ".mlp.shared_expert_gate"))]
         for name, linear in targets:
             parent, _, child = name.rpartition(".")
             setattr(twin.get_submodule(parent) if parent else twin, child, _random_packed(linear, packed_type))
+        _pack_experts(twin, loaded.model, packed_type)
     packed_apart = getattr(loaded.model, "packed_apart", False)   # as the real model's layers
     for layer in twin.model.layers:
         layer.self_attn.fuse(packed_apart)
         layer.mlp.fuse(packed_apart)
     return twin
+
+
+def _pack_experts(twin: nn.Module, model: nn.Module, packed_type: int) -> None:
+    """The twin's experts packed where the real model's are (random blocks): the step it
+    times runs as the real one does (the planned step takes packed experts)."""
+    real = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)]
+    ours = [layer.mlp for layer in twin.model.layers if isinstance(layer.mlp, SparseMoE)]
+    for block, twin_block in zip(real, ours):
+        if block.experts.packed is None:
+            continue
+        experts = twin_block.experts
+        shapes = ((experts.hidden, experts.inner), (experts.hidden, experts.inner), (experts.inner, experts.hidden))
+        parts = [[_random_packed(nn.Linear(k, n, bias=False), packed_type).weight for _ in range(experts.num_experts)]
+                 for k, n in shapes]
+        experts.use_packed(*parts)
 
 
 def _packed_type(model: nn.Module) -> int | None:
