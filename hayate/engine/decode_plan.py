@@ -1,7 +1,7 @@
-"""The decode step planned once at start-up: a Llama-family model (Qwen3's QK-norm, and a
-mixture of experts whose experts are packed, Mixtral's or Qwen3-MoE's, included) whose
-projections are all natively readable GGUF blocks (NATIVE_TYPES, mixed as a file mixes them; q, k and v of
-different types, which do not fuse, run side by side in one call) runs a whole step
+"""The decode step planned once at start-up: a Llama-family model (Qwen3's QK-norm included,
+and mixtures of experts whose experts are packed: Mixtral, Qwen2-MoE, Qwen3-MoE) whose
+projections are all natively readable GGUF blocks (NATIVE_TYPES, mixed as a file mixes them;
+q, k and v of different types, which do not fuse, run side by side in one call) runs a whole step
 (embedding to logits) as one native call over weights, KV cache and buffers fixed at
 construction (hayate/kernels/decode.cpp).
 
@@ -64,9 +64,14 @@ class PlannedDecode:
             if not mlp:   # the layer's experts, each expert's gate and up side by side
                 block, experts = layer.mlp, layer.mlp.experts.packed
                 gate_up, down = [_matrix([g, u]) for g, u, _ in experts], [_matrix([d]) for _, _, d in experts]
+                shared = block.shared_expert   # Qwen2-MoE's, with its sigmoid gate
+                shared_args = {} if shared is None else dict(
+                    zip(("shared_gate_up", "shared_gate_up_types"), _matrix([shared.gate_proj, shared.up_proj])[:2]),
+                    **dict(zip(("shared_down", "shared_down_type"), _matrix([shared.down_proj])[:2])),
+                    shared_gate=block.shared_expert_gate.weight.detach().reshape(-1))
                 plan.add_experts(block.gate.weight.detach(), block.top_k, block.normalize,
                                  [m[0] for m in gate_up], [m[1] for m in gate_up], [m[0] for m in down],
-                                 [m[1] for m in down])
+                                 [m[1] for m in down], **shared_args)
         plan.set_head(*_matrix([model.lm_head])[:2])
         planned = cls(plan, kv_cache.block_size)
         planned.warm_up()
@@ -141,17 +146,21 @@ def _projections(layer: nn.Module) -> list[list]:
 
 def _linears(model: nn.Module) -> list:
     """Every projection the plan reads: the head, each layer's, and each expert's."""
-    experts = [m for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)
-               for parts in (layer.mlp.experts.packed or ()) for m in parts]
+    blocks = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)]
+    experts = [m for block in blocks for parts in (block.experts.packed or ()) for m in parts]
+    experts += [m for block in blocks if block.shared_expert is not None
+                for m in (block.shared_expert.gate_proj, block.shared_expert.up_proj, block.shared_expert.down_proj)]
     return [model.lm_head] + [m for layer in model.model.layers for part in _projections(layer) for m in part] + experts
 
 
 def _experts_plannable(model: nn.Module) -> bool:
-    """A mixture of experts' layers, where it has them, each packed, without a shared expert,
-    its router in fp32."""
+    """A mixture of experts' layers, where it has them, each packed, its router (and a shared
+    expert's gate) in fp32; a shared expert's projections are among _linears, checked there."""
     blocks = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)]
-    return all(block.experts.packed is not None and block.shared_expert is None and type(block.gate) is nn.Linear
-               and block.gate.weight.dtype == torch.float32 and block.gate.bias is None for block in blocks)
+    routers = [block.gate for block in blocks] + [block.shared_expert_gate for block in blocks
+                                                  if block.shared_expert is not None]
+    return all(block.experts.packed is not None for block in blocks) and all(
+        type(r) is nn.Linear and r.weight.dtype == torch.float32 and r.bias is None for r in routers)
 
 
 def _plannable(model: nn.Module) -> bool:

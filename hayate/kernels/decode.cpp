@@ -79,10 +79,13 @@ class DecodePlan {
   }
 
   // The last added layer's MLP as a mixture of experts: router float32 [experts, hidden]; per
-  // expert, its gate and up side by side (lists of weights and types) and its down.
+  // expert, its gate and up side by side (lists of weights and types) and its down; a shared
+  // expert's (Qwen2-MoE) likewise, with its gate float32 [hidden], or None.
   void add_experts(torch::Tensor router, int64_t top_k, bool normalize, const std::vector<pybind11::object>& gate_up,
                    const std::vector<pybind11::object>& gate_up_types, const std::vector<pybind11::object>& down,
-                   const std::vector<pybind11::object>& down_types) {
+                   const std::vector<pybind11::object>& down_types, const pybind11::object& shared_gate_up,
+                   const pybind11::object& shared_gate_up_types, const pybind11::object& shared_down,
+                   const pybind11::object& shared_down_type, c10::optional<torch::Tensor> shared_gate) {
     TORCH_CHECK(!layers_.empty() && layers_.back().gate_up.N == 0 && !layers_.back().experts.defined(),
                 "experts go to a layer added without a dense MLP");
     TORCH_CHECK(router.dtype() == torch::kFloat32 && router.dim() == 2 && router.size(1) == hidden_,
@@ -100,6 +103,15 @@ class DecodePlan {
       experts.down.emplace_back(down[e], down_types[e], experts.gate_up.back().N / 2, c10::nullopt);
       TORCH_CHECK(experts.down.back().N == hidden_ && experts.gate_up.back().N == experts.gate_up.front().N,
                   "every expert must have the same shape, returning the hidden size");
+    }
+    TORCH_CHECK(shared_gate.has_value() == !shared_gate_up.is_none(), "a shared expert needs its gate");
+    if (shared_gate.has_value()) {
+      experts.shared_gate_up = PackedMatrix(shared_gate_up, shared_gate_up_types, hidden_, c10::nullopt);
+      experts.shared_down = PackedMatrix(shared_down, shared_down_type, experts.shared_gate_up.N / 2, c10::nullopt);
+      experts.shared_gate = shared_gate->contiguous();
+      TORCH_CHECK(experts.shared_down.N == hidden_ && experts.shared_gate.dtype() == torch::kFloat32 &&
+                      experts.shared_gate.numel() == hidden_,
+                  "the shared expert must return the hidden size, its gate float32 [hidden]");
     }
   }
 
@@ -276,7 +288,10 @@ void register_decode_plan(pybind11::module& m) {
            py::arg("gate_up"), py::arg("gate_up_type"), py::arg("gate_up_bias"), py::arg("down"),
            py::arg("down_type"), py::arg("down_bias"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none())
       .def("add_experts", &DecodePlan::add_experts, py::arg("router"), py::arg("top_k"), py::arg("normalize"),
-           py::arg("gate_up"), py::arg("gate_up_types"), py::arg("down"), py::arg("down_types"))
+           py::arg("gate_up"), py::arg("gate_up_types"), py::arg("down"), py::arg("down_types"),
+           py::arg("shared_gate_up") = py::none(), py::arg("shared_gate_up_types") = py::none(),
+           py::arg("shared_down") = py::none(), py::arg("shared_down_type") = py::none(),
+           py::arg("shared_gate") = py::none())
       .def("set_head", &DecodePlan::set_head)
       .def("run", &DecodePlan::run, py::call_guard<py::gil_scoped_release>());
 }

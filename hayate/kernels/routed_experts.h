@@ -1,8 +1,9 @@
-// A mixture of experts' MLP in the planned step (Mixtral, Qwen3-MoE): the router in fp32, a
-// softmax and the top_k of each row (renormalised or not), the rows grouped by expert (experts
-// ascending; within one, slot by slot, rows ascending: the eager block's order), each touched
-// expert's gate/up and down over its rows on the plan's threads, and their outputs added back
-// weighted in that same order (the eager block's index_add_).
+// A mixture of experts' MLP in the planned step (Mixtral, Qwen2-MoE, Qwen3-MoE): the router in
+// fp32, a softmax and the top_k of each row (renormalised or not), the rows grouped by expert
+// (experts ascending; within one, slot by slot, rows ascending: the eager block's order), each
+// touched expert's gate/up and down over its rows on the plan's threads, and their outputs
+// added back weighted in that same order (the eager block's index_add_); then, where there is
+// one, the shared expert's output over every row, weighted by sigmoid(shared_gate . h).
 #pragma once
 #include "decode_attention.h"
 #include "packed_matrix.h"
@@ -21,6 +22,8 @@ struct RoutedExperts {
   std::vector<PackedMatrix> gate_up, down;  // per expert: gate and up side by side; down
   int64_t top_k = 0;
   bool normalize = true;
+  PackedMatrix shared_gate_up, shared_down;   // Qwen2-MoE's shared expert, or empty
+  torch::Tensor shared_gate;                  // float32 [hidden], with it
 
   bool defined() const { return !gate_up.empty(); }
 
@@ -50,9 +53,27 @@ struct RoutedExperts {
         for (int64_t j = 0; j < hidden; ++j) row[j] += ys_[i * hidden + j] * weight;
       }
     }
+    if (shared_gate_up.N > 0) add_shared(h, B, hidden, out, scratch, threads);
   }
 
  private:
+  void add_shared(const float* h, int64_t B, int64_t hidden, float* out, Activations& scratch, WorkerPool& threads) {
+    const int64_t inner = shared_gate_up.N / 2;
+    hs_.resize(B * 2 * inner);
+    acts_.resize(B * inner);
+    ys_.resize(B * hidden);
+    shared_gate_up.apply(h, B, scratch, hs_.data(), threads);
+    for (int64_t b = 0; b < B; ++b) silu_mul(hs_.data() + b * 2 * inner, inner, acts_.data() + b * inner);
+    shared_down.apply(acts_.data(), B, scratch, ys_.data(), threads);
+    const float* g = shared_gate.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      float dot = 0.f;
+      for (int64_t j = 0; j < hidden; ++j) dot += h[b * hidden + j] * g[j];
+      const float weight = 1.f / (1.f + std::exp(-dot));
+      for (int64_t j = 0; j < hidden; ++j) out[b * hidden + j] += weight * ys_[b * hidden + j];
+    }
+  }
+
   // Each row's top_k experts (chosen_) and their weights (weights_), [B][top_k], largest first.
   void route(const float* h, int64_t B, int64_t hidden) {
     const int64_t experts = router.size(0);

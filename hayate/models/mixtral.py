@@ -35,7 +35,7 @@ _STACKED = ("experts.gate_up_proj", "experts.down_proj")
 
 class MixtralForCausalLM(LlamaForCausalLM):
     # Which rows each expert gets depends on the routing: no fixed-shape (CUDA graph) step. The
-    # planned native step takes packed experts without a shared expert (decode_plan.py).
+    # planned native step takes packed experts, and a shared expert (decode_plan.py).
     static_shapes = False
 
     def __init__(self, config: ModelConfig, max_positions: int | None = None):
