@@ -51,7 +51,8 @@ class Experts(nn.Module):
         for expert, (slots, rows) in _routed_rows(expert_ids).items():
             if self.packed is not None:
                 gate_layer, up_layer, down_layer = self.packed[expert]
-                y = down_layer(F.silu(gate_layer(x[rows])) * up_layer(x[rows]))
+                routed = x[rows]
+                y = down_layer(F.silu(gate_layer(routed)) * up_layer(routed))
             else:
                 gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
                 y = F.linear(F.silu(gate) * up, self.down_proj[expert])
