@@ -70,6 +70,9 @@ def test_config_reads_each_family(family):
     assert (config.num_local_experts, config.num_experts_per_tok, config.moe_intermediate_size,
             config.shared_expert_intermediate_size, config.norm_topk_prob, config.dense_layers,
             config.qk_norm, config.clip_qkv, config.attention_bias) == expected
+    for bad in ("0.3", -1, float("nan"), True):
+        with pytest.raises(ValueError, match="clip_qkv must be a positive number"):
+            ModelConfig.from_hf({**transformers.AutoConfig.from_pretrained(folder).to_dict(), "clip_qkv": bad})
 
 
 def test_moe_blocks_equal_transformers_bit_for_bit(family):

@@ -88,7 +88,7 @@ class ModelConfig:
             image_token_id=_image_token_id(original),
             hf_config=dict(original),
             qk_norm=_QK_NORM.get(text_model_type, ""),
-            clip_qkv=None if hf.get("clip_qkv") is None else float(hf["clip_qkv"]),
+            clip_qkv=_positive_number(hf, "clip_qkv"),
             **_expert_settings(hf),
         )
         return replace(config, **_gemma3_settings(hf, config)) if text_model_type in _GEMMA3 else config
@@ -138,6 +138,16 @@ def _positive(hf: dict[str, Any], key: str, default: int | None = None) -> int:
     if isinstance(value, bool) or not whole or value <= 0:
         raise ValueError(f"model config: {key} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _positive_number(hf: dict[str, Any], key: str) -> float | None:
+    """An optional setting that must be a positive finite number (None where absent)."""
+    value = hf.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"model config: {key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 # transformers' LlamaConfig defaults, for keys a VLM's (partial) text_config leaves out.
