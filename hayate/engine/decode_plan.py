@@ -65,10 +65,13 @@ class PlannedDecode:
                 block, experts = layer.mlp, layer.mlp.experts.packed
                 gate_up, down = [_matrix([g, u]) for g, u, _ in experts], [_matrix([d]) for _, _, d in experts]
                 shared = block.shared_expert   # Qwen2-MoE's, with its sigmoid gate
-                shared_args = {} if shared is None else dict(
-                    zip(("shared_gate_up", "shared_gate_up_types"), _matrix([shared.gate_proj, shared.up_proj])[:2]),
-                    **dict(zip(("shared_down", "shared_down_type"), _matrix([shared.down_proj])[:2])),
-                    shared_gate=block.shared_expert_gate.weight.detach().reshape(-1))
+                shared_args = {}
+                if shared is not None:
+                    (shared_gate_up, shared_types, _), (shared_down, down_type, _) = (
+                        _matrix([shared.gate_proj, shared.up_proj]), _matrix([shared.down_proj]))
+                    shared_args = dict(shared_gate_up=shared_gate_up, shared_gate_up_types=shared_types,
+                                       shared_down=shared_down, shared_down_type=down_type,
+                                       shared_gate=block.shared_expert_gate.weight.detach().reshape(-1))
                 plan.add_experts(block.gate.weight.detach(), block.top_k, block.normalize,
                                  [m[0] for m in gate_up], [m[1] for m in gate_up], [m[0] for m in down],
                                  [m[1] for m in down], **shared_args)

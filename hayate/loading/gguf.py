@@ -14,17 +14,13 @@ import numpy as np
 import torch
 
 from hayate.layers.quant import PackedWeight, QType, can_dequantize, dequantize, is_quantized
-from hayate.loading.gguf_checks import GGUFError, check_model, describe
+from hayate.loading.gguf_checks import QK_NORM_ARCHITECTURES, QKV_BIAS_ARCHITECTURES, GGUFError, check_model, describe
 from hayate.loading.gguf_experts import expert_hf_name, expert_settings, held_nbytes
 from hayate.loading.gguf_reader import FastReader, read_metadata
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "olmoe", "gemma3")
 # A GGUF architecture -> Hugging Face's model_type, where the two differ.
 _HF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
-# Architectures whose attention normalises queries and keys (gemma3 has its own table below).
-QK_NORM_ARCHITECTURES = ("qwen3", "qwen3moe", "olmoe")
-# Architectures with q/k/v biases in every file.
-QKV_BIAS_ARCHITECTURES = ("qwen2", "qwen2moe")
 
 # GGUF tensor name -> Hugging Face name; "{i}" is the layer index.
 _GLOBAL_TENSORS = {

@@ -19,6 +19,10 @@ MAX_TENSOR_DIMS = 4              # GGML_MAX_DIMS
 TOKENIZER_MODELS = ("gpt2", "llama")
 SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id", "unknown_token_id")
 _LAYER_NAME = re.compile(r"blk\.(\d{1,9})\.")
+# Architectures whose attention normalises queries and keys (Gemma 3's norms are listed apart).
+QK_NORM_ARCHITECTURES = ("qwen3", "qwen3moe", "olmoe")
+# Architectures with q/k/v biases in every file.
+QKV_BIAS_ARCHITECTURES = ("qwen2", "qwen2moe")
 
 
 class GGUFError(ValueError):
@@ -246,8 +250,8 @@ def _layer_shapes(dims: ModelDims, meta: Metadata) -> list[tuple[str, tuple[int,
     whole = meta.architecture == "olmoe"
     qk_norm = [("attn_q_norm", (q_rows if whole else dims.head_dim,), keys(*attention)),
                ("attn_k_norm", (kv_rows if whole else dims.head_dim,), keys(*kv))]
-    extra = {"gemma3": gemma3, "qwen3": qk_norm, "qwen3moe": qk_norm, "olmoe": qk_norm}
-    return extra.get(meta.architecture, []) + [
+    extra = gemma3 if meta.architecture == "gemma3" else qk_norm if meta.architecture in QK_NORM_ARCHITECTURES else []
+    return extra + [
         ("attn_norm", (hidden,), keys("embedding_length")),
         ("ffn_norm", (hidden,), keys("embedding_length")),
         ("attn_q", (q_rows, hidden), keys(*attention)),
@@ -278,7 +282,7 @@ def _expected_tensors(meta: Metadata, tensors: Mapping[str, Any],
                 "output_norm.weight": ((dims.hidden,), hidden_key, True),
                 "output.weight": ((dims.vocab, dims.hidden), hidden_key, False)}
     # Qwen2 has q/k/v biases; a Llama file has them (and one on o_proj) or none at all.
-    biased = meta.architecture in ("qwen2", "qwen2moe") or "blk.0.attn_q.bias" in tensors
+    biased = meta.architecture in QKV_BIAS_ARCHITECTURES or "blk.0.attn_q.bias" in tensors
     biases = {"attn_q", "attn_k", "attn_v"} | ({"attn_output"} if meta.architecture == "llama" else set())
     shapes = _layer_shapes(dims, meta)
     for layer in range(dims.layers):   # as many as the file has layers: checked before

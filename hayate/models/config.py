@@ -100,13 +100,13 @@ _SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 # Families whose attention normalises queries and keys, and over what.
 _QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}
 # Families whose q/k/v carry a bias by default (transformers' Qwen2 and Qwen2-MoE: qkv_bias).
-_QKV_BIAS = ("qwen2", "qwen2_moe")
+QKV_BIAS_FAMILIES = ("qwen2", "qwen2_moe")
 
 
 def _attention_bias(hf: dict[str, Any], model_type: str) -> bool:
     if hf.get("attention_bias") is not None:
         return bool(hf["attention_bias"])
-    return bool(hf.get("qkv_bias", model_type in _QKV_BIAS))
+    return bool(hf.get("qkv_bias", model_type in QKV_BIAS_FAMILIES))
 
 
 def _expert_settings(hf: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from hayate.layers.fuse import fuse_linears
 from hayate.layers.linear import share_workspace
 from hayate.layers.moe import SparseMoE
 from hayate.layers.rotary import RotaryEmbedding, apply_rotary
-from hayate.models.config import ModelConfig
+from hayate.models.config import QKV_BIAS_FAMILIES, ModelConfig
 from hayate.models.weights import WeightValue, embedding, load_named_weights
 
 
@@ -32,7 +32,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
         # Qwen2 puts a bias on q/k/v only; Llama's attention_bias covers o_proj too.
         self.o_proj = nn.Linear(heads * head_dim, config.hidden_size,
-                                bias=bias and (config.text_model_type or config.model_type) not in ("qwen2", "qwen2_moe"))
+                                bias=bias and (config.text_model_type or config.model_type) not in QKV_BIAS_FAMILIES)
         self.attn = Attention(heads, kv_heads, head_dim)
         self.shape = (heads, kv_heads, head_dim)
         # Qwen3 normalises each head of q and k, OLMoE the whole projections (before RoPE).

@@ -71,14 +71,14 @@ def _place_packed(model: MixtralForCausalLM, packed: dict[tuple[int, str, int], 
             block.use_packed(parts["gate"], parts["up"], parts["down"])
             written.update({f"model.layers.{layer}.mlp.{name}": 0 for name in _STACKED})   # now empty
             continue
-        for (at, part, expert), weight in packed.items():
-            if at == layer:
-                target = block.down_proj if part == "down" else block.gate_up_proj.narrow(
-                    -2, _PACKED_PARTS.index(part) * block.inner, block.inner)
-                name = f"model.layers.{layer}.mlp.experts.{part} (expert {expert})"
-                _copy_slab(name, target[expert], weight)
-                key = f"model.layers.{layer}.mlp.{_STACKED[1] if part == 'down' else _STACKED[0]}"
-                written[key] = written.get(key, 0) + target[expert].numel()
+        for part, ws in parts.items():
+            target = block.down_proj if part == "down" else block.gate_up_proj.narrow(
+                -2, _PACKED_PARTS.index(part) * block.inner, block.inner)
+            key = f"model.layers.{layer}.mlp.{_STACKED[1] if part == 'down' else _STACKED[0]}"
+            for expert, weight in enumerate(ws):
+                if weight is not None:
+                    _copy_slab(f"model.layers.{layer}.mlp.experts.{part} (expert {expert})", target[expert], weight)
+                    written[key] = written.get(key, 0) + target[expert].numel()
 
 
 _PACKED_PARTS = ("gate", "up", "down")
