@@ -91,6 +91,18 @@ def write_model(path: Path, arch: str, config: dict, tensors: dict[str, tuple[np
     return path
 
 
+def refuses_without(metadata: dict, tensors: dict, arch: str, name: str) -> None:
+    """The checks, given a file's tensors less `name`, refuse it naming that tensor as missing."""
+    import re
+
+    import pytest
+
+    from hayate.loading.gguf_checks import GGUFError, check_model
+
+    with pytest.raises(GGUFError, match=f"{re.escape(name)} is missing"):
+        check_model(metadata, {n: t for n, t in tensors.items() if n != name}, arch, "tiny.gguf")
+
+
 def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """LlamaModel.permute from llama.cpp's convert_hf_to_gguf.py."""
     return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
