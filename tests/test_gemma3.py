@@ -24,6 +24,7 @@ from hayate.loading.tokenizer import Tokenizer
 from hayate.models.config import ModelConfig
 from hayate.sampling import SamplingParams
 from gguf_files import QType, encode, load_gguf, projections_per_layer, refuses_without
+from test_decode_plan import assert_same, count_runs
 from test_llama_parity import TURNS, hayate_logits_by_turns, load_hayate
 from tiny_models import BYTE_VOCAB, VOCAB_SIZE, save_tiny_folder
 
@@ -217,3 +218,27 @@ def test_gguf_gemma_tokenizer_gets_builtin_template_and_space_runs():
     assert tokenizer.chat_template == gemma_chat_template()
     assert 5 in tokenizer.eos_token_ids
     assert tokenizer.encode("<start_of_turn>a  b a\n", add_special_tokens=False) == [4, 9, 7, 10, 11, 6]
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
+@pytest.mark.parametrize("window, qtype", [(4, QType.Q8_0), (40, QType.Q5_0)])
+def test_planned_step_equals_eager_model(window, qtype, tmp_path):
+    """Gemma 3 through the planned native step (scaled embedding, four norms, GeGLU, query
+    scale, windows and RoPE tables per layer) against its slow twin, sequences batched over
+    scattered blocks; a window of 40 leaves whole chunks of 32 keys behind it."""
+    torch.manual_seed(1)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**{**TINY, "sliding_window": window})).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0, 0.5)
+    path = str(export_gguf(tmp_path / "gemma3.gguf", model, qtype))
+    planned, eager = LLM(path, max_num_seqs=4, block_size=4), LLM(path, max_num_seqs=4, block_size=4, planned_decode=False)
+    assert planned.engine.runner.plan is not None and eager.engine.runner.plan is None
+    calls = count_runs(planned)
+    prompts = [PROMPT, torch.randint(4, VOCAB_SIZE, (70,)).tolist(), [7, 3]]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    for ours, theirs in zip(planned.generate(prompts, params), eager.generate(prompts, params)):
+        assert_same(ours, theirs)
+    assert_same(planned.generate(prompts[1], params), eager.generate(prompts[1], params))
+    assert len(calls) >= 2 * params.max_tokens   # the decode steps ran planned

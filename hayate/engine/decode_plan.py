@@ -1,5 +1,5 @@
 """The decode step planned once at start-up: a Llama-family model (Qwen3's QK-norm included,
-and mixtures of experts whose experts are packed: Mixtral, Qwen2-MoE, Qwen3-MoE) whose
+Gemma 3, and mixtures of experts whose experts are packed: Mixtral, Qwen2-MoE, Qwen3-MoE) whose
 projections are all natively readable GGUF blocks (NATIVE_TYPES, mixed as a file mixes them;
 q, k and v of different types, which do not fuse, run side by side in one call) runs a whole step
 (embedding to logits) as one native call over weights, KV cache and buffers fixed at
@@ -20,8 +20,12 @@ from hayate.kernels import MAX_NATIVE_ROWS, native_kernels
 from hayate.layers.embedding import PackedEmbedding
 from hayate.layers.linear import NATIVE_TYPES, PackedLinear, rearrange_for_vnni
 from hayate.layers.moe import SparseMoE
+from hayate.layers.norm import RMSNorm
+from hayate.models.gemma3 import Gemma3ForCausalLM, Gemma3MLP
 from hayate.models.llama import LlamaForCausalLM
 from hayate.models.mixtral import MixtralForCausalLM
+
+PLANNABLE = (LlamaForCausalLM, MixtralForCausalLM, Gemma3ForCausalLM)
 
 
 class PlannedDecode:
@@ -53,14 +57,15 @@ class PlannedDecode:
             heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
             eps=text.norm.eps, embedding=_table(text.embed_tokens), cos=text.rotary.cos, sin=text.rotary.sin,
             final_norm=text.norm.weight, kv_cache=kv_cache.storage, block_size=kv_cache.block_size,
-            threads=torch.get_num_threads(), embedding_type=getattr(text.embed_tokens, "ggml_type", 0))
+            threads=torch.get_num_threads(), embedding_type=getattr(text.embed_tokens, "ggml_type", 0),
+            embedding_scale=getattr(text, "embed_scale", 1.0), gelu=isinstance(text.layers[0].mlp, Gemma3MLP))
         for layer in text.layers:
             qkv, o, *mlp = _projections(layer)
-            attention = layer.self_attn   # Qwen3's per-head QK-norm, where it has one
+            attention = layer.self_attn   # a per-head QK-norm (Qwen3, Gemma 3), where it has one
             norms = (attention.q_norm.weight, attention.k_norm.weight) if attention.qk_norm else (None, None)
             dense = [*_matrix(mlp[0]), *_matrix(mlp[1])] if mlp else [None] * 6
-            plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                           *_matrix(qkv), *_matrix(o), *dense, *norms)
+            plan.add_layer(layer.input_layernorm.weight, _mlp_norm(layer).weight,
+                           *_matrix(qkv), *_matrix(o), *dense, *norms, **_gemma_settings(layer, text))
             if not mlp:   # the layer's experts, each expert's gate and up side by side
                 block, experts = layer.mlp, layer.mlp.experts.packed
                 gate_up, down = [_matrix([g, u]) for g, u, _ in experts], [_matrix([d]) for _, _, d in experts]
@@ -118,6 +123,23 @@ def decode_path(model: nn.Module) -> str:
     return "planned native step; GGUF blocks read in place with fp32 activations (no AVX-512 VNNI)"
 
 
+def _mlp_norm(layer: nn.Module) -> RMSNorm:
+    """The norm before a layer's MLP (Gemma's pre_feedforward_layernorm: its
+    post_attention_layernorm normalises the attention's output)."""
+    return getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
+
+
+def _gemma_settings(layer: nn.Module, text: nn.Module) -> dict:
+    """A Gemma 3 layer's norms on its attention's and MLP's outputs, query scale, window and
+    (a sliding-window layer's) RoPE tables; nothing for other layers."""
+    if not hasattr(layer, "pre_feedforward_layernorm"):
+        return {}
+    attention = layer.self_attn.attn
+    rotary = text.local_rotary if layer.is_local else text.rotary
+    return dict(attention_out_norm=layer.post_attention_layernorm.weight, mlp_out_norm=layer.post_feedforward_layernorm.weight,
+                scale=attention.scale, window=attention.window or 0, cos=rotary.cos, sin=rotary.sin)
+
+
 def _matrix(linears: list[PackedLinear]) -> tuple:
     """A projection's weight for the plan: each layer's rearranged one (shared), else its GGUF
     blocks; several layers (unfused q, k, v) as lists, side by side, with one bias."""
@@ -167,7 +189,7 @@ def _experts_plannable(model: nn.Module) -> bool:
 
 
 def _plannable(model: nn.Module) -> bool:
-    config = model.config if type(model) in (LlamaForCausalLM, MixtralForCausalLM) else None
+    config = model.config if type(model) in PLANNABLE else None
     if config is None or not isinstance(model.lm_head, PackedLinear) or config.qk_norm not in ("", "head") \
             or config.clip_qkv is not None:
         return False   # (the native step normalises q and k per head, as Qwen3 does, or not at all)
@@ -175,10 +197,7 @@ def _plannable(model: nn.Module) -> bool:
     table = _table(text.embed_tokens)
     if table.device.type != "cpu" or not (table.dtype == torch.float32 or text.embed_tokens.ggml_type in NATIVE_TYPES):
         return False
-    norms = [getattr(layer.self_attn, name) for layer in text.layers for name in ("q_norm", "k_norm")
-             if config.qk_norm]
-    eps = {text.norm.eps} | {n.eps for layer in text.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
-    eps |= {n.eps for n in norms}
+    eps = {norm.eps for norm in model.modules() if isinstance(norm, RMSNorm)}
     linears = _linears(model)
     if any(not isinstance(m, PackedLinear) or m.ggml_type not in NATIVE_TYPES for m in linears):
         return False

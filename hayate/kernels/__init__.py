@@ -18,7 +18,7 @@ log = logging.getLogger("hayate.kernels")
 
 SOURCES = ("native.cpp", "decode.cpp", "vision_attention.cpp", "block_formats.h", "ggml_blocks.h", "interleaved.h", "interleaved_fill.h",
            "interleaved_kernel.h", "decode_attention.h", "kv_elements.h", "worker_pool.h", "packed_matrix.h",
-           "routed_experts.h")
+           "routed_experts.h", "activations.h")
 
 
 def _build_fingerprint() -> str:

@@ -3,33 +3,49 @@
 // KV-cache write, attention over the paged cache, the output projection, the SwiGLU MLP,
 // residuals), the final norm and the
 // vocabulary projection, for up to kMaxRows rows: each a token at its position (decodes, or
-// the consecutive tokens of a short prompt chunk, which see each other causally).
+// the consecutive tokens of a short prompt chunk, which see each other causally). Gemma 3's
+// differences are settings: a scaled embedding, norms on the attention's and the MLP's
+// outputs, GeGLU, a query scale, and sliding-window layers with their own RoPE tables.
 //
 // Weights, the KV cache and all scratch buffers are fixed at construction; a step allocates
 // only its logits, and runs on the plan's own threads. The projections run the VNNI kernel
 // over rearranged weights where the CPU has it (interleaved.h, interleaved_kernel.h), else the operators' own
 // GEMV (gemv_into); norms and RoPE are the operators' (rms_norm_rows, rope_heads); attention
 // is split-K (decode_attention.h), over a KV cache of float, float16 or bfloat16 (kv_elements.h).
+#include "activations.h"
 #include "decode_attention.h"
 #include "routed_experts.h"
 
 namespace {
 
 struct Layer {
-  torch::Tensor input_norm, post_norm;  // float32 [hidden]
-  torch::Tensor q_norm, k_norm;         // float32 [head_dim] (Qwen3's per-head QK-norm), or undefined
+  torch::Tensor input_norm, post_norm;  // float32 [hidden]: before the attention, before the MLP
+  torch::Tensor attention_out_norm, mlp_out_norm;  // float32 [hidden] on their outputs (Gemma), or undefined
+  torch::Tensor q_norm, k_norm;         // float32 [head_dim] (per-head QK-norm), or undefined
+  torch::Tensor cos, sin;               // its RoPE tables [positions, head_dim]
+  float scale = 1.f;                    // the attention scores' scale
+  int64_t window = 0;                   // a sliding-window layer's window (0: every key)
   PackedMatrix qkv, o, gate_up, down;   // gate_up and down empty in a mixture of experts' layer
   RoutedExperts experts;                 // defined only there
 };
 
+// An optional float32 [size] norm weight, contiguous, or an undefined tensor.
+torch::Tensor norm_weight(const c10::optional<torch::Tensor>& weight, int64_t size, const char* name) {
+  if (!weight.has_value()) return torch::Tensor();
+  TORCH_CHECK(weight->dtype() == torch::kFloat32 && weight->numel() == size, name, " must be float32 [", size, "]");
+  return weight->contiguous();
+}
+
 class DecodePlan {
  public:
   // embedding: float32 [vocab, hidden], or (embedding_type a GGML type) its GGUF blocks, uint8
-  // [vocab, row bytes], a row decoded per token.
+  // [vocab, row bytes], a row decoded per token, then multiplied by embedding_scale. gelu:
+  // the MLPs are GeGLU (tanh's GELU), else SwiGLU.
   DecodePlan(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, torch::Tensor embedding,
              torch::Tensor cos, torch::Tensor sin, torch::Tensor final_norm, torch::Tensor kv_cache,
-             int64_t block_size, int64_t threads, int64_t embedding_type)
+             int64_t block_size, int64_t threads, int64_t embedding_type, double embedding_scale, bool gelu)
       : threads_(static_cast<int>(threads)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)),
+        embedding_scale_(static_cast<float>(embedding_scale)), activation_(gated_activation(gelu)),
         embedding_(embedding.contiguous()), embedding_type_(embedding_type), cos_(cos.contiguous()), sin_(sin.contiguous()),
         final_norm_(final_norm.contiguous()), kv_cache_(kv_cache), block_size_(block_size),
         attention_(heads, kv_heads, head_dim, block_size), write_and_attend_(write_and_attend_for(kv_cache)) {
@@ -49,23 +65,32 @@ class DecodePlan {
   }
 
   // Each projection: a weight and its type, or lists of them side by side (see PackedMatrix).
+  // scale: the scores' (0: 1 / sqrt(head_dim)); window: a sliding-window layer's (0: none);
+  // cos, sin: the layer's own RoPE tables (default: the plan's).
   void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, pybind11::object qkv, pybind11::object qkv_type,
                  c10::optional<torch::Tensor> qkv_bias, pybind11::object o, pybind11::object o_type,
                  c10::optional<torch::Tensor> o_bias, pybind11::object gate_up, pybind11::object gate_up_type,
                  c10::optional<torch::Tensor> gate_up_bias, pybind11::object down, pybind11::object down_type,
                  c10::optional<torch::Tensor> down_bias, c10::optional<torch::Tensor> q_norm,
-                 c10::optional<torch::Tensor> k_norm) {
+                 c10::optional<torch::Tensor> k_norm, c10::optional<torch::Tensor> attention_out_norm,
+                 c10::optional<torch::Tensor> mlp_out_norm, double scale, int64_t window,
+                 c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin) {
     Layer layer;
     layer.input_norm = input_norm.contiguous();
     layer.post_norm = post_norm.contiguous();
     TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "QK-norm needs both q_norm and k_norm");
-    if (q_norm.has_value()) {
-      layer.q_norm = q_norm->contiguous();
-      layer.k_norm = k_norm->contiguous();
-      TORCH_CHECK(layer.q_norm.numel() == head_dim_ && layer.k_norm.numel() == head_dim_ &&
-                      layer.q_norm.dtype() == torch::kFloat32 && layer.k_norm.dtype() == torch::kFloat32,
-                  "q_norm and k_norm must be float32 [head_dim]");
-    }
+    layer.q_norm = norm_weight(q_norm, head_dim_, "q_norm");
+    layer.k_norm = norm_weight(k_norm, head_dim_, "k_norm");
+    layer.attention_out_norm = norm_weight(attention_out_norm, hidden_, "attention_out_norm");
+    layer.mlp_out_norm = norm_weight(mlp_out_norm, hidden_, "mlp_out_norm");
+    layer.scale = scale > 0 ? static_cast<float>(scale) : 1.f / std::sqrt(static_cast<float>(head_dim_));
+    TORCH_CHECK(window >= 0 && cos.has_value() == sin.has_value(), "a window >= 0, and cos with sin");
+    layer.window = window;
+    layer.cos = cos.has_value() ? cos->contiguous() : cos_;
+    layer.sin = sin.has_value() ? sin->contiguous() : sin_;
+    TORCH_CHECK(layer.cos.sizes() == cos_.sizes() && layer.sin.sizes() == sin_.sizes() &&
+                    layer.cos.dtype() == torch::kFloat32 && layer.sin.dtype() == torch::kFloat32,
+                "a layer's RoPE tables must be float32, shaped as the plan's");
     layer.qkv = PackedMatrix(qkv, qkv_type, hidden_, qkv_bias);
     layer.o = PackedMatrix(o, o_type, heads_ * head_dim_, o_bias);
     if (!gate_up.is_none()) {   // else add_experts() gives the layer its MLP
@@ -152,6 +177,8 @@ class DecodePlan {
     reserve(B);
     float* x = x_.data();
     for (int64_t b = 0; b < B; ++b) embed(ids[b], x + b * hidden_);
+    if (embedding_scale_ != 1.f)
+      for (int64_t i = 0; i < B * hidden_; ++i) x[i] *= embedding_scale_;
     for (size_t l = 0; l < layers_.size(); ++l) layer(l, B, pos.data());
     for (int64_t r = 0; r < R; ++r)
       rms_norm_rows(x + logit_rows[r] * hidden_, final_norm_.data_ptr<float>(), h_.data() + r * hidden_, 1, hidden_, eps_);
@@ -176,7 +203,7 @@ class DecodePlan {
     L.qkv.apply(h_.data(), B, scratch_, qkv_.data(), threads_);
     (this->*write_and_attend_)(index, B, pos);
     L.o.apply(attn_.data(), B, scratch_, out_.data(), threads_);
-    for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
+    add_output(L.attention_out_norm, B);
     rms_norm_rows(x, L.post_norm.data_ptr<float>(), h_.data(), B, hidden_, eps_);
     if (L.experts.defined()) {
       layers_[index].experts.run(h_.data(), B, hidden_, out_.data(), scratch_, threads_);
@@ -185,9 +212,16 @@ class DecodePlan {
       act_.resize(B * L.gate_up.N / 2);
       L.gate_up.apply(h_.data(), B, scratch_, gate_up_.data(), threads_);
       const int64_t inner = L.gate_up.N / 2;
-      for (int64_t b = 0; b < B; ++b) silu_mul(gate_up_.data() + b * 2 * inner, inner, act_.data() + b * inner);
+      for (int64_t b = 0; b < B; ++b) activation_(gate_up_.data() + b * 2 * inner, inner, act_.data() + b * inner);
       L.down.apply(act_.data(), B, scratch_, out_.data(), threads_);
     }
+    add_output(L.mlp_out_norm, B);
+  }
+
+  // x += out (the attention's or the MLP's B rows), normalised first where `norm` is defined.
+  void add_output(const torch::Tensor& norm, int64_t B) {
+    if (norm.defined()) rms_norm_rows(out_.data(), norm.data_ptr<float>(), out_.data(), B, hidden_, eps_);
+    float* x = x_.data();
     for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
   }
 
@@ -218,8 +252,8 @@ class DecodePlan {
     T* v_cache = k_cache + rows * kv_heads_ * D;
     for (int64_t b = 0; b < B; ++b) {
       float* q = qkv_.data() + b * width;
-      const float* c = cos_.data_ptr<float>() + pos[b] * D;
-      const float* s = sin_.data_ptr<float>() + pos[b] * D;
+      const float* c = L.cos.data_ptr<float>() + pos[b] * D;
+      const float* s = L.sin.data_ptr<float>() + pos[b] * D;
       if (L.q_norm.defined()) {   // each head of q, then of k, normalised in place
         rms_norm_rows(q, L.q_norm.data_ptr<float>(), q, heads_, D, eps_);
         rms_norm_rows(q + heads_ * D, L.k_norm.data_ptr<float>(), q + heads_ * D, kv_heads_, D, eps_);
@@ -230,12 +264,13 @@ class DecodePlan {
       store_row(q + (heads_ + kv_heads_) * D, kv_heads_ * D, v_cache + row * kv_heads_ * D);
     }
     attention_.run<T>(qkv_.data(), width, B, pos, tables_.data(), table_width_, k_cache, v_cache,
-                      attn_.data(), threads_);
+                      attn_.data(), threads_, L.scale, L.window);
   }
 
   WorkerPool threads_;   // first: started before, and stopped after, everything that uses it
   int64_t heads_, kv_heads_, head_dim_, hidden_ = 0;
-  float eps_;
+  float eps_, embedding_scale_;
+  GatedActivation activation_;
   // token id's row of the embedding, fp32, into x [hidden]
   void embed(int64_t id, float* x) const {
     if (embedding_type_ == 0) {
@@ -279,14 +314,16 @@ void register_decode_plan(pybind11::module& m) {
 #endif
   py::class_<DecodePlan>(m, "DecodePlan", "a Llama-family decode step, planned once, run as one call")
       .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                    torch::Tensor, int64_t, int64_t, int64_t>(),
+                    torch::Tensor, int64_t, int64_t, int64_t, double, bool>(),
            py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("embedding"),
            py::arg("cos"), py::arg("sin"), py::arg("final_norm"), py::arg("kv_cache"), py::arg("block_size"),
-           py::arg("threads"), py::arg("embedding_type") = 0)
+           py::arg("threads"), py::arg("embedding_type") = 0, py::arg("embedding_scale") = 1.0, py::arg("gelu") = false)
       .def("add_layer", &DecodePlan::add_layer, py::arg("input_norm"), py::arg("post_norm"), py::arg("qkv"),
            py::arg("qkv_type"), py::arg("qkv_bias"), py::arg("o"), py::arg("o_type"), py::arg("o_bias"),
            py::arg("gate_up"), py::arg("gate_up_type"), py::arg("gate_up_bias"), py::arg("down"),
-           py::arg("down_type"), py::arg("down_bias"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none())
+           py::arg("down_type"), py::arg("down_bias"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none(),
+           py::arg("attention_out_norm") = py::none(), py::arg("mlp_out_norm") = py::none(), py::arg("scale") = 0.0,
+           py::arg("window") = 0, py::arg("cos") = py::none(), py::arg("sin") = py::none())
       .def("add_experts", &DecodePlan::add_experts, py::arg("router"), py::arg("top_k"), py::arg("normalize"),
            py::arg("gate_up"), py::arg("gate_up_types"), py::arg("down"), py::arg("down_types"),
            py::arg("shared_gate_up") = py::none(), py::arg("shared_gate_up_types") = py::none(),

@@ -233,11 +233,18 @@ class DecodeAttention {
   }
 
   // q: the B new tokens' query heads, row b at q + b * q_stride; keys 0..pos[b] of sequence b
-  // in the cache rows its block table (tables + b * table_width) names. out [B, heads * D].
+  // in the cache rows its block table (tables + b * table_width) names, or only its last
+  // `window` of them (a sliding-window layer; 0: all). Scores are scaled by `scale`.
+  // out [B, heads * D].
   template <typename T>
   void run(const float* q, int64_t q_stride, int64_t B, const int64_t* pos, const int32_t* tables,
-           int64_t table_width, const T* k_cache, const T* v_cache, float* out, WorkerPool& threads) {
+           int64_t table_width, const T* k_cache, const T* v_cache, float* out, WorkerPool& threads,
+           float scale, int64_t window) {
     const int64_t chunks = (*std::max_element(pos, pos + B) + 1 + kKeysPerChunk - 1) / kKeysPerChunk;
+    scale_ = scale;
+    first_keys_.resize(B);
+    for (int64_t b = 0; b < B; ++b) first_keys_[b] = window > 0 ? std::max<int64_t>(0, pos[b] + 1 - window) : 0;
+    first_chunk_ = *std::min_element(first_keys_.begin(), first_keys_.end()) / kKeysPerChunk;
     maxima_.resize(B * heads_ * chunks);
     sums_.resize(B * heads_ * chunks);
     partial_.resize(B * heads_ * chunks * head_dim_);
@@ -249,7 +256,7 @@ class DecodeAttention {
         const Item& item = items_[i];
         for (int64_t kv = 0; kv < kv_heads_; ++kv)
           for (int64_t b = item.first; b < item.first + item.rows; ++b)
-            chunk_of(q + b * q_stride, b * heads_ + kv * group_, chunks, item.chunk, pos[b] + 1,
+            chunk_of(q + b * q_stride, b * heads_ + kv * group_, chunks, item.chunk, first_keys_[b], pos[b] + 1,
                      tables + b * table_width, k_cache, v_cache, kv, kv == 0 && b == item.first);
       }
     });
@@ -263,6 +270,7 @@ class DecodeAttention {
 
   // Rows of one sequence (a prompt chunk's: consecutive positions, one block table) share
   // their keys; each such run is cut into parts small enough to give every thread ~4 items.
+  // Chunks before every row's window (first_chunk_) get none.
   void plan_items(int64_t B, const int64_t* pos, const int32_t* tables, int64_t width, int64_t chunks,
                   int64_t threads) {
     items_.clear();
@@ -271,19 +279,21 @@ class DecodeAttention {
                              std::equal(tables + last * width, tables + (last + 1) * width, tables + first * width);
            ++last) {
       }
-      const int64_t run = last - first, part = std::clamp<int64_t>(run * chunks / (4 * threads), 1, run);
-      for (int64_t chunk = 0; chunk < chunks; ++chunk)
+      const int64_t run = last - first, part = std::clamp<int64_t>(run * (chunks - first_chunk_) / (4 * threads), 1, run);
+      for (int64_t chunk = first_chunk_; chunk < chunks; ++chunk)
         for (int64_t b = first; b < last; b += part) items_.push_back({b, std::min(part, last - b), chunk});
     }
   }
 
-  // Scores, their exponentials and the weighted values of keys [chunk * C, ..) for the
-  // `group_` query heads of kv head `kv`; `first` is the first head's row in [B * heads].
-  // `fetch`: prefetch the chunk's cache rows whole (every kv head), once per item.
+  // Scores, their exponentials and the weighted values of keys [chunk * C, ..) from first_key
+  // on, before `keys`, for the `group_` query heads of kv head `kv`; `first` is the first
+  // head's row in [B * heads]. `fetch`: prefetch the chunk's cache rows whole (every kv
+  // head), once per item.
   template <typename T>
-  void chunk_of(const float* q, int64_t first, int64_t chunks, int64_t chunk, int64_t keys,
+  void chunk_of(const float* q, int64_t first, int64_t chunks, int64_t chunk, int64_t first_key, int64_t keys,
                 const int32_t* table, const T* k_cache, const T* v_cache, int64_t kv, bool fetch) {
-    const int64_t D = head_dim_, begin = chunk * kKeysPerChunk, end = std::min(keys, begin + kKeysPerChunk);
+    const int64_t D = head_dim_, begin = std::max(first_key, chunk * kKeysPerChunk);
+    const int64_t end = std::min(keys, chunk * kKeysPerChunk + kKeysPerChunk);
     if (begin >= end) {
       for (int64_t g = 0; g < group_; ++g) {
         maxima_[(first + g) * chunks + chunk] = -std::numeric_limits<float>::infinity();
@@ -295,7 +305,7 @@ class DecodeAttention {
     const int64_t n = slots(table, begin, end, rows);
     for (int64_t t = 0; t < n; ++t) rows[t] = rows[t] * kv_heads_ + kv;
     if (fetch) prefetch_chunk(table, end, std::min(keys, end + kKeysPerChunk), k_cache, v_cache);
-    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    const float scale = scale_;
     const float* q0 = q + (first % heads_) * D;
     float scores[kMaxGroup][kKeysPerChunk];
     float* acc = partial_.data() + first * chunks * D;   // the group's rows: [group][chunks][D]
@@ -337,10 +347,10 @@ class DecodeAttention {
   // One query head: the chunks' partial softmaxes rescaled to their common maximum.
   void merge(int64_t row, int64_t chunks, float* out) const {
     const float* m = maxima_.data() + row * chunks;
-    const float highest = *std::max_element(m, m + chunks);
+    const float highest = *std::max_element(m + first_chunk_, m + chunks);
     float total = 0.f;
     std::fill(out, out + head_dim_, 0.f);
-    for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t c = first_chunk_; c < chunks; ++c) {
       if (sums_[row * chunks + c] == 0.f) continue;
       const float factor = std::exp(m[c] - highest);
       total += sums_[row * chunks + c] * factor;
@@ -353,6 +363,9 @@ class DecodeAttention {
   }
 
   int64_t heads_, kv_heads_, group_, head_dim_, block_size_;
+  float scale_ = 1.f;                  // this run's score scale
+  std::vector<int64_t> first_keys_;    // this run's first key per row (its window's)
+  int64_t first_chunk_ = 0;            // the first chunk any row reads
   std::vector<float> maxima_, sums_, partial_;
   std::vector<Item> items_;
 };

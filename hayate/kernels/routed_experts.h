@@ -5,17 +5,10 @@
 // added back weighted in that same order (the eager block's index_add_); then, where there is
 // one, the shared expert's output over every row, weighted by sigmoid(shared_gate . h).
 #pragma once
-#include "decode_attention.h"
+#include "activations.h"
 #include "packed_matrix.h"
 
 namespace {
-
-// act = silu(gate) * up, gate and up the two halves of gate_up [2 * inner]
-inline void silu_mul(const float* gate_up, int64_t inner, float* act) {
-  for (int64_t i = 0; i < inner; ++i) act[i] = -gate_up[i];
-  exp_in_place(act, inner);   // e^-g
-  for (int64_t i = 0; i < inner; ++i) act[i] = gate_up[i] / (1.f + act[i]) * gate_up[inner + i];
-}
 
 struct RoutedExperts {
   torch::Tensor router;                     // float32 [experts, hidden]

@@ -27,6 +27,7 @@ class Gemma3Attention(LlamaAttention):
         super().__init__(config)
         heads, kv_heads, head_dim = self.shape
         self.attn = Attention(heads, kv_heads, head_dim, scale=config.query_scale, window=window)
+        self.qk_norm = "head"   # each head of q and k normalised (as Qwen3's; the planned step reads this)
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
 
