@@ -52,6 +52,7 @@ class BenchConfig:
     prompts: tuple[str, ...] = BUILTIN_PROMPTS
     label: str = ""
     timeout_s: float = 600.0
+    extra_body: dict = field(default_factory=dict)   # merged into every request (hayate's own fields)
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -216,10 +217,10 @@ def summarize(concurrency: int, results: list[RequestResult], wall_time_s: float
 
 # ---- the client -------------------------------------------------------------------------
 
-def chat_payload(model: str, prompt: str, max_tokens: int) -> dict:
+def chat_payload(model: str, prompt: str, max_tokens: int, extra_body: dict | None = None) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra_body or {})}
 
 
 async def stream_chat(client: httpx.AsyncClient, url: str, payload: dict) -> RequestResult:
@@ -270,7 +271,7 @@ async def resolve_model(client: httpx.AsyncClient, config: BenchConfig) -> str:
 async def run_level(client: httpx.AsyncClient, config: BenchConfig, model: str,
                     concurrency: int) -> LevelReport:
     url = f"{config.base_url}/chat/completions"
-    pending = iter([chat_payload(model, config.prompts[i % len(config.prompts)], config.max_tokens)
+    pending = iter([chat_payload(model, config.prompts[i % len(config.prompts)], config.max_tokens, config.extra_body)
                     for i in range(config.requests)])
     results: list[RequestResult] = []
 
@@ -290,7 +291,7 @@ async def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = l
     limits = httpx.Limits(max_connections=max(config.concurrency_levels) + 4)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=config.timeout_s) as client:
         model = await resolve_model(client, config)
-        warmup = chat_payload(model, config.prompts[0], WARMUP_MAX_TOKENS)
+        warmup = chat_payload(model, config.prompts[0], WARMUP_MAX_TOKENS, config.extra_body)
         warmed = await stream_chat(client, f"{config.base_url}/chat/completions", warmup)
         progress(f"warm-up: {warmed.error or f'ok in {warmed.latency_s:.2f} s'}")
         levels = []

@@ -1,11 +1,17 @@
 """Speculative decoding by prompt lookup (`speculative="ngram"`) against plain decoding on one
 warm in-process engine (the default model unless --model): decode tokens/s of one request at
 a time on input-grounded prompts (rename a variable in a 60-line function, fix one line) and
-on a free-form one, greedy and sampled (seeded), the two modes taking turns in rounds whose
+on a free-form one, greedy and sampled (seeded), the modes taking turns in rounds whose
 order alternates; drafted and accepted tokens; whether the answers are identical.
+
+With --compare llama.cpp, llama.cpp (llama-cpp-python in .venv-bench, `make bench-env`) on
+the same file and token ids takes its turns too, plain and with its own prompt lookup
+(`LlamaPromptLookupDecoding`, --llama-draft-tokens / --llama-ngram), each in its own process,
+greedy, to the same stop tokens; the sampled prompt is hayate's alone.
 
     .venv/bin/python bench/speculative.py [--model PATH] [--rounds 3] [--max-tokens 640]
                                           [--speculative-tokens 6] [--speculative-ngram 3]
+                                          [--compare llama.cpp] [--llama-draft-tokens 2]
 """
 from __future__ import annotations
 
@@ -13,7 +19,10 @@ import argparse
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
+from typing import Callable
 
+from hayate.bench.peers import DEFAULT_LLAMA_PYTHON, PeerProcess, peer_job
 from hayate.llm import LLM, GenerationResult
 from hayate.sampling import SamplingParams
 
@@ -89,41 +98,78 @@ PROMPTS = [
 ]
 
 
-def decode_rate(result: GenerationResult) -> float:
+def decode_rate(tokens: list[int], seconds: float) -> float:
     """Tokens per second after the first (the prefill's), for one request."""
-    return (len(result.token_ids) - 1) / max(result.timings.finished - result.timings.first_token, 1e-9)
+    return (len(tokens) - 1) / max(seconds, 1e-9)
 
 
-def compare(llm: LLM, name: str, prompt: list[int], temperature: float, args: argparse.Namespace) -> None:
-    """Rounds of one plain and one speculative request, in alternating order; medians. A
-    sampled request is seeded: with speculation it must give the same tokens."""
-    plain = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=1, speculative="off")
-    modes = {"plain": plain, "ngram": replace(plain, speculative="ngram", speculative_tokens=args.speculative_tokens,
-                                              speculative_ngram=args.speculative_ngram)}
+# A mode: a request's prompt -> (its tokens, seconds from the first to the last, speculative counts or None)
+Mode = Callable[[list[int]], tuple[list[int], float, object]]
+
+
+def hayate_mode(llm: LLM, params: SamplingParams) -> Mode:
+    def run(prompt: list[int]):
+        result: GenerationResult = llm.generate(prompt, params)
+        timings = result.timings
+        return result.token_ids, timings.finished - timings.first_token, timings.speculative
+    return run
+
+
+def peer_mode(peer: PeerProcess, max_tokens: int, stop: list[int]) -> Mode:
+    def run(prompt: list[int]):
+        times, tokens = peer.generate(prompt, max_tokens, stop)
+        return tokens, times[-1] - times[0], None
+    return run
+
+
+def compare(modes: dict[str, Mode], name: str, prompt: list[int], rounds: int) -> None:
+    """Rounds of one request per mode, in alternating order; medians. A sampled request is
+    seeded: with speculation it must give the same tokens."""
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
-    answers: dict[str, GenerationResult] = {}
-    for round_index in range(args.rounds):
+    answers: dict[str, tuple] = {}
+    for round_index in range(rounds):
         for mode in (list(modes) if round_index % 2 == 0 else list(modes)[::-1]):
-            answers[mode] = llm.generate(prompt, modes[mode])
-            rates[mode].append(decode_rate(answers[mode]))
-    plain, ngram = (statistics.median(rates[mode]) for mode in modes)
-    counts = answers["ngram"].timings.speculative
-    print(f"{name:18s} {len(prompt):4d} prompt, {len(answers['plain'].token_ids):4d} answer tokens "
-          f"({answers['plain'].finish_reason}): "
-          f"plain {plain:6.1f} tok/s, ngram {ngram:6.1f} tok/s ({ngram / plain:4.2f}x); "
-          f"{counts.num_accepted_tokens}/{counts.num_draft_tokens} drafted accepted in {counts.num_draft_steps} steps; "
-          f"identical: {answers['plain'].token_ids == answers['ngram'].token_ids}")
-    print(f"{'':18s} rounds plain {[round(r, 1) for r in rates['plain']]}, ngram {[round(r, 1) for r in rates['ngram']]}")
+            answers[mode] = modes[mode](prompt)
+            rates[mode].append(decode_rate(*answers[mode][:2]))
+    medians = {mode: statistics.median(rates[mode]) for mode in modes}
+    counts = answers["ngram"][2]
+    print(f"{name:18s} {len(prompt):4d} prompt, {len(answers['plain'][0]):4d} answer tokens: "
+          f"plain {medians['plain']:6.1f} tok/s, ngram {medians['ngram']:6.1f} tok/s "
+          f"({medians['ngram'] / medians['plain']:4.2f}x); {counts.num_accepted_tokens}/{counts.num_draft_tokens} "
+          f"drafted accepted in {counts.num_draft_steps} steps; identical: {answers['plain'][0] == answers['ngram'][0]}")
+    if "llama.cpp" in modes:
+        plain, lookup = medians["llama.cpp"], medians["llama.cpp lookup"]
+        print(f"{'':18s} llama.cpp {len(answers['llama.cpp'][0]):4d} answer tokens: plain {plain:6.1f} tok/s, "
+              f"prompt lookup {lookup:6.1f} tok/s ({lookup / plain:4.2f}x), identical: "
+              f"{answers['llama.cpp'][0] == answers['llama.cpp lookup'][0]}; hayate ngram / llama.cpp lookup "
+              f"{medians['ngram'] / lookup:4.2f}x, hayate plain / llama.cpp plain {medians['plain'] / plain:4.2f}x")
+    print(f"{'':18s} rounds " + "; ".join(f"{mode} {[round(r, 1) for r in rates[mode]]}" for mode in modes))
+
+
+def start_llama(args: argparse.Namespace, path: str, threads: int, n_ctx: int) -> dict[str, PeerProcess]:
+    """llama.cpp plain and with its prompt lookup, a process each."""
+    base = {"model": path, "threads": threads, "n_ctx": n_ctx}
+    lookup = {"num_pred_tokens": args.llama_draft_tokens, "max_ngram_size": args.llama_ngram}
+    peers = {}
+    for mode, job in (("llama.cpp", base), ("llama.cpp lookup", {**base, "prompt_lookup": lookup})):
+        peers[mode] = PeerProcess(peer_job("llama.cpp", job, args.max_tokens, args.llama_python, False), 3600)
+        print(f"{mode}: loaded in {peers[mode].load_s:.2f} s")
+    return peers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="default: hayate's default model")
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=640)
     parser.add_argument("--speculative-tokens", type=int, default=6)
     parser.add_argument("--speculative-ngram", type=int, default=3)
+    parser.add_argument("--compare", choices=["llama.cpp"], help="time llama.cpp too, plain and with its prompt lookup")
+    parser.add_argument("--llama-python", type=Path, default=DEFAULT_LLAMA_PYTHON)
+    parser.add_argument("--llama-draft-tokens", type=int, default=2,
+                        help="LlamaPromptLookupDecoding's num_pred_tokens (default 2, its docs' advice for CPUs)")
+    parser.add_argument("--llama-ngram", type=int, default=2, help="its max_ngram_size (default 2, its default)")
     args = parser.parse_args()
     began = time.perf_counter()
     llm = LLM(args.model, threads=args.threads)
@@ -134,8 +180,22 @@ def main() -> None:
     costs = llm.engine.scheduler.drafter.costs.seconds
     print("step time by rows, of one row's: " + " ".join(f"{rows}:{t / costs[0]:.2f}" for rows, t in
                                                          enumerate(costs, 1) if rows in (1, 2, 3, 4, 8, 16)))
-    for name, text, temperature in PROMPTS:
-        compare(llm, name, llm.encode_chat([{"role": "user", "content": text}]), temperature, args)
+    # llama.cpp's prompt lookup keeps logits for every position of its context: n_ctx x vocab floats
+    context = min(llm.engine.max_model_len, 2048)
+    peers = start_llama(args, str(llm.model_path), args.threads, context) if args.compare else {}
+    try:
+        for name, text, temperature in PROMPTS:
+            plain = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=1, speculative="off")
+            ngram = replace(plain, speculative="ngram", speculative_tokens=args.speculative_tokens,
+                            speculative_ngram=args.speculative_ngram)
+            modes = {"plain": hayate_mode(llm, plain), "ngram": hayate_mode(llm, ngram)}
+            if temperature == 0:
+                stop = sorted(llm.tokenizer.eos_token_ids)
+                modes.update({mode: peer_mode(peer, args.max_tokens, stop) for mode, peer in peers.items()})
+            compare(modes, name, llm.encode_chat([{"role": "user", "content": text}]), args.rounds)
+    finally:
+        for peer in peers.values():
+            peer.close()
 
 
 if __name__ == "__main__":

@@ -76,10 +76,12 @@ class Fake:
         print("chatter on stdout, as libraries print")   # must not reach the answers
         print("llama.cpp: loaded " + job["model"], file=sys.stderr, flush=True)
 
-    def token_times(self, prompt, max_tokens):
+    def token_times(self, prompt, max_tokens, stop):
         if max_tokens == 99:
             raise RuntimeError("kaboom")
-        return [0.001 * (len(prompt) + i) for i in range(max_tokens)]
+        tokens = [t for t in range(max_tokens)]
+        tokens = tokens[:next((i + 1 for i, t in enumerate(tokens) if t in stop), max_tokens)]
+        return [0.001 * (len(prompt) + i) for i in range(len(tokens))], tokens
 
 peer_worker.RUNNERS["llama.cpp"] = Fake
 sys.exit(peer_worker.main())
@@ -98,6 +100,8 @@ def test_peer_worker_loads_once_and_answers_each_request():
         assert peer.load_s >= 0 and peer.accepts(4096)
         assert peer.token_times([1, 2, 3], 2) == pytest.approx([0.003, 0.004])
         assert peer.token_times([1] * 10, 1) == pytest.approx([0.010])
+        times, tokens = peer.generate([1, 2], 9, stop=[3, 7])   # to the first stop token, included
+        assert tokens == [0, 1, 2, 3] and times == pytest.approx([0.002, 0.003, 0.004, 0.005])
         with pytest.raises(PeerFailed, match="exited with code 1: RuntimeError: kaboom"):
             peer.token_times([1], 99)
     finally:

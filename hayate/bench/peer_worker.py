@@ -6,10 +6,14 @@ bench, so that hayate and the peers can take turns, round after round, and a cha
 machine's speed (these VMs have phases) moves every engine's figures alike.
 
 Protocol, one JSON object a line: the first line on stdin is the job {"engine", "model",
-"threads", "n_ctx"}; once loaded the worker answers {"ready": true, "load_s"}. Each further
-line is a request {"prompt": [ids], "max_tokens": n}, answered {"times": [s, ...]}: the
-arrival of each generated token in seconds after the request began. Both engines decode
-greedily and never stop at end-of-sequence, as hayate's bench does. End of stdin ends it.
+"threads", "n_ctx"} (llama.cpp's may add "prompt_lookup": {"num_pred_tokens",
+"max_ngram_size"}: llama-cpp-python's own prompt-lookup speculative decoding); once loaded
+the worker answers {"ready": true, "load_s"}. Each further line is a request {"prompt": [ids],
+"max_tokens": n} (llama.cpp's may add "stop": [ids]), answered {"times": [s, ...], "tokens":
+[ids]}: the arrival of each generated token in seconds after the request began, and the
+tokens. Both engines decode greedily and never stop at end-of-sequence, as hayate's bench
+does, unless a request names its stop tokens (which end it, the stop token included). End of
+stdin ends it.
 Answers go to a private copy of stdout; file descriptor 1 itself points at stderr, so that
 nothing a library prints can be mistaken for an answer."""
 from __future__ import annotations
@@ -25,20 +29,28 @@ class LlamaCppRunner:
         from llama_cpp import Llama
 
         threads = job["threads"]
-        self.llm = Llama(model_path=job["model"], n_threads=threads, n_threads_batch=threads,
-                         n_ctx=job["n_ctx"], verbose=False)
+        draft = None
+        if job.get("prompt_lookup"):
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    def token_times(self, prompt: list[int], max_tokens: int) -> list[float]:
+            draft = LlamaPromptLookupDecoding(**job["prompt_lookup"])
+        # With a draft model Llama keeps every position's logits, but sizes their array by
+        # logits_all: without it a prompt longer than n_batch fails to broadcast (0.3.36).
+        self.llm = Llama(model_path=job["model"], n_threads=threads, n_threads_batch=threads,
+                         n_ctx=job["n_ctx"], draft_model=draft, logits_all=draft is not None, verbose=False)
+
+    def token_times(self, prompt: list[int], max_tokens: int, stop=()) -> tuple[list[float], list[int]]:
         # reset(): otherwise generate() reuses the cached prefix of the previous request.
         self.llm.reset()
-        times = []
+        times, tokens = [], []
         start = time.perf_counter()
         # generate() yields each sampled token and, unlike create_completion, ignores EOS.
-        for _ in self.llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        for token in self.llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
             times.append(time.perf_counter() - start)
-            if len(times) == max_tokens:
+            tokens.append(int(token))
+            if len(times) == max_tokens or token in stop:
                 break
-        return times
+        return times, tokens
 
 
 class TransformersRunner:
@@ -55,16 +67,18 @@ class TransformersRunner:
         self.model.eval()
         self.torch = torch
 
-    def token_times(self, prompt: list[int], max_tokens: int) -> list[float]:
+    def token_times(self, prompt: list[int], max_tokens: int, stop=()) -> tuple[list[float], list[int]]:
         from transformers.generation.streamers import BaseStreamer
 
         class Recorder(BaseStreamer):
             """Notes when each new token is handed out (the first put() is the prompt)."""
             def __init__(self):
                 self.puts: list[float] = []
+                self.tokens: list[int] = []
 
             def put(self, value):
                 self.puts.append(time.perf_counter())
+                self.tokens += [int(t) for t in value.reshape(-1).tolist()]
 
             def end(self):
                 pass
@@ -77,7 +91,7 @@ class TransformersRunner:
             self.model.generate(input_ids, attention_mask=self.torch.ones_like(input_ids), do_sample=False,
                                 max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                                 pad_token_id=0, streamer=recorder)
-        return [instant - start for instant in recorder.puts[1:]]
+        return [instant - start for instant in recorder.puts[1:]], recorder.tokens[len(prompt):]
 
 
 RUNNERS = {"llama.cpp": LlamaCppRunner, "transformers": TransformersRunner}
@@ -105,7 +119,8 @@ def main() -> int:
     for line in sys.stdin:
         if line.strip():
             request = json.loads(line)
-            answer(channel, {"times": runner.token_times(request["prompt"], request["max_tokens"])})
+            times, tokens = runner.token_times(request["prompt"], request["max_tokens"], set(request.get("stop", ())))
+            answer(channel, {"times": times, "tokens": tokens})
     return 0
 
 

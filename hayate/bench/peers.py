@@ -118,15 +118,21 @@ class PeerProcess:
 
     def token_times(self, prompt: list[int], max_tokens: int) -> list[float]:
         """Arrival of each generated token, seconds after the request began."""
-        times = self._call({"prompt": prompt, "max_tokens": max_tokens}).get("times")
+        return self.generate(prompt, max_tokens)[0]
+
+    def generate(self, prompt: list[int], max_tokens: int, stop: list[int] = ()) -> tuple[list[float], list[int]]:
+        """Arrival of each generated token (seconds after the request began) and the tokens;
+        greedy, to max_tokens or a token of `stop` (llama.cpp's worker only)."""
+        answer = self._call({"prompt": prompt, "max_tokens": max_tokens, **({"stop": list(stop)} if stop else {})})
         try:
-            times = [float(t) for t in times]
+            times = [float(t) for t in answer.get("times")]
+            tokens = [int(t) for t in answer.get("tokens")]
         except (TypeError, ValueError):
-            times = []
+            times, tokens = [], []
         if not times:
             self.close()
             raise PeerFailed(f"answered without token times for a {len(prompt)}-token prompt")
-        return times
+        return times, tokens
 
     def close(self) -> None:
         try:
