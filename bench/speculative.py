@@ -4,14 +4,15 @@ a time on input-grounded prompts (rename a variable in a 60-line function, fix o
 on a free-form one, greedy and sampled (seeded), the modes taking turns in rounds whose
 order alternates; drafted and accepted tokens; whether the answers are identical.
 
-With --compare llama.cpp, llama.cpp (llama-cpp-python in .venv-bench, `make bench-env`) on
+With --draft MODEL, hayate drafting with that smaller model (same tokenizer) takes its turns
+too. With --compare llama.cpp, llama.cpp (llama-cpp-python in .venv-bench, `make bench-env`) on
 the same file and token ids takes its turns too, plain and with its own prompt lookup
 (`LlamaPromptLookupDecoding`, --llama-draft-tokens / --llama-ngram), each in its own process,
 greedy, to the same stop tokens; the sampled prompt is hayate's alone.
 
     .venv/bin/python bench/speculative.py [--model PATH] [--rounds 3] [--max-tokens 640]
                                           [--speculative-tokens 6] [--speculative-ngram 3]
-                                          [--compare llama.cpp] [--llama-draft-tokens 2]
+                                          [--draft MODEL] [--compare llama.cpp] [--llama-draft-tokens 2]
 """
 from __future__ import annotations
 
@@ -143,6 +144,11 @@ def compare(modes: dict[str, Mode], name: str, prompt: list[int], rounds: int) -
               f"prompt lookup {lookup:6.1f} tok/s ({lookup / plain:4.2f}x), identical: "
               f"{answers['llama.cpp'][0] == answers['llama.cpp lookup'][0]}; hayate ngram / llama.cpp lookup "
               f"{medians['ngram'] / lookup:4.2f}x, hayate plain / llama.cpp plain {medians['plain'] / plain:4.2f}x")
+    if "draft" in modes:
+        counts = answers["draft"][2]
+        print(f"{'':18s} draft model {medians['draft']:6.1f} tok/s ({medians['draft'] / medians['plain']:4.2f}x plain); "
+              f"{counts.num_accepted_tokens}/{counts.num_draft_tokens} drafted accepted in {counts.num_draft_steps} "
+              f"steps; identical: {answers['plain'][0] == answers['draft'][0]}")
     print(f"{'':18s} rounds " + "; ".join(f"{mode} {[round(r, 1) for r in rates[mode]]}" for mode in modes))
 
 
@@ -165,6 +171,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=640)
     parser.add_argument("--speculative-tokens", type=int, default=6)
     parser.add_argument("--speculative-ngram", type=int, default=3)
+    parser.add_argument("--draft", help="a draft model (a smaller model with the same tokenizer) to time too")
     parser.add_argument("--compare", choices=["llama.cpp"], help="time llama.cpp too, plain and with its prompt lookup")
     parser.add_argument("--llama-python", type=Path, default=DEFAULT_LLAMA_PYTHON)
     parser.add_argument("--llama-draft-tokens", type=int, default=2,
@@ -172,9 +179,11 @@ def main() -> None:
     parser.add_argument("--llama-ngram", type=int, default=2, help="its max_ngram_size (default 2, its default)")
     args = parser.parse_args()
     began = time.perf_counter()
-    llm = LLM(args.model, threads=args.threads)
+    drafting = {"speculative": "draft", "speculative_model": args.draft} if args.draft else {}
+    llm = LLM(args.model, threads=args.threads, **drafting)
     print(f"loaded in {time.perf_counter() - began:.2f} s; decode path: "
-          f"{'planned' if llm.engine.runner.plan is not None else 'eager'}")
+          f"{'planned' if llm.engine.runner.plan is not None else 'eager'}"
+          + (f"; a draft token {llm.engine.draft.step_seconds * 1e3:.1f} ms" if args.draft else ""))
     # warm-up; the first speculative request times the planned step by rows (draft_policy.py)
     llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0, speculative="ngram"))
     costs = llm.engine.scheduler.drafter.costs.seconds
@@ -189,6 +198,9 @@ def main() -> None:
             ngram = replace(plain, speculative="ngram", speculative_tokens=args.speculative_tokens,
                             speculative_ngram=args.speculative_ngram)
             modes = {"plain": hayate_mode(llm, plain), "ngram": hayate_mode(llm, ngram)}
+            if args.draft:
+                modes["draft"] = hayate_mode(llm, replace(plain, speculative="draft",
+                                                          speculative_tokens=args.speculative_tokens))
             if temperature == 0:
                 stop = sorted(llm.tokenizer.eos_token_ids)
                 modes.update({mode: peer_mode(peer, args.max_tokens, stop) for mode, peer in peers.items()})

@@ -85,13 +85,19 @@ def add_vision_options(parser: argparse.ArgumentParser) -> None:
                              "2x faster where the CPU has AVX512-BF16 or AMX; rounds, see docs/PERFORMANCE.md)")
 
 
-def add_speculative_options(parser: argparse.ArgumentParser) -> None:
-    from hayate.sampling import SPECULATIVE_METHODS
+def speculative_method(text: str) -> str:
+    """--speculative's value: "ngram", or "draft:MODEL" (a path or a pulled name)."""
+    if text == "ngram" or (text.startswith("draft:") and len(text) > len("draft:")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected ngram or draft:MODEL, got {text!r}")
 
+
+def add_speculative_options(parser: argparse.ArgumentParser) -> None:
     tokens, ngram = EngineConfig.speculative_tokens, EngineConfig.speculative_ngram   # the engine's defaults
-    parser.add_argument("--speculative", choices=SPECULATIVE_METHODS,
+    parser.add_argument("--speculative", type=speculative_method, metavar="ngram|draft:MODEL",
                         help="speculative decoding, exact: ngram drafts tokens copied from the prompt and "
-                             "answer where their last tokens match, verified in one step (off by default)")
+                             "answer where their last tokens match; draft:MODEL has a smaller model with the "
+                             "same tokenizer draft them; verified in one step (off by default)")
     parser.add_argument("--speculative-tokens", type=int, default=tokens, metavar="K",
                         help=f"with --speculative: most tokens drafted per step (default {tokens})")
     parser.add_argument("--speculative-ngram", type=int, default=ngram, metavar="N",
@@ -136,8 +142,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def speculative_settings(args: argparse.Namespace) -> dict:
-    return {"speculative": args.speculative, "speculative_tokens": args.speculative_tokens,
-            "speculative_ngram": args.speculative_ngram}
+    method, _, model = (args.speculative or "").partition(":")
+    return {"speculative": method or None, "speculative_model": model or None,
+            "speculative_tokens": args.speculative_tokens, "speculative_ngram": args.speculative_ngram}
 
 
 def stream_to_stdout(outputs: Iterator[RequestOutput]) -> RequestOutput | None:

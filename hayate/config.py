@@ -45,10 +45,13 @@ class EngineConfig:
     grammar_fast_forward: bool = True
     tool_format: str = "auto"         # how the model writes tool calls (hayate.tools.formats); auto: from its template
     # speculative decoding (engine/speculative.py): "ngram" drafts up to speculative_tokens tokens
-    # copied from where the last speculative_ngram (then fewer) tokens occurred before; exact
+    # copied from where the last speculative_ngram (then fewer) tokens occurred before; "draft"
+    # has speculative_model (a path or a pulled name, the target's vocabulary) draft them
+    # greedily (engine/draft_model.py); exact either way
     speculative: str | None = None
     speculative_tokens: int = 6
     speculative_ngram: int = 3
+    speculative_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.mmproj is not None and self.model is None:
@@ -83,5 +86,7 @@ class EngineConfig:
         if self.tool_format not in FORMAT_NAMES:
             raise ValueError(f"tool_format must be one of {', '.join(FORMAT_NAMES)}, got {self.tool_format!r}")
         check_speculative(self.speculative, self.speculative_tokens, self.speculative_ngram)
+        if (self.speculative == "draft") != (self.speculative_model is not None):
+            raise ValueError('speculative "draft" and speculative_model go together: the draft model drafts')
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

@@ -12,7 +12,7 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024        # entries per request: every step of the batch applies them
 MAX_TOP_K = 2**31 - 1        # larger values mean "off" as well; beyond it is a mistake
 SEED_RANGE = (-(2**63), 2**64 - 1)
-SPECULATIVE_METHODS = ("ngram",)   # drafters (engine/speculative.py)
+SPECULATIVE_METHODS = ("ngram", "draft")   # drafters (engine/speculative.py, engine/draft_model.py)
 MAX_DRAFT_TOKENS = 15        # a drafted step's rows: the last token and its drafts, one planned step's 16
 MAX_NGRAM = 8
 
@@ -59,7 +59,8 @@ class SamplingParams:
     logprobs: int | None = None       # chosen token's logprob plus this many top alternatives
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: GrammarSpec | None = None   # constrained decoding: the output must match it
-    # speculative decoding: "ngram" (prompt lookup), "off", or None for the engine's setting;
+    # speculative decoding: "ngram" (prompt lookup), "draft" (the engine's draft model), "off",
+    # or None for the engine's setting;
     # drafts of at most speculative_tokens after a match of speculative_ngram tokens (None: the engine's)
     speculative: str | None = None
     speculative_tokens: int | None = None

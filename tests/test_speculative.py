@@ -196,6 +196,11 @@ def test_draft_length_follows_acceptance_and_row_costs():
     assert linear.best_draft(0.9, 6, decodes=8, rows=8) == 0         # a batch's rows cost everyone
     assert flat.best_draft(0.9, 0, decodes=1, rows=1) == 0
     assert linear.of(20) == pytest.approx(1 + 0.5 * 19)              # past the table: the last increase
+    # a draft model's tokens cost a step's fifth each; catching up on a prompt costs 40 steps,
+    # worth it over a long answer, not a short one
+    assert flat.best_draft(0.9, 6, decodes=1, rows=1, per_token=0.2) == 6
+    assert flat.best_draft(0.9, 6, decodes=1, rows=1, per_token=0.2, setup=40, remaining=1000) > 0
+    assert flat.best_draft(0.9, 6, decodes=1, rows=1, per_token=0.2, setup=40, remaining=50) == 0
     measured = StepCosts.measure(lambda rows: None, 4, repeats=1)
     assert measured.seconds == sorted(measured.seconds)              # made monotone
 

@@ -76,15 +76,20 @@ class StepCosts:
         last = table[-1] - table[-2] if len(table) > 1 else table[-1]
         return table[-1] + (rows - len(table)) * last
 
-    def best_draft(self, rate: float, max_tokens: int, decodes: int, rows: int) -> int:
+    def best_draft(self, rate: float, max_tokens: int, decodes: int, rows: int, per_token: float = 0.0,
+                   setup: float = 0.0, remaining: int = 1) -> int:
         """Draft length (0: none) for a sequence whose drafted tokens are each accepted with
         probability `rate` (while the ones before were), in a step of `rows` rows so far that
-        gives `decodes` tokens: the length that maximises expected tokens per second."""
+        gives `decodes` tokens, each drafted token costing `per_token` seconds to draft (a
+        draft model's step; prompt lookup's are free) after `setup` seconds of catching up
+        (a draft model's run over the tokens it has not seen), shared by the steps left in
+        the sequence's `remaining` tokens: the length that maximises expected tokens per second."""
         best, best_value, expected, accept = 0, decodes / self.of(rows) * MARGIN, 0.0, 1.0
         for length in range(1, max_tokens + 1):
             accept *= rate
             expected += accept
-            value = (decodes + expected) / self.of(rows + length)
+            setup_share = setup * (1 + expected) / max(remaining, 1)
+            value = (decodes + expected) / (self.of(rows + length) + per_token * length + setup_share)
             if value > best_value:
                 best, best_value = length, value
         return best
@@ -92,15 +97,16 @@ class StepCosts:
 
 class Acceptance:
     """A sequence's chance that a drafted token is accepted (given the ones before it were),
-    from its recent drafts: counts that fade by DECAY every decode step towards PRIOR, which
-    is hopeful but light: drafting starts at once, one rejection stops it where rows are
+    from its recent drafts: counts that fade by DECAY every decode step towards its prior.
+    Prompt lookup's (PRIOR) is hopeful but light: drafting starts at once, one rejection stops it where rows are
     dear, and a sequence that stopped tries again rarely (where every draft fails, after
     ~150 decode steps, then ~400, on this CPU's costs)."""
     PRIOR = (0.8, 0.2)     # pseudo-counts (accepted, rejected): a rate of 0.8 to start
     DECAY = 0.998
 
-    def __init__(self):
-        self.accepted, self.rejected = self.PRIOR
+    def __init__(self, prior: tuple[float, float] = PRIOR):
+        self.prior = prior
+        self.accepted, self.rejected = prior
 
     @property
     def rate(self) -> float:
@@ -108,7 +114,7 @@ class Acceptance:
 
     def step(self) -> None:
         """A decode step passed: older evidence counts a little less."""
-        prior_accepted, prior_rejected = self.PRIOR
+        prior_accepted, prior_rejected = self.prior
         self.accepted = prior_accepted + (self.accepted - prior_accepted) * self.DECAY
         self.rejected = prior_rejected + (self.rejected - prior_rejected) * self.DECAY
 

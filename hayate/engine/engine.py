@@ -17,6 +17,7 @@ from hayate.engine.request import EngineStats, RequestOutput, RequestStatus, Req
 from hayate.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from hayate.engine.sequence import Sequence
 from hayate.engine.draft_policy import ASSUMED_ROW_COST, StepCosts
+from hayate.engine.draft_model import DraftModel, check_draft_tokenizer
 from hayate.engine.speculative import DraftSettings, NgramDrafter, speculation_for
 from hayate.layers.sampler import SampleResult, SamplingState
 from hayate.loading.loader import LoadedModel
@@ -53,6 +54,11 @@ class Engine:
                                    planned_prefix=plan.max_tokens if plan is not None else 0)
         self.sequences: dict[str, Sequence] = {}
         self.draft_settings = DraftSettings(config.speculative, config.speculative_tokens, config.speculative_ngram)
+        # a draft model's cache holds as many tokens as the target's
+        self.draft = (DraftModel.load(config, loaded, blocks.num_blocks * config.block_size)
+                      if config.speculative_model else None)
+        if self.draft is not None:
+            check_draft_tokenizer(self.draft.tokenizer, self.tokenizer)
         if config.speculative is not None:
             self.scheduler.drafter = self._drafter()
 
@@ -80,6 +86,8 @@ class Engine:
                  images: PromptImages | None) -> RequestImages | None:
         """validate_request's checks; returns where the prompt's image tokens are, if any."""
         request_images = None
+        if params.speculative == "draft" and self.draft is None:
+            raise ValueError('speculative "draft" needs a draft model: start with one (--speculative draft:MODEL)')
         if images and not self.accepts_images:
             raise ValueError("this model does not accept images")
         if images:
@@ -124,7 +132,7 @@ class Engine:
         request_images = self._checked(prompt_token_ids, params, images)
         sampling = SamplingState.create(params, list(prompt_token_ids), device=self.runner.device)
         sampling.constraint = self.grammars.matcher(params.grammar) if params.grammar is not None else None
-        speculation = speculation_for(params, self.draft_settings)
+        speculation = speculation_for(params, self.draft_settings, self.draft, request_id)
         if speculation is not None and self.scheduler.drafter is None:
             self.scheduler.drafter = self._drafter()
         sequence = Sequence(
@@ -304,6 +312,8 @@ class Engine:
         sequence.status, sequence.finish_reason = RequestStatus.FINISHED, reason
         sequence.timings.finished = time.perf_counter()
         sequence.images = None   # the embeddings may be large; the timings keep their record
+        if sequence.speculation is not None:
+            sequence.speculation.release()
         self.scheduler.finish(sequence)
         self.sequences.pop(sequence.request_id, None)
 

@@ -1,4 +1,5 @@
-"""Speculative decoding by prompt lookup (n-gram drafting), exact: no second model.
+"""Speculative decoding by prompt lookup (n-gram drafting), exact: no second model (a draft
+model's drafting is draft_model.py's, through the same interface and verification).
 
 A decoding sequence whose last n tokens (n = `ngram`, then n - 1, ... 1) occurred earlier in
 its prompt or answer proposes the up-to-k tokens that followed their latest occurrence.
@@ -38,7 +39,7 @@ class Draftable(Protocol):
 class DraftSettings:
     """How a sequence drafts: `num_tokens` (k) at most per step, after a match of `ngram`
     tokens (n, tried down to 1)."""
-    method: str | None             # "ngram", or None: no speculation
+    method: str | None             # "ngram", "draft" (the engine's draft model), or None: no speculation
     num_tokens: int
     ngram: int
 
@@ -110,20 +111,32 @@ class Speculation:
         self.counts.num_draft_steps += 1
         self.acceptance[self.matched - 1].record(drafted, accepted)
 
+    def release(self) -> None:
+        """The sequence finished (a draft model's speculation frees its cache blocks here)."""
 
-def speculation_for(params: SamplingParams, defaults: DraftSettings) -> Speculation | None:
-    """A request's drafting state, or None when it does not speculate (off, constrained by a
-    grammar, or asking for logprobs)."""
+
+def speculation_for(params: SamplingParams, defaults: DraftSettings, draft=None, request_id: str = ""):
+    """A request's drafting state (Speculation, or draft_model.ModelSpeculation with the
+    engine's draft model), or None when it does not speculate (off, constrained by a grammar,
+    or asking for logprobs). ValueError for "draft" where the engine has no draft model."""
     settings = defaults.for_request(params)
     if settings.method is None or params.grammar is not None or params.logprobs is not None:
         return None
+    if settings.method == "draft":
+        if draft is None:
+            raise ValueError('speculative "draft" needs a draft model: start the engine with one '
+                             "(--speculative draft:MODEL)")
+        from hayate.engine.draft_model import ModelSpeculation
+
+        return ModelSpeculation(settings, draft, request_id)
     return Speculation(settings)
 
 
 class NgramDrafter:
-    """The scheduler's drafter: a decoding sequence's drafts, as long as its acceptance and
-    the step's costs make worthwhile, and never past its max_tokens or the context (its last
-    drafted row stays where a plain step's row could be)."""
+    """The scheduler's drafter: a decoding sequence's drafts (its speculation's: prompt lookup
+    or the draft model), as long as its acceptance and the step's costs make worthwhile, and
+    never past its max_tokens or the context (its last drafted row stays where a plain step's
+    row could be)."""
 
     def __init__(self, max_model_len: int, costs: StepCosts):
         self.max_model_len, self.costs = max_model_len, costs

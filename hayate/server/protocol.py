@@ -61,8 +61,8 @@ class SamplingFields(StrictModel):
     min_p: float | None = Field(None, description="hayate: drop tokens below min_p x the top probability")
     repetition_penalty: float | None = Field(None, description="hayate: HF-style, over prompt and output")
     ignore_eos: bool = Field(False, description="hayate: keep going past end-of-sequence tokens")
-    speculative: str | None = Field(None, description='hayate: "ngram" (prompt lookup) or "off"; '
-                                    "default: the server's --speculative")
+    speculative: str | None = Field(None, description='hayate: "ngram" (prompt lookup), "draft" (the '
+                                    "server's draft model) or \"off\"; default: the server's --speculative")
     speculative_tokens: int | None = Field(None, description="hayate: most tokens drafted a step")
     speculative_ngram: int | None = Field(None, description="hayate: tokens a draft's match starts from")
     return_token_ids: bool = Field(False, description="hayate: add prompt and choice token ids")
