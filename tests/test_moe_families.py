@@ -145,7 +145,7 @@ def test_plan_and_its_shrunken_twin(family, capsys):
 
 # ---- GGUF ------------------------------------------------------------------------------------
 
-PLANNED = ("qwen3", "qwen3_moe", "qwen2_moe-sparse")   # the families the planned native step takes
+PLANNED = ("qwen3", "qwen3_moe", "qwen2_moe-sparse", "olmoe")   # the families the planned native step takes
 GGUF_ARCHITECTURES = {"qwen2_moe-sparse": "qwen2moe", "qwen3_moe": "qwen3moe", "qwen3_moe-unnormalised": None,
                       "qwen2_moe": None, "olmoe": "olmoe", "qwen3": "qwen3"}   # None: dense layers among sparse
 
@@ -204,9 +204,9 @@ def test_gguf_f32_matches_transformers(family, tmp_path):
 
 @pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
 def test_gguf_q8_0_packed_matches_fp32(family, tmp_path):
-    """Q8_0 matrices (each expert's too) run packed by the native kernels: Qwen3, Qwen3-MoE and
-    Qwen2-MoE by the planned step (per-head QK-norm, routed and shared experts in the plan),
-    OLMoE (whole-projection QK-norm) eagerly; the same tokens as the file decoded to fp32."""
+    """Q8_0 matrices (each expert's too) run packed by the planned step: Qwen3, Qwen3-MoE,
+    Qwen2-MoE and OLMoE (QK-norm per head or whole, the clip, routed and shared experts in the
+    plan); the same tokens as the file decoded to fp32."""
     name, reference = gguf_family(family)
     path = export_gguf(tmp_path / f"{name}-q8.gguf", name, reference, QType.Q8_0)
     packed, fp32 = LLM(str(path), weights="auto", prefill_chunk=5), LLM(str(path), weights="fp32")
@@ -222,12 +222,12 @@ def test_gguf_q8_0_packed_matches_fp32(family, tmp_path):
 
 @pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")
 def test_planned_step_equals_its_eager_twin(family, tmp_path):
-    """Qwen3's QK-norm, Qwen3-MoE's routed experts and Qwen2-MoE's shared expert in the planned
-    native step: alone and in a batch, the tokens and logprobs of the eager model over the same
-    packed weights."""
+    """Qwen3's QK-norm, Qwen3-MoE's routed experts, Qwen2-MoE's shared expert and OLMoE's
+    whole-projection QK-norm and clip in the planned native step: alone and in a batch, the
+    tokens and logprobs of the eager model over the same packed weights."""
     name, reference = gguf_family(family)
     if name not in PLANNED:
-        pytest.skip("whole-projection QK-norm runs eagerly (and GGUF has no dense layers among sparse)")
+        pytest.skip("GGUF has no dense layers among sparse ones")
     path = export_gguf(tmp_path / f"{name}-q8.gguf", name, reference, QType.Q8_0)
     planned, eager = LLM(str(path), max_num_seqs=3), LLM(str(path), max_num_seqs=3, planned_decode=False)
     assert planned.engine.runner.plan is not None and eager.engine.runner.plan is None

@@ -1,5 +1,6 @@
 """The decode step planned once at start-up: a Llama-family model (Qwen3's QK-norm included,
-Gemma 3, and mixtures of experts whose experts are packed: Mixtral, Qwen2-MoE, Qwen3-MoE) whose
+Gemma 3, and mixtures of experts whose experts are packed: Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE with its whole-projection QK-norm and clip) whose
 projections are all natively readable GGUF blocks (NATIVE_TYPES, mixed as a file mixes them;
 q, k and v of different types, which do not fuse, run side by side in one call) runs a whole step
 (embedding to logits) as one native call over weights, KV cache and buffers fixed at
@@ -61,11 +62,12 @@ class PlannedDecode:
             embedding_scale=getattr(text, "embed_scale", 1.0), gelu=isinstance(text.layers[0].mlp, Gemma3MLP))
         for layer in text.layers:
             qkv, o, *mlp = _projections(layer)
-            attention = layer.self_attn   # a per-head QK-norm (Qwen3, Gemma 3), where it has one
+            attention = layer.self_attn   # QK-norm per head (Qwen3, Gemma 3) or whole (OLMoE), where it has one
             norms = (attention.q_norm.weight, attention.k_norm.weight) if attention.qk_norm else (None, None)
             dense = [*_matrix(mlp[0]), *_matrix(mlp[1])] if mlp else [None] * 6
             plan.add_layer(layer.input_layernorm.weight, _mlp_norm(layer).weight,
-                           *_matrix(qkv), *_matrix(o), *dense, *norms, **_gemma_settings(layer, text))
+                           *_matrix(qkv), *_matrix(o), *dense, *norms, clip=config.clip_qkv or 0.0,
+                           **_gemma_settings(layer, text))
             if not mlp:   # the layer's experts, each expert's gate and up side by side
                 block, experts = layer.mlp, layer.mlp.experts.packed
                 gate_up, down = [_matrix([g, u]) for g, u, _ in experts], [_matrix([d]) for _, _, d in experts]
@@ -190,9 +192,8 @@ def _experts_plannable(model: nn.Module) -> bool:
 
 def _plannable(model: nn.Module) -> bool:
     config = model.config if type(model) in PLANNABLE else None
-    if config is None or not isinstance(model.lm_head, PackedLinear) or config.qk_norm not in ("", "head") \
-            or config.clip_qkv is not None:
-        return False   # (the native step normalises q and k per head, as Qwen3 does, or not at all)
+    if config is None or not isinstance(model.lm_head, PackedLinear):
+        return False
     text = model.model
     table = _table(text.embed_tokens)
     if table.device.type != "cpu" or not (table.dtype == torch.float32 or text.embed_tokens.ggml_type in NATIVE_TYPES):

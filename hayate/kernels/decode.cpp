@@ -22,6 +22,8 @@ struct Layer {
   torch::Tensor input_norm, post_norm;  // float32 [hidden]: before the attention, before the MLP
   torch::Tensor attention_out_norm, mlp_out_norm;  // float32 [hidden] on their outputs (Gemma), or undefined
   torch::Tensor q_norm, k_norm;         // float32 [head_dim] (per-head QK-norm), or undefined
+  bool full_qk_norm = false;            // q_norm and k_norm over the whole projections (OLMoE)
+  float clip = 0.f;                     // q, k and v clamped to [-clip, clip] (OLMoE; 0: not)
   torch::Tensor cos, sin;               // its RoPE tables [positions, head_dim]
   float scale = 1.f;                    // the attention scores' scale
   int64_t window = 0;                   // a sliding-window layer's window (0: every key)
@@ -65,8 +67,10 @@ class DecodePlan {
   }
 
   // Each projection: a weight and its type, or lists of them side by side (see PackedMatrix).
-  // scale: the scores' (0: 1 / sqrt(head_dim)); window: a sliding-window layer's (0: none);
-  // cos, sin: the layer's own RoPE tables (default: the plan's).
+  // q_norm, k_norm: per head [head_dim], or over the whole projections [heads * head_dim],
+  // [kv_heads * head_dim]; clip: q, k and v clamped after them (0: not). scale: the scores'
+  // (0: 1 / sqrt(head_dim)); window: a sliding-window layer's (0: none); cos, sin: the layer's
+  // own RoPE tables (default: the plan's).
   void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, pybind11::object qkv, pybind11::object qkv_type,
                  c10::optional<torch::Tensor> qkv_bias, pybind11::object o, pybind11::object o_type,
                  c10::optional<torch::Tensor> o_bias, pybind11::object gate_up, pybind11::object gate_up_type,
@@ -74,13 +78,16 @@ class DecodePlan {
                  c10::optional<torch::Tensor> down_bias, c10::optional<torch::Tensor> q_norm,
                  c10::optional<torch::Tensor> k_norm, c10::optional<torch::Tensor> attention_out_norm,
                  c10::optional<torch::Tensor> mlp_out_norm, double scale, int64_t window,
-                 c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin) {
+                 c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin, double clip) {
     Layer layer;
     layer.input_norm = input_norm.contiguous();
     layer.post_norm = post_norm.contiguous();
     TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "QK-norm needs both q_norm and k_norm");
-    layer.q_norm = norm_weight(q_norm, head_dim_, "q_norm");
-    layer.k_norm = norm_weight(k_norm, head_dim_, "k_norm");
+    layer.full_qk_norm = q_norm.has_value() && q_norm->numel() != head_dim_;
+    layer.q_norm = norm_weight(q_norm, layer.full_qk_norm ? heads_ * head_dim_ : head_dim_, "q_norm");
+    layer.k_norm = norm_weight(k_norm, layer.full_qk_norm ? kv_heads_ * head_dim_ : head_dim_, "k_norm");
+    TORCH_CHECK(clip >= 0, "clip must be >= 0");
+    layer.clip = static_cast<float>(clip);
     layer.attention_out_norm = norm_weight(attention_out_norm, hidden_, "attention_out_norm");
     layer.mlp_out_norm = norm_weight(mlp_out_norm, hidden_, "mlp_out_norm");
     layer.scale = scale > 0 ? static_cast<float>(scale) : 1.f / std::sqrt(static_cast<float>(head_dim_));
@@ -254,7 +261,13 @@ class DecodePlan {
       float* q = qkv_.data() + b * width;
       const float* c = L.cos.data_ptr<float>() + pos[b] * D;
       const float* s = L.sin.data_ptr<float>() + pos[b] * D;
-      if (L.q_norm.defined()) {   // each head of q, then of k, normalised in place
+      if (L.full_qk_norm) {   // q and k each normalised whole (OLMoE), before the clip: the eager order
+        rms_norm_rows(q, L.q_norm.data_ptr<float>(), q, 1, heads_ * D, eps_);
+        rms_norm_rows(q + heads_ * D, L.k_norm.data_ptr<float>(), q + heads_ * D, 1, kv_heads_ * D, eps_);
+      }
+      if (L.clip > 0)
+        for (int64_t i = 0; i < width; ++i) q[i] = std::min(std::max(q[i], -L.clip), L.clip);
+      if (L.q_norm.defined() && !L.full_qk_norm) {   // each head of q, then of k
         rms_norm_rows(q, L.q_norm.data_ptr<float>(), q, heads_, D, eps_);
         rms_norm_rows(q + heads_ * D, L.k_norm.data_ptr<float>(), q + heads_ * D, kv_heads_, D, eps_);
       }
@@ -323,7 +336,7 @@ void register_decode_plan(pybind11::module& m) {
            py::arg("gate_up"), py::arg("gate_up_type"), py::arg("gate_up_bias"), py::arg("down"),
            py::arg("down_type"), py::arg("down_bias"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none(),
            py::arg("attention_out_norm") = py::none(), py::arg("mlp_out_norm") = py::none(), py::arg("scale") = 0.0,
-           py::arg("window") = 0, py::arg("cos") = py::none(), py::arg("sin") = py::none())
+           py::arg("window") = 0, py::arg("cos") = py::none(), py::arg("sin") = py::none(), py::arg("clip") = 0.0)
       .def("add_experts", &DecodePlan::add_experts, py::arg("router"), py::arg("top_k"), py::arg("normalize"),
            py::arg("gate_up"), py::arg("gate_up_types"), py::arg("down"), py::arg("down_types"),
            py::arg("shared_gate_up") = py::none(), py::arg("shared_gate_up_types") = py::none(),

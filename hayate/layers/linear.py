@@ -110,8 +110,8 @@ REARRANGE_CHUNK_BYTES = 256 * 2**20
 def rearrange_for_vnni(linears: list[PackedLinear], after_chunk=None) -> bool:
     """Each natively read packed layer's weight rearranged once for the VNNI kernel (where the
     CPU has AVX-512 VNNI), a chunk of layers per arena: the plan's weights, and an unplanned
-    model's (OLMoE), whose few-row steps then multiply as fast as the plan's. Whether any
-    layer was rearranged."""
+    model's (a vision model's text layers), whose few-row steps then multiply as fast as the
+    plan's. Whether any layer was rearranged."""
     kernels = native_kernels()
     fresh = [linear for linear in linears if linear.interleaved is None and linear.ggml_type in NATIVE_TYPES
              and linear.packed.device.type == "cpu"]
