@@ -96,3 +96,15 @@ def test_cli_spells_the_draft_model_after_draft():
                                           "speculative_tokens": 4, "speculative_ngram": 3}
     args.speculative = None
     assert speculative_settings(args)["speculative"] is None and speculative_settings(args)["speculative_model"] is None
+
+
+def test_a_failing_draft_model_leaves_the_request_to_plain_decoding(files, monkeypatch):
+    speculative = drafting(files["target"], files["other"])
+    expected = LLM(files["target"]).generate(PROMPTS[0], GREEDY).token_ids
+
+    def broken(*args):
+        raise RuntimeError("draft model out of order")
+
+    monkeypatch.setattr(speculative.engine.draft.runner, "execute", broken)
+    result = speculative.generate(PROMPTS[0], GREEDY)
+    assert result.token_ids == expected and result.timings.speculative.num_draft_tokens == 0

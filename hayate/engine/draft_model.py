@@ -17,6 +17,7 @@ shared by the steps the sequence has left, is weighed too."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 import time
 
@@ -30,6 +31,8 @@ from hayate.loading.loader import LoadedModel, load_model
 from hayate.layers.sampler import SamplingState
 from hayate.sampling import SamplingParams
 
+
+log = logging.getLogger("hayate.engine")
 
 # acceptance pseudo-counts (accepted, rejected): 0.9, held firmly enough that one rejection
 # does not stop drafting (prompt lookup's prior is 0.8, held lightly)
@@ -138,9 +141,14 @@ class ModelSpeculation:
         self.settings, self.model = settings, draft
         self.sequence = DraftSequence(request_id, draft.runner.device)
         self.acceptance = Acceptance(DRAFT_MODEL_PRIOR)
+        self.failed = False
         self.counts = SpeculativeCounts()
 
     def propose(self, sequence, room: int, costs: StepCosts, decodes: int, rows: int) -> list[int]:
+        """Drafts for the sequence; none once the draft model has failed it (the error is
+        logged; the request goes on without speculation)."""
+        if self.failed:
+            return []
         self.acceptance.step()
         unseen = max(sequence.num_tokens - len(self.sequence.tokens), 1)
         remaining = sequence.sampling.params.max_tokens - len(sequence.output_token_ids)
@@ -148,7 +156,13 @@ class ModelSpeculation:
                                   setup=unseen * self.model.catch_up_seconds, remaining=remaining)
         if not length:
             return []
-        return self.model.draft(self.sequence, sequence.token_ids(0, sequence.num_tokens), length)
+        try:
+            return self.model.draft(self.sequence, sequence.token_ids(0, sequence.num_tokens), length)
+        except Exception:   # the draft model's own failure must not fail the target's request
+            log.exception("the draft model failed request %s; it goes on without drafts", self.sequence.request_id)
+            self.failed = True
+            self.release()
+            return []
 
     def record(self, drafted: int, accepted: int) -> None:
         self.counts.num_draft_tokens += drafted
