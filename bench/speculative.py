@@ -133,11 +133,15 @@ def compare(modes: dict[str, Mode], name: str, prompt: list[int], rounds: int) -
             answers[mode] = modes[mode](prompt)
             rates[mode].append(decode_rate(*answers[mode][:2]))
     medians = {mode: statistics.median(rates[mode]) for mode in modes}
-    counts = answers["ngram"][2]
+
+    def against_plain(mode: str) -> str:   # a speculative mode of hayate's beside its plain decoding
+        counts = answers[mode][2]
+        return (f"{mode} {medians[mode]:6.1f} tok/s ({medians[mode] / medians['plain']:4.2f}x plain); "
+                f"{counts.num_accepted_tokens}/{counts.num_draft_tokens} drafted accepted in "
+                f"{counts.num_draft_steps} steps; identical: {answers['plain'][0] == answers[mode][0]}")
+
     print(f"{name:18s} {len(prompt):4d} prompt, {len(answers['plain'][0]):4d} answer tokens: "
-          f"plain {medians['plain']:6.1f} tok/s, ngram {medians['ngram']:6.1f} tok/s "
-          f"({medians['ngram'] / medians['plain']:4.2f}x); {counts.num_accepted_tokens}/{counts.num_draft_tokens} "
-          f"drafted accepted in {counts.num_draft_steps} steps; identical: {answers['plain'][0] == answers['ngram'][0]}")
+          f"plain {medians['plain']:6.1f} tok/s, {against_plain('ngram')}")
     if "llama.cpp" in modes:
         plain, lookup = medians["llama.cpp"], medians["llama.cpp lookup"]
         print(f"{'':18s} llama.cpp {len(answers['llama.cpp'][0]):4d} answer tokens: plain {plain:6.1f} tok/s, "
@@ -145,10 +149,7 @@ def compare(modes: dict[str, Mode], name: str, prompt: list[int], rounds: int) -
               f"{answers['llama.cpp'][0] == answers['llama.cpp lookup'][0]}; hayate ngram / llama.cpp lookup "
               f"{medians['ngram'] / lookup:4.2f}x, hayate plain / llama.cpp plain {medians['plain'] / plain:4.2f}x")
     if "draft" in modes:
-        counts = answers["draft"][2]
-        print(f"{'':18s} draft model {medians['draft']:6.1f} tok/s ({medians['draft'] / medians['plain']:4.2f}x plain); "
-              f"{counts.num_accepted_tokens}/{counts.num_draft_tokens} drafted accepted in {counts.num_draft_steps} "
-              f"steps; identical: {answers['plain'][0] == answers['draft'][0]}")
+        print(f"{'':18s} {against_plain('draft')}")
     print(f"{'':18s} rounds " + "; ".join(f"{mode} {[round(r, 1) for r in rates[mode]]}" for mode in modes))
 
 

@@ -60,11 +60,8 @@ class DraftSequence:
 class DraftModel:
     """The draft model, loaded beside the target, and its greedy drafting."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, target_vocab: int, num_tokens: int):
-        if loaded.config.vocab_size != target_vocab:
-            raise ValueError(f"the draft model {loaded.path.name} has {loaded.config.vocab_size} token ids, the "
-                             f"target {target_vocab}: a draft model must share the target's vocabulary")
-        self.path, self.max_model_len, self.tokenizer = loaded.path, loaded.max_model_len, loaded.tokenizer
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, num_tokens: int):
+        self.max_model_len = loaded.max_model_len
         blocks = -(-num_tokens // config.block_size)
         self.blocks = BlockManager(blocks, config.block_size, prefix_caching=False)
         self.runner = ModelRunner(loaded.model, loaded.config, blocks, config.block_size,
@@ -73,10 +70,17 @@ class DraftModel:
 
     @classmethod
     def load(cls, config: EngineConfig, target: LoadedModel, num_tokens: int) -> "DraftModel":
-        """config.speculative_model loaded with the target's settings, its context capped at the target's."""
+        """config.speculative_model loaded with the target's settings, its context capped at the
+        target's; ValueError, before any step runs, unless it shares the target's vocabulary and
+        tokenizer."""
         settings = dataclasses.replace(config, model=config.speculative_model, mmproj=None, speculative=None,
                                        speculative_model=None, max_model_len=target.max_model_len)
-        return cls(load_model(settings), config, target.config.vocab_size, num_tokens)
+        loaded = load_model(settings)
+        if loaded.config.vocab_size != target.config.vocab_size:
+            raise ValueError(f"the draft model {loaded.path.name} has {loaded.config.vocab_size} token ids, the "
+                             f"target {target.config.vocab_size}: a draft model must share the target's vocabulary")
+        _check_tokenizer(loaded.tokenizer, target.tokenizer)
+        return cls(loaded, config, num_tokens)
 
     def draft(self, sequence: DraftSequence, tokens: list[int], length: int) -> list[int]:
         """Up to `length` greedy tokens to follow `tokens` (the sequence's, all of them); fewer
@@ -126,7 +130,7 @@ class DraftModel:
 PROBE = "Hello, world! def f(x):\n    return x ** 2  # ünïcode, 12345"
 
 
-def check_draft_tokenizer(draft, target) -> None:
+def _check_tokenizer(draft, target) -> None:
     """ValueError unless the draft's tokenizer is the target's (the same ids for a probe text,
     the same end-of-sequence ids)."""
     if (draft.encode(PROBE, add_special_tokens=False) != target.encode(PROBE, add_special_tokens=False)

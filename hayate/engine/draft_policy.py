@@ -98,9 +98,9 @@ class StepCosts:
 class Acceptance:
     """A sequence's chance that a drafted token is accepted (given the ones before it were),
     from its recent drafts: counts that fade by DECAY every decode step towards its prior.
-    Prompt lookup's (PRIOR) is hopeful but light: drafting starts at once, one rejection stops it where rows are
-    dear, and a sequence that stopped tries again rarely (where every draft fails, after
-    ~150 decode steps, then ~400, on this CPU's costs)."""
+    Prompt lookup's (PRIOR) is hopeful but light: drafting starts at once, one rejection stops
+    it where rows are dear, and a sequence that stopped tries again rarely (where every draft
+    fails, after ~150 decode steps, then ~400, on this CPU's costs)."""
     PRIOR = (0.8, 0.2)     # pseudo-counts (accepted, rejected): a rate of 0.8 to start
     DECAY = 0.998
 

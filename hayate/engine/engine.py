@@ -17,7 +17,7 @@ from hayate.engine.request import EngineStats, RequestOutput, RequestStatus, Req
 from hayate.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from hayate.engine.sequence import Sequence
 from hayate.engine.draft_policy import ASSUMED_ROW_COST, StepCosts
-from hayate.engine.draft_model import DraftModel, check_draft_tokenizer
+from hayate.engine.draft_model import DraftModel
 from hayate.engine.speculative import DraftSettings, NgramDrafter, speculation_for
 from hayate.layers.sampler import SampleResult, SamplingState
 from hayate.loading.loader import LoadedModel
@@ -57,8 +57,6 @@ class Engine:
         # a draft model's cache holds as many tokens as the target's
         self.draft = (DraftModel.load(config, loaded, blocks.num_blocks * config.block_size)
                       if config.speculative_model else None)
-        if self.draft is not None:
-            check_draft_tokenizer(self.draft.tokenizer, self.tokenizer)
         if config.speculative is not None:
             self.scheduler.drafter = self._drafter()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from hayate.engine.draft_model import ModelSpeculation
 from hayate.engine.draft_policy import Acceptance, StepCosts
 from hayate.engine.request import SpeculativeCounts
 from hayate.sampling import SamplingParams
@@ -117,17 +118,12 @@ class Speculation:
 
 def speculation_for(params: SamplingParams, defaults: DraftSettings, draft=None, request_id: str = ""):
     """A request's drafting state (Speculation, or draft_model.ModelSpeculation with the
-    engine's draft model), or None when it does not speculate (off, constrained by a grammar,
-    or asking for logprobs). ValueError for "draft" where the engine has no draft model."""
+    engine's draft model, which the engine's request checks made sure it has for "draft"), or
+    None when it does not speculate (off, constrained by a grammar, or asking for logprobs)."""
     settings = defaults.for_request(params)
     if settings.method is None or params.grammar is not None or params.logprobs is not None:
         return None
     if settings.method == "draft":
-        if draft is None:
-            raise ValueError('speculative "draft" needs a draft model: start the engine with one '
-                             "(--speculative draft:MODEL)")
-        from hayate.engine.draft_model import ModelSpeculation
-
         return ModelSpeculation(settings, draft, request_id)
     return Speculation(settings)
 
