@@ -19,13 +19,10 @@ from pathlib import Path
 # bench/ is on sys.path: it is this script's folder.
 from load import BUILTIN_PROMPTS, BenchConfig, run_benchmark
 from serve_compare import REPO, ServerSpec, default_gguf, free_port, running
-from speculative import FUNCTION
+from speculative import FIX, rename
 
 NAMES = ("count", "seen", "index", "number", "visits", "step", "tally")
-GROUNDED = tuple(f"Rewrite this Python function, renaming the variable x to {name} everywhere. "
-                 f"Reply with the whole function only.\n\n{FUNCTION}" for name in NAMES) + (
-    "This function has a bug: refunds (negative amounts) should be added to the totals, not skipped. "
-    f"Reply with the whole corrected function only.\n\n{FUNCTION}",)
+GROUNDED = tuple(rename(name) for name in NAMES) + (FIX,)
 PROMPT_SETS = {"grounded": GROUNDED, "free": BUILTIN_PROMPTS}
 MODES = ("off", "ngram")
 

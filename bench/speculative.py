@@ -89,11 +89,19 @@ FUNCTION = '''def summarize_orders(orders, x=0):
 '''
 STORY = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 # (name, user message, temperature): greedy answers, and a seeded sampled one
+FIX = ("This function has a bug: refunds (negative amounts) should be added to the totals, not skipped. "
+       "Reply with the whole corrected function only.\n\n" + FUNCTION)
+
+
+def rename(name: str) -> str:
+    """The request to rename FUNCTION's x to `name`."""
+    return (f"Rewrite this Python function, renaming the variable x to {name} everywhere. "
+            f"Reply with the whole function only.\n\n{FUNCTION}")
+
+
 PROMPTS = [
-    ("rename x -> count", "Rewrite this Python function, renaming the variable x to count everywhere. "
-                          "Reply with the whole function only.\n\n" + FUNCTION, 0.0),
-    ("fix one line", "This function has a bug: refunds (negative amounts) should be added to the totals, not "
-                     "skipped. Reply with the whole corrected function only.\n\n" + FUNCTION, 0.0),
+    ("rename x -> count", rename("count"), 0.0),
+    ("fix one line", FIX, 0.0),
     ("free-form", STORY, 0.0),
     ("free-form t=0.8", STORY, 0.8),
 ]

@@ -5,6 +5,7 @@ cache blocks given back; clear errors for a draft that cannot serve."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,9 +16,7 @@ from hayate.kernels import native_kernels
 from hayate.llm import LLM
 from hayate.sampling import SamplingParams
 from gguf_files import QType, export_hf_model, tiny_model
-from test_speculative import FREE_ROWS, PROMPTS
-
-GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+from test_speculative import FREE_ROWS, GREEDY, PROMPTS
 
 
 def export(path, scale: float, **overrides) -> str:
@@ -71,7 +70,7 @@ def test_a_request_may_turn_it_off_or_use_prompt_lookup(files):
     speculative = drafting(files["target"], files["target"])
     plain = LLM(files["target"]).generate(PROMPTS[0], GREEDY).token_ids
     for method, counted in (("off", False), ("ngram", True)):
-        result = speculative.generate(PROMPTS[0], SamplingParams(**{**GREEDY.__dict__, "speculative": method}))
+        result = speculative.generate(PROMPTS[0], replace(GREEDY, speculative=method))
         assert result.token_ids == plain and (result.timings.speculative is not None) == counted
 
 

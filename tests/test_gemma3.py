@@ -37,15 +37,19 @@ TINY = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hi
 PROMPT = sum(TURNS, [])
 
 
-@pytest.fixture(scope="module")
-def reference() -> transformers.Gemma3ForCausalLM:
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**TINY)).eval()
+def random_gemma(seed: int = 0, **overrides) -> transformers.Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**{**TINY, **overrides})).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():   # norms start at 0 (x̂ * (1 + 0)): make a missed +1 show
             if "norm" in name:
                 parameter.normal_(0, 0.5)
     return model
+
+
+@pytest.fixture(scope="module")
+def reference() -> transformers.Gemma3ForCausalLM:
+    return random_gemma()
 
 
 @pytest.fixture(scope="module")
@@ -226,12 +230,7 @@ def test_planned_step_equals_eager_model(window, qtype, tmp_path):
     """Gemma 3 through the planned native step (scaled embedding, four norms, GeGLU, query
     scale, windows and RoPE tables per layer) against its slow twin, sequences batched over
     scattered blocks; a window of 40 leaves whole chunks of 32 keys behind it."""
-    torch.manual_seed(1)
-    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**{**TINY, "sliding_window": window})).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.normal_(0, 0.5)
+    model = random_gemma(seed=1, sliding_window=window)
     path = str(export_gguf(tmp_path / "gemma3.gguf", model, qtype))
     planned, eager = LLM(path, max_num_seqs=4, block_size=4), LLM(path, max_num_seqs=4, block_size=4, planned_decode=False)
     assert planned.engine.runner.plan is not None and eager.engine.runner.plan is None

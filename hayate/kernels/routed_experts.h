@@ -1,4 +1,4 @@
-// A mixture of experts' MLP in the planned step (Mixtral, Qwen2-MoE, Qwen3-MoE): the router in
+// A mixture of experts' MLP in the planned step (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): the router in
 // fp32, a softmax and the top_k of each row (renormalised or not), the rows grouped by expert
 // (experts ascending; within one, slot by slot, rows ascending: the eager block's order), each
 // touched expert's gate/up and down over its rows on the plan's threads, and their outputs
