@@ -1,13 +1,22 @@
 """bench/gpu_decode.py, the GPU check, kept working on the CPU with a tiny shape."""
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import gpu_decode  # noqa: E402
+
+def _load_script(name: str):
+    """A bench script as a module, by its path: bench/ stays off sys.path, where its file
+    names would shadow installed packages for every test after this one."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_decode = _load_script("gpu_decode")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -3,7 +3,7 @@
 the weights come from memory, not the caches; optionally the fp32 block GEMV (the fallback)
 on the same file bytes. The types take turns, round by round. Prints GB/s of the file's bytes, of the bytes actually read, and ns per weight.
 
-    .venv/bin/python bench/kernels.py [--rows 2048] [--cols 8192] [--mb 128] [--rounds 7]
+    .venv/bin/python bench/kernel_rates.py [--rows 2048] [--cols 8192] [--mb 128] [--rounds 7]
         [--fallback] [--types Q4_0,Q4_1,Q8_0,Q4_K,Q5_K,Q6_K,Q5_0,Q5_1]
 
 Run it on a quiet machine (see README.md): anything else running changes the figures."""
