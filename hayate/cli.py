@@ -118,6 +118,16 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
                         help="weights and activations: auto = float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="on CUDA, run every decode step eagerly instead of replaying captured graphs")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="split every layer over N processes on this machine (torch.distributed, gloo), "
+                             "the threads shared out among them (default 1; see docs/SCALING.md)")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="with --tensor-parallel: deal a mixture of experts' experts out whole instead "
+                             "of splitting each one")
+
+
+def parallel_settings(args: argparse.Namespace) -> dict:
+    return {"tensor_parallel": args.tensor_parallel, "expert_parallel": args.expert_parallel}
 
 
 def add_kv_cache_option(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +148,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         weights=args.weights, device=args.device, dtype=args.dtype,
                         cuda_graphs=not args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
                         tool_format=args.tool_format, vision_precision=args.vision_precision, show_progress=True,
-                        **speculative_settings(args))
+                        **speculative_settings(args), **parallel_settings(args))
 
 
 def speculative_settings(args: argparse.Namespace) -> dict:

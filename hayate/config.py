@@ -52,6 +52,17 @@ class EngineConfig:
     speculative_tokens: int = 6
     speculative_ngram: int = 3
     speculative_model: str | None = None
+    # tensor parallel (engine/tensor_parallel.py): this process and tensor_parallel - 1 workers
+    # each run a slice of every layer (threads shared out among them); expert_parallel deals a
+    # mixture's experts out whole instead of splitting each one
+    tensor_parallel: int = 1
+    expert_parallel: bool = False
+
+    @property
+    def plans_decode(self) -> bool:
+        """Whether decode steps may run as the planned native step (not under tensor parallel,
+        whose ranks add partial sums between the layers' halves)."""
+        return self.planned_decode and self.tensor_parallel == 1
 
     def __post_init__(self) -> None:
         if self.mmproj is not None and self.model is None:
@@ -88,5 +99,11 @@ class EngineConfig:
         check_speculative(self.speculative, self.speculative_tokens, self.speculative_ngram)
         if (self.speculative == "draft") != (self.speculative_model is not None):
             raise ValueError('speculative "draft" and speculative_model go together: the draft model drafts')
+        if not 1 <= self.tensor_parallel <= 64:
+            raise ValueError(f"tensor_parallel must be between 1 and 64, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1 and self.device != "cpu":
+            raise ValueError("tensor parallel runs on the CPU (gloo) for now, not on " + self.device)
+        if self.expert_parallel and self.tensor_parallel == 1:
+            raise ValueError("expert_parallel deals experts out over tensor_parallel ranks: set tensor_parallel >= 2")
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

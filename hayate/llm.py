@@ -9,11 +9,11 @@ from typing import Iterator, Sequence as Seq
 import torch
 
 from hayate.config import EngineConfig
-from hayate.cpus import thread_count
 from hayate.engine.engine import Engine
 from hayate.engine.request import RequestFailedError, RequestOutput, RequestTimings, TokenLogprob
 from hayate.loading.builtin_templates import default_chat_template
 from hayate.loading.chat_template import ChatTemplate
+from hayate.engine.tensor_parallel import threads_per_rank
 from hayate.loading.loader import load_model
 from hayate.multimodal.features import PromptImages
 from hayate.multimodal.prompt import ChatPrompt, encode_chat
@@ -49,7 +49,7 @@ def decode_rate(num_output_tokens: int, timings: RequestTimings) -> float | None
 class LLM:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None, **settings):
         self.config = config or EngineConfig(model=model, **settings)
-        torch.set_num_threads(thread_count(self.config.threads))
+        torch.set_num_threads(threads_per_rank(self.config))   # all of them without tensor parallel
         self.loaded = loaded = load_model(self.config)
         self.tokenizer = loaded.tokenizer
         self.processor = loaded.processor

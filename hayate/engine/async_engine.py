@@ -174,6 +174,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
+                self.engine.check_workers()
                 self._apply_commands(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished() and not self._stopping.is_set():
                     self._deliver(self.engine.step())
@@ -182,6 +183,7 @@ class AsyncEngine:
             self.error = error
         finally:
             self._abort_all(self.error or EngineDeadError("the server is shutting down"))
+            self.engine.close()
 
     def _apply_commands(self, block: bool) -> None:
         try:

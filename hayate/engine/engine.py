@@ -1,6 +1,7 @@
 """The engine core: step() = schedule, run the model, turn sampled tokens into outputs."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,9 +20,12 @@ from hayate.engine.sequence import Sequence
 from hayate.engine.draft_policy import ASSUMED_ROW_COST, StepCosts
 from hayate.engine.draft_model import DraftModel
 from hayate.engine.speculative import DraftSettings, NgramDrafter, speculation_for
+from hayate.engine.tensor_parallel import TensorParallel, WorkerLostError
+from hayate.layers.tensor_parallel import check_shardable
 from hayate.layers.sampler import SampleResult, SamplingState
 from hayate.loading.loader import LoadedModel
 from hayate.loading.tokenizer import IncrementalDetokenizer
+from hayate.models.config import ModelConfig
 from hayate.multimodal.features import PromptImages
 from hayate.sampling import MAX_DRAFT_TOKENS, SamplingParams, StopStringMatcher
 from hayate.structured.backend import LLGuidanceBackend, advance
@@ -42,11 +46,12 @@ class Engine:
         self._grammars: LLGuidanceBackend | None | bool = False   # False: not built yet
         self._grammar_lock = threading.Lock()
         self.fast_forward = config.grammar_fast_forward
-        self.runner = ModelRunner(loaded.model, loaded.config, blocks.num_blocks, config.block_size,
+        self.parallel, model_config = _tensor_parallel(config, loaded, blocks.num_blocks)
+        self.runner = ModelRunner(loaded.model, model_config, blocks.num_blocks, config.block_size,
                                   encoder_cache_bytes=config.encoder_cache_mb * 1024 * 1024,
-                                  planned_decode=config.planned_decode, kv_dtype=kv_dtype,
+                                  planned_decode=config.plans_decode, kv_dtype=kv_dtype,
                                   graphs=config.cuda_graphs, max_batch=config.max_num_seqs,
-                                  max_len=loaded.max_model_len)
+                                  max_len=loaded.max_model_len, parallel=self.parallel)
         self.image_token_id: int | None = getattr(loaded.model, "image_token_id", None)
         plan = self.runner.plan
         self.scheduler = Scheduler(blocks, config.max_num_seqs, token_budget=config.prefill_chunk,
@@ -163,6 +168,16 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def check_workers(self) -> None:
+        """Raise WorkerLostError if a tensor-parallel worker has exited (between steps too)."""
+        if self.parallel is not None:
+            self.parallel.check()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (they also stop when this process ends)."""
+        if self.parallel is not None:
+            self.parallel.close()
+
     def step(self) -> list[RequestOutput]:
         """Schedule, run, postprocess. A request whose part of the step raises fails alone
         (finish_reason "error"); the batch, the KV cache and the loop go on."""
@@ -189,6 +204,8 @@ class Engine:
         are rewritten with the same values), so only the requests that raise alone fail."""
         try:
             return self.runner.execute(batch)
+        except WorkerLostError:   # the ranks are out of step: no request can run again
+            raise
         except Exception as error:
             if len(batch.sequences) == 1:
                 return StepResult(failed={0: error})
@@ -324,6 +341,22 @@ def _grammar_backend(tokenizer, vocab_size: int, eos_token_ids: frozenset[int]) 
     except Exception as error:
         log.warning("structured output unavailable: llguidance could not read the tokenizer (%s)", error)
         return None
+
+
+def _tensor_parallel(config: EngineConfig, loaded: LoadedModel,
+                     num_blocks: int) -> tuple[TensorParallel | None, ModelConfig]:
+    """The workers of tensor parallel (None without), started and joined, and the loaded model
+    cut to rank 0's slices; the model config of this rank's KV cache (its key-value heads)."""
+    if config.tensor_parallel == 1:
+        return None, loaded.config
+    check_shardable(loaded.config, config.tensor_parallel)
+    if loaded.processor is not None:
+        raise ValueError("tensor parallel runs text models only, not an image model")
+    parallel = TensorParallel.start(config, num_blocks)
+    heads, kv_heads = parallel.shard(loaded.model, config.expert_parallel)
+    log.info("tensor parallel over %d ranks (gloo); this rank runs %d of %d query heads",
+             config.tensor_parallel, heads, loaded.config.num_attention_heads)
+    return parallel, dataclasses.replace(loaded.config, num_attention_heads=heads, num_key_value_heads=kv_heads)
 
 
 def _kv_cache_blocks(config: EngineConfig, loaded: LoadedModel, kv_dtype: torch.dtype) -> int:

@@ -13,6 +13,7 @@ from hayate.engine.images import ImageEmbedder
 from hayate.engine.kv_cache import KVCache
 from hayate.engine.scheduler import ScheduledSequence, SchedulerOutput
 from hayate.engine.static_decode import StaticDecode
+from hayate.engine.tensor_parallel import TensorParallel, forward
 from hayate.engine.verify import verify
 from hayate.layers.attention import AttentionMetadata
 from hayate.layers.linear import packed_linears, rearrange_for_vnni
@@ -52,14 +53,16 @@ def graphs_available(device: torch.device) -> bool:
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
                  encoder_cache_bytes: int = 0, planned_decode: bool = True, kv_dtype: torch.dtype | None = None,
-                 graphs: bool = True, max_batch: int = 1, max_len: int | None = None):
+                 graphs: bool = True, max_batch: int = 1, max_len: int | None = None,
+                 parallel: TensorParallel | None = None):
         """kv_dtype: the KV cache's element type; None = the weights'. graphs: capture decode
-        steps of up to max_batch sequences and max_len tokens where the device can (CUDA)."""
+        steps of up to max_batch sequences and max_len tokens where the device can (CUDA).
+        parallel: the tensor-parallel workers, which run each (eager) step with this process."""
         self.masks: GrammarMasks | None = None   # constrained rows' masks, set by the engine's first grammar
-        self.model = model
+        self.model, self.parallel = model, parallel
         weight = next(model.parameters())
         self.device = weight.device
-        static = graphs and graphs_available(self.device)
+        static = graphs and graphs_available(self.device) and parallel is None
         # A static step's padding sequences write to one more block, which no request owns.
         self.kv_cache = KVCache(config, num_blocks + (1 if static else 0), block_size, dtype=kv_dtype or weight.dtype,
                                 device=weight.device)
@@ -177,18 +180,33 @@ class ModelRunner:
 
     def _eager_logits(self, sequences: list[ScheduledSequence], sampling: list[int],
                       rows: list[int] | None = None) -> torch.Tensor | None:
-        meta = AttentionMetadata.build(
-            [s.request.block_table for s in sequences], [s.start for s in sequences],
-            [s.num_tokens for s in sequences], self.kv_cache.block_size, self.device)
-        input_ids = torch.tensor([t for s in sequences for t in s.token_ids()], device=self.device)
-        embeds = self.images.inputs_embeds(sequences, input_ids)
-        if embeds is None:
-            hidden = self.model(input_ids, meta.positions(), meta)
+        tables, starts = [s.request.block_table for s in sequences], [s.start for s in sequences]
+        counts, token_ids = [s.num_tokens for s in sequences], [t for s in sequences for t in s.token_ids()]
+        if self.parallel is not None:
+            hidden = self._parallel_forward(tables, starts, counts, token_ids)
         else:
-            hidden = self.model(input_ids, meta.positions(), meta, inputs_embeds=embeds)
+            meta = AttentionMetadata.build(tables, starts, counts, self.kv_cache.block_size, self.device)
+            input_ids = torch.tensor(token_ids, device=self.device)
+            embeds = self.images.inputs_embeds(sequences, input_ids)
+            if embeds is None:
+                hidden = self.model(input_ids, meta.positions(), meta)
+            else:
+                hidden = self.model(input_ids, meta.positions(), meta, inputs_embeds=embeds)
         if not sampling:
             return None
-        return self.model.compute_logits(hidden[meta.last_token_indices()[sampling] if rows is None else rows])
+        if rows is None:   # each sampling sequence's last token's row
+            rows = (torch.tensor(list(itertools.accumulate(counts)), device=self.device) - 1)[sampling]
+        return self.model.compute_logits(hidden[rows])
+
+    def _parallel_forward(self, tables: list[list[int]], starts: list[int], counts: list[int],
+                          token_ids: list[int]) -> torch.Tensor:
+        """The step on every rank: sent to the workers, run here; any failure on the way is the
+        whole group's (WorkerLostError), since the ranks' partial sums are out of step."""
+        self.parallel.send(tables, starts, counts, token_ids)
+        try:
+            return forward(self.model, tables, starts, counts, token_ids, self.kv_cache.block_size, self.device)
+        except Exception as error:
+            raise self.parallel.lost() from error
 
 
 def _logit_rows(sequences: list[ScheduledSequence], sampling: list[int]) -> list[int]:

@@ -37,6 +37,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * inner, hidden))   # gate rows, then up
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden, inner))
         self.packed: nn.ModuleList | None = None   # per expert: (gate, up, down) PackedLinear
+        self.owned = range(num_experts)   # the experts this process runs (keep(): expert parallel)
 
     def use_packed(self, gate: list[PackedWeight], up: list[PackedWeight], down: list[PackedWeight]) -> None:
         """Run each expert from its packed weights (one list entry per expert); the float
@@ -45,10 +46,24 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(0, 2 * self.inner, self.hidden), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(0, self.hidden, self.inner), requires_grad=False)
 
+    def keep(self, owned: range) -> None:
+        """Hold and run only the experts in `owned` (expert parallel: the other ranks run the
+        rest, and the ranks' outputs are added)."""
+        self.owned = owned
+        if self.packed is not None:
+            self.packed = nn.ModuleList(self.packed[e] for e in owned)
+        else:
+            self.gate_up_proj = nn.Parameter(self.gate_up_proj.data[owned.start:owned.stop].clone(), requires_grad=False)
+            self.down_proj = nn.Parameter(self.down_proj.data[owned.start:owned.stop].clone(), requires_grad=False)
+
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [tokens, hidden], expert_ids and weights [tokens, top_k] -> [tokens, hidden]."""
+        """x [tokens, hidden], expert_ids and weights [tokens, top_k] -> [tokens, hidden]: the
+        owned experts' share (all of it unless keep() was called)."""
         out = torch.zeros_like(x)
         for expert, (slots, rows) in _routed_rows(expert_ids).items():
+            if expert not in self.owned:
+                continue
+            expert -= self.owned.start
             if self.packed is not None:
                 gate_layer, up_layer, down_layer = self.packed[expert]
                 routed = x[rows]

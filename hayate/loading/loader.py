@@ -88,7 +88,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     check_memory(path, model_config, max_len, weight_nbytes, kv_dtype)
     model = _build(model_config, max_len, dtype)
     # packed layers rearranged at load (below) stay apart: no fused copies of q/k/v, gate/up
-    model.packed_apart = isinstance(source, GGUFModelFile) and exact_cpu and config.planned_decode
+    model.packed_apart = isinstance(source, GGUFModelFile) and exact_cpu and config.plans_decode
     # the embedding table stays packed where the lookup decodes rows natively (exact fp32)
     weights = (source.tensors(*packing, pack_embedding=exact_cpu and packing[0])
                if isinstance(source, GGUFModelFile) else source.tensors())
