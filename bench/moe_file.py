@@ -6,8 +6,8 @@ cannot download one). As llama.cpp's converter writes a Mixtral: architecture `l
 the embedding Q8_0; the default model's tokenizer (49152 tokens), so every engine can encode
 the bench's prompts. The weights are random (std 0.02): the answers mean nothing, the speed does.
 
-    .venv/bin/python bench/moe_file.py /tmp/moe.gguf [--hidden 1536] [--inner 4096] [--layers 8]
-        [--experts 8] [--used 2] [--type Q4_K]
+    .venv/bin/python bench/moe_file.py /tmp/moe.gguf [--shape granite|olmoe] [--hidden 1536] [--inner 4096]
+        [--layers 8] [--experts 8] [--used 2] [--type Q4_K]
     .venv/bin/hayate bench --model /tmp/moe.gguf --threads 2 --prompt-lengths 32,512 \\
         --decode-tokens 128 --compare llama.cpp"""
 from __future__ import annotations
@@ -18,6 +18,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+
+# the shapes of real small mixtures (their config.json files), as --shape; flags given override them
+SHAPES = {
+    "granite": dict(hidden=1024, inner=512, layers=24, heads=16, kv_heads=8, experts=32, used=8),   # granite-3.0-1b-a400m
+    "olmoe": dict(hidden=2048, inner=1024, layers=16, heads=16, kv_heads=16, experts=64, used=8),    # OLMoE-1B-7B
+}
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from kquant_blocks import quantize  # noqa: E402  (any native type: K-quants by numpy, the rest by gguf)
@@ -34,15 +40,20 @@ TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path")
-    parser.add_argument("--hidden", type=int, default=1536)
-    parser.add_argument("--inner", type=int, default=4096)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--used", type=int, default=2)
+    parser.add_argument("--shape", choices=SHAPES, help="a real small mixture's shape (default: Mixtral-like)")
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--inner", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--kv-heads", type=int)
+    parser.add_argument("--experts", type=int)
+    parser.add_argument("--used", type=int)
     parser.add_argument("--type", default="Q4_K", choices=["Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q8_0"])
     args = parser.parse_args()
+    mixtral_like = dict(hidden=1536, inner=4096, layers=8, heads=16, kv_heads=4, experts=8, used=2)
+    for key, value in SHAPES.get(args.shape, mixtral_like).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     qtype = QType[args.type]
     tokenizer = GGUFModelFile(default_model_path()).metadata
     vocab = len(tokenizer["tokenizer.ggml.tokens"])

@@ -167,3 +167,35 @@ def test_worker_killed_between_requests_stops_the_async_engine(tp_llm):
         assert not engine.is_alive and "worker 1 exited" in str(engine.error)
     finally:
         engine.shutdown()
+
+
+def test_served_tp2_answers_then_turns_unhealthy_when_a_worker_dies(tmp_path):
+    """`hayate serve --tensor-parallel 2`'s path: the official client streams an answer; with a
+    worker killed, /health says why with 503 and a new request gets an OpenAI-format 503."""
+    import httpx
+    import openai
+
+    from hayate.server import ServedModel, ServerSettings, create_app
+    from server_harness import ServerThread, openai_client, wait_until
+
+    path = export_hf_model(tmp_path / "llama.gguf", tiny_model("llama"), "llama", QType.Q8_0)
+    llms = []
+
+    def load() -> ServedModel:
+        llms.append(LLM(str(path), max_model_len=256, tensor_parallel=2, threads=2))
+        return ServedModel.from_llm(llms[0], 8)
+
+    server = ServerThread(create_app(ServerSettings(), load, hardware=None)).start()
+    try:
+        client = openai_client(server)
+        stream = client.completions.create(model=client.models.list().data[0].id, prompt=[1, 5, 9], max_tokens=8,
+                                           temperature=0, stream=True)
+        assert sum(1 for _ in stream) >= 1
+        os.kill(llms[0].engine.parallel.workers[0].pid, signal.SIGKILL)
+        assert wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 503, timeout=20)
+        assert "worker 1 exited" in httpx.get(f"{server.url}/health").json()["detail"]
+        with pytest.raises(openai.APIStatusError) as error:
+            client.completions.create(model="any", prompt=[1, 5, 9], max_tokens=4)
+        assert error.value.status_code == 503
+    finally:
+        server.stop()
