@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Why does low latency matter for AI assistants?
 
-.PHONY: run test test-real setup bench-env bench-serve clean
+.PHONY: run test test-real test-ray setup bench-env bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test-real: setup
 		$(VENV)/bin/hayate pull $$name && \
 		$(PY) bench/parity.py --model "$$($(VENV)/bin/hayate pull $$name 2>/dev/null)" || exit 1; \
 	done
+
+# Opt-in, never in CI: Ray Serve (hayate[ray], ~500 MB) into .venv, then the replica tests
+# (2 replicas of the default model, failover; a few minutes on 2 cores).
+test-ray: setup
+	$(PY) -m pip install --quiet -e '.[ray]'
+	$(PY) -m pytest -q tests/test_ray_serve.py tests/test_ray_replicas.py
 
 # The benchmark environment: llama.cpp's Python binding, built from source (~10 minutes on
 # 2 cores) without the AMX kernels that crash on these CPUs; never a hayate dependency.

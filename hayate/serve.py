@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hayate.config import WEIGHT_MODES, EngineConfig
 from hayate.loading.catalogue import model_path
+from hayate.scale.options import add_ray_options, ray_options
 
 log = logging.getLogger("hayate.server")
 API_KEY_ENV = "HAYATE_API_KEY"
@@ -63,16 +64,18 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="on SIGTERM, seconds in-flight requests get to finish before being aborted")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_ray_options(serve)
 
 
 def command_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from hayate.cli import speculative_settings
+    from hayate.cli import parallel_settings, speculative_settings
     from hayate.server import ServerSettings, create_app
     from hayate.server.lifecycle import Server
 
     _check_options(args)
+    replicas = ray_options(args)   # None without --ray
     settings = ServerSettings(api_keys=api_keys(args), max_n=args.max_n, media=media_policy(args))
     config = EngineConfig(model=args.model, mmproj=args.mmproj, threads=args.threads, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_batch, kv_cache_tokens=args.kv_cache_tokens,
@@ -80,8 +83,14 @@ def command_serve(args: argparse.Namespace) -> int:
                           prefix_caching=args.prefix_caching,
                           device=args.device, dtype=args.dtype, cuda_graphs=not args.enforce_eager,
                           kv_cache_dtype=args.kv_cache_dtype, tool_format=args.tool_format,
-                          vision_precision=args.vision_precision, **speculative_settings(args))
+                          vision_precision=args.vision_precision, **speculative_settings(args),
+                          **parallel_settings(args))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    if replicas is not None:
+        from hayate.scale.ray_serve import ServeSpec, run_on_ray
+
+        return run_on_ray(ServeSpec(settings, config, args.max_queue, args.host, args.port, args.shutdown_timeout),
+                          replicas)
     failures: list[str] = []
 
     def on_load_error(message: str) -> None:
