@@ -259,9 +259,16 @@ def test_planned_experts_equal_their_eager_twin(reference, tmp_path):
     eager = LLM(str(path), max_num_seqs=3, prefill_chunk=5, planned_decode=False)
     assert planned.engine.runner.plan is not None and eager.engine.runner.plan is None
     prompts = [PROMPT, PROMPT[3:12], [7, 3]]
-    for ours, theirs in zip(planned.generate(prompts, GREEDY), eager.generate(prompts, GREEDY)):
+    batched = planned.generate(prompts, GREEDY)
+    for ours, theirs in zip(batched, eager.generate(prompts, GREEDY)):
         assert ours.token_ids == theirs.token_ids
         assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-4
+    # alone, a decode step's one row takes the experts' one-row path (one section for every gate/up,
+    # one for every down): the same numbers as the grouped rows of a batch
+    for prompt, together in zip(prompts, batched):
+        alone = planned.generate(prompt, GREEDY)
+        assert alone.token_ids == together.token_ids
+        assert [a.logprob for a in alone.logprobs] == [b.logprob for b in together.logprobs]
 
 
 @pytest.mark.skipif(native_kernels() is None, reason="no C++ toolchain for the native kernels")

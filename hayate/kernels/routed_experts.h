@@ -24,6 +24,13 @@ struct RoutedExperts {
   void run(const float* h, int64_t B, int64_t hidden, float* out, Activations& scratch, WorkerPool& threads) {
     route(h, B, hidden);
     std::fill(out, out + B * hidden, 0.f);
+#if HAYATE_INTERLEAVED
+    if (B == 1 && !gate_up.front().bias.defined() && !down.front().bias.defined()) {
+      run_one_row(h, hidden, out, scratch, threads);
+      if (shared_gate_up.N > 0) add_shared(h, B, hidden, out, scratch, threads);
+      return;
+    }
+#endif
     const int64_t experts = router.size(0), inner = gate_up.front().N / 2;
     for (int64_t e = 0; e < experts; ++e) {
       rows_.clear();
@@ -50,6 +57,45 @@ struct RoutedExperts {
   }
 
  private:
+#if HAYATE_INTERLEAVED
+  // A decode step's one row: every touched expert's gate and up in one parallel section (they
+  // share the row), then every down in one more (each its own input), instead of two per
+  // expert; each output computed as the general path computes it, added in its order.
+  void run_one_row(const float* h, int64_t hidden, float* out, Activations& scratch, WorkerPool& threads) {
+    const int64_t inner = gate_up.front().N / 2;
+    touched_.assign(chosen_.begin(), chosen_.end());
+    std::sort(touched_.begin(), touched_.end());   // experts ascending: the general path's order
+    const int64_t n = static_cast<int64_t>(touched_.size());
+    both_.clear();
+    for (int64_t e : touched_) both_.insert(both_.end(), gate_up[e].parts.begin(), gate_up[e].parts.end());
+    hs_.resize(n * 2 * inner);
+    acts_.resize(n * inner);
+    ys_.resize(n * hidden);
+    interleaved_gemv(h, 1, both_.data(), both_.size(), scratch.planes, hs_.data(), threads);
+    inputs_.resize(n);
+    downs_.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      silu_mul(hs_.data() + i * 2 * inner, inner, acts_.data() + i * inner);
+      inputs_[i] = acts_.data() + i * inner;
+      TORCH_CHECK(down[touched_[i]].parts.size() == 1, "an expert's down projection is one matrix");
+      downs_[i] = &down[touched_[i]].parts.front();
+    }
+    interleaved_gemv_each(inputs_.data(), downs_.data(), n, planes_, ys_.data(), threads);
+    for (int64_t i = 0; i < n; ++i) {
+      float weight = 0.f;
+      for (int64_t slot = 0; slot < top_k; ++slot)
+        if (chosen_[slot] == touched_[i]) weight = weights_[slot];
+      for (int64_t j = 0; j < hidden; ++j) out[j] += ys_[i * hidden + j] * weight;
+    }
+  }
+
+  std::vector<InterleavedMatrix> both_;
+  std::vector<const InterleavedMatrix*> downs_;
+  std::vector<const float*> inputs_;
+  std::vector<ActivationPlanes> planes_;
+#endif
+  std::vector<int64_t> touched_;
+
   void add_shared(const float* h, int64_t B, int64_t hidden, float* out, Activations& scratch, WorkerPool& threads) {
     const int64_t inner = shared_gate_up.N / 2;
     hs_.resize(B * 2 * inner);
