@@ -1,5 +1,6 @@
-"""Tensor parallel's costs on this machine: hayate with --tensor-parallel 1 (the planned step) and
-N (worker processes over gloo, eager steps), each loaded in turn in this process, on the same
+"""Tensor parallel's costs on this machine: hayate with --tensor-parallel 1 (the planned step, and
+the eager model it falls back to) and N (worker processes over gloo, eager steps), each loaded
+in turn in this process, on the same
 model, prompt and thread count: time to first token for one prompt, decode tokens/s of one
 request and of a batch, whether the greedy tokens match, and the ranks' exchange time per
 partial sum (two per layer and token).
@@ -62,25 +63,27 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
+    runs = {"TP=1": dict(tensor_parallel=1), "TP=1 eager": dict(tensor_parallel=1, planned_decode=False),
+            f"TP={args.tensor_parallel}": dict(tensor_parallel=args.tensor_parallel)}
     results = {}
-    for tp in (1, args.tensor_parallel):
-        llm = LLM(args.model, max_model_len=1024, max_num_seqs=args.batch, threads=args.threads, tensor_parallel=tp)
+    for name, settings in runs.items():
+        llm = LLM(args.model, max_model_len=1024, max_num_seqs=args.batch, threads=args.threads, **settings)
         prompt = llm.tokenizer.encode("The history of the bicycle begins in the early nineteenth century. " * 40)
-        results[tp] = measure(llm, prompt[:args.prompt_tokens], args)
-        if tp > 1:
-            results[tp]["exchange_ms"] = exchange_ms(llm)
+        results[name] = measure(llm, prompt[:args.prompt_tokens], args)
+        if llm.engine.parallel is not None:
+            results[name]["exchange_ms"] = exchange_ms(llm)
         llm.engine.close()
         del llm
-    one, many = results[1], results[args.tensor_parallel]
+    parallel = results[f"TP={args.tensor_parallel}"]
     print(f"model {args.model or 'default'} | {args.threads} threads | prompt {args.prompt_tokens} tokens, "
           f"{args.max_tokens} decoded, batch {args.batch}")
-    print(f"{'':>22} {'TP=1':>10} {'TP=' + str(args.tensor_parallel):>10} {'ratio':>8}")
+    print(f"{'':>34}" + "".join(f"{name:>12}" for name in runs) + f"{'TP/TP=1':>10}")
     for key, label in (("ttft_ms", "time to first token ms"), ("decode", "decode tokens/s"),
-                       ("batch", f"batch {args.batch} tokens/s")):
-        print(f"{label:>22} {one[key]:10.1f} {many[key]:10.1f} {many[key] / one[key]:8.2f}")
-    print(f"exchange per partial sum (median, rank 0): {many['exchange_ms']:.3f} ms")
-    print(f"greedy tokens identical: {one['tokens'] == many['tokens']}")
-
+                       ("batch", f"batch {args.batch}: output tok/s, prefill in")):
+        print(f"{label:>34}" + "".join(f"{results[name][key]:12.1f}" for name in runs)
+              + f"{parallel[key] / results['TP=1'][key]:10.2f}")
+    print(f"exchange per partial sum (median, rank 0; two a layer): {parallel['exchange_ms']:.3f} ms")
+    print(f"greedy tokens identical: {all(r['tokens'] == results['TP=1']['tokens'] for r in results.values())}")
 
 if __name__ == "__main__":
     main()
