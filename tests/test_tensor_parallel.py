@@ -199,3 +199,11 @@ def test_served_tp2_answers_then_turns_unhealthy_when_a_worker_dies(tmp_path):
         assert error.value.status_code == 503
     finally:
         server.stop()
+
+
+def test_gemma3_windows_and_output_norms_tp2_equals_tp1(tmp_path):
+    """Gemma 3 (sliding windows, QK-norm, norms on each output, GeGLU) as a Q8_0 file."""
+    from test_gemma3 import export_gguf as export_gemma, random_gemma
+
+    path = export_gemma(tmp_path / "gemma.gguf", random_gemma(), QType.Q8_0)
+    assert greedy_tokens(path, tensor_parallel=2) == greedy_tokens(path)
