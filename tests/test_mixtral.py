@@ -263,8 +263,8 @@ def test_planned_experts_equal_their_eager_twin(reference, tmp_path):
     for ours, theirs in zip(batched, eager.generate(prompts, GREEDY)):
         assert ours.token_ids == theirs.token_ids
         assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-4
-    # alone, a decode step's one row takes the experts' one-row path (one section for every gate/up,
-    # one for every down): the same numbers as the grouped rows of a batch
+    # alone (one row) or in a batch, the planned step's experts run in two parallel sections (every
+    # touched expert's gate/up, then every down): a row gets the same numbers either way
     for prompt, together in zip(prompts, batched):
         alone = planned.generate(prompt, GREEDY)
         assert alone.token_ids == together.token_ids

@@ -220,27 +220,38 @@ void interleaved_gemv(const float* x, int64_t M, const InterleavedMatrix* parts,
   });
 }
 
-// One row through several matrices, each with its own input (a mixture's touched experts'
-// down projections): out [sum of N] = part i's x_i W_i^T side by side, in one parallel section
-// instead of one per matrix. Each part's groups are computed as interleaved_gemv computes them.
+// Several inputs through several matrices in one parallel section instead of one per matrix (a
+// mixture's touched experts: each expert's gate and up over its own rows, then each down).
+// Part p multiplies input p.input's rows into p.out (row stride p.ldo); every part's groups are
+// computed as interleaved_gemv computes them.
+struct GemvInput {
+  const float* x;
+  int64_t M, K;
+};
+struct GemvPart {
+  size_t input;
+  const InterleavedMatrix* w;
+  float* out;
+  int64_t ldo;
+};
+
 template <class Threads>
-void interleaved_gemv_each(const float* const* xs, const InterleavedMatrix* const* parts, size_t count,
-                           std::vector<ActivationPlanes>& planes, float* out, Threads& threads) {
-  if (planes.size() < count) planes.resize(count);
-  int64_t groups = 0, ldo = 0;
-  for (size_t i = 0; i < count; ++i) {
-    planes[i].quantize(xs[i], 1, parts[i]->K());
-    groups += parts[i]->groups();
-    ldo += parts[i]->N();
+void interleaved_gemv_parts(const std::vector<GemvInput>& inputs, const std::vector<GemvPart>& parts,
+                            std::vector<ActivationPlanes>& planes, Threads& threads) {
+  if (planes.size() < inputs.size()) planes.resize(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) planes[i].quantize(inputs[i].x, inputs[i].M, inputs[i].K);
+  int64_t groups = 0;
+  for (const GemvPart& part : parts) {
+    TORCH_CHECK(part.w->K() == inputs[part.input].K, "a matrix does not match its input");
+    groups += part.w->groups();
   }
   threads.parallel_for(groups, 1, [&](int64_t begin, int64_t end) {
-    int64_t group0 = 0, column = 0;
-    for (size_t i = 0; i < count; ++i) {
-      const InterleavedMatrix& w = *parts[i];
-      const int64_t lo = std::max(begin, group0), hi = std::min(end, group0 + w.groups());
-      if (lo < hi) interleaved_range(planes[i], 1, w, out + column, ldo, lo - group0, hi - group0);
-      group0 += w.groups();
-      column += w.N();
+    int64_t group0 = 0;
+    for (const GemvPart& part : parts) {
+      const int64_t lo = std::max(begin, group0), hi = std::min(end, group0 + part.w->groups());
+      if (lo < hi) interleaved_range(planes[part.input], inputs[part.input].M, *part.w, part.out, part.ldo,
+                                     lo - group0, hi - group0);
+      group0 += part.w->groups();
     }
   });
 }

@@ -25,8 +25,8 @@ struct RoutedExperts {
     route(h, B, hidden);
     std::fill(out, out + B * hidden, 0.f);
 #if HAYATE_INTERLEAVED
-    if (B == 1 && !gate_up.front().bias.defined() && !down.front().bias.defined()) {
-      run_one_row(h, hidden, out, scratch, threads);
+    if (!gate_up.front().bias.defined() && !down.front().bias.defined()) {
+      run_grouped(h, B, hidden, out, threads);
       if (shared_gate_up.N > 0) add_shared(h, B, hidden, out, scratch, threads);
       return;
     }
@@ -58,43 +58,63 @@ struct RoutedExperts {
 
  private:
 #if HAYATE_INTERLEAVED
-  // A decode step's one row: every touched expert's gate and up in one parallel section (they
-  // share the row), then every down in one more (each its own input), instead of two per
-  // expert; each output computed as the general path computes it, added in its order.
-  void run_one_row(const float* h, int64_t hidden, float* out, Activations& scratch, WorkerPool& threads) {
-    const int64_t inner = gate_up.front().N / 2;
-    touched_.assign(chosen_.begin(), chosen_.end());
-    std::sort(touched_.begin(), touched_.end());   // experts ascending: the general path's order
-    const int64_t n = static_cast<int64_t>(touched_.size());
-    both_.clear();
-    for (int64_t e : touched_) both_.insert(both_.end(), gate_up[e].parts.begin(), gate_up[e].parts.end());
+  // Every touched expert's gate and up, over its own rows, in one parallel section, then every
+  // down in one more, instead of two sections per expert; each expert's rows computed as the
+  // path below computes them, and added back in its order.
+  void run_grouped(const float* h, int64_t B, int64_t hidden, float* out, WorkerPool& threads) {
+    const int64_t experts = router.size(0), inner = gate_up.front().N / 2;
+    first_.assign(1, 0);
+    order_.clear();
+    for (int64_t e = 0; e < experts; ++e) {
+      for (int64_t slot = 0; slot < top_k; ++slot)
+        for (int64_t b = 0; b < B; ++b)
+          if (chosen_[b * top_k + slot] == e) order_.push_back(b * top_k + slot);
+      first_.push_back(static_cast<int64_t>(order_.size()));
+    }
+    const int64_t n = static_cast<int64_t>(order_.size());
+    xs_.resize(n * hidden);
+    for (int64_t i = 0; i < n; ++i) std::copy_n(h + order_[i] / top_k * hidden, hidden, xs_.data() + i * hidden);
     hs_.resize(n * 2 * inner);
     acts_.resize(n * inner);
     ys_.resize(n * hidden);
-    interleaved_gemv(h, 1, both_.data(), both_.size(), scratch.planes, hs_.data(), threads);
-    inputs_.resize(n);
-    downs_.resize(n);
-    for (int64_t i = 0; i < n; ++i) {
-      silu_mul(hs_.data() + i * 2 * inner, inner, acts_.data() + i * inner);
-      inputs_[i] = acts_.data() + i * inner;
-      TORCH_CHECK(down[touched_[i]].parts.size() == 1, "an expert's down projection is one matrix");
-      downs_[i] = &down[touched_[i]].parts.front();
+    inputs_.clear();
+    parts_.clear();
+    if (B == 1) inputs_.push_back({h, 1, hidden});   // one row: every expert's input, quantized once
+    for (int64_t e = 0; e < experts; ++e) {
+      const int64_t rows = first_[e + 1] - first_[e];
+      if (rows == 0) continue;
+      if (B > 1) inputs_.push_back({xs_.data() + first_[e] * hidden, rows, hidden});
+      float* into = hs_.data() + first_[e] * 2 * inner;
+      for (const InterleavedMatrix& w : gate_up[e].parts) {
+        parts_.push_back({inputs_.size() - 1, &w, into, 2 * inner});
+        into += w.N();
+      }
     }
-    interleaved_gemv_each(inputs_.data(), downs_.data(), n, planes_, ys_.data(), threads);
+    interleaved_gemv_parts(inputs_, parts_, planes_, threads);
+    for (int64_t i = 0; i < n; ++i) silu_mul(hs_.data() + i * 2 * inner, inner, acts_.data() + i * inner);
+    inputs_.clear();
+    parts_.clear();
+    for (int64_t e = 0; e < experts; ++e) {
+      const int64_t rows = first_[e + 1] - first_[e];
+      if (rows == 0) continue;
+      TORCH_CHECK(down[e].parts.size() == 1, "an expert's down projection is one matrix");
+      inputs_.push_back({acts_.data() + first_[e] * inner, rows, inner});
+      parts_.push_back({inputs_.size() - 1, &down[e].parts.front(), ys_.data() + first_[e] * hidden, hidden});
+    }
+    interleaved_gemv_parts(inputs_, parts_, planes_, threads);
     for (int64_t i = 0; i < n; ++i) {
-      float weight = 0.f;
-      for (int64_t slot = 0; slot < top_k; ++slot)
-        if (chosen_[slot] == touched_[i]) weight = weights_[slot];
-      for (int64_t j = 0; j < hidden; ++j) out[j] += ys_[i * hidden + j] * weight;
+      float* row = out + order_[i] / top_k * hidden;
+      const float weight = weights_[order_[i]];
+      for (int64_t j = 0; j < hidden; ++j) row[j] += ys_[i * hidden + j] * weight;
     }
   }
 
-  std::vector<InterleavedMatrix> both_;
-  std::vector<const InterleavedMatrix*> downs_;
-  std::vector<const float*> inputs_;
+  std::vector<int64_t> order_, first_;   // rows (b * top_k + slot) grouped by expert; each expert's first
+  std::vector<GemvInput> inputs_;
+  std::vector<GemvPart> parts_;
   std::vector<ActivationPlanes> planes_;
 #endif
-  std::vector<int64_t> touched_;
+
 
   void add_shared(const float* h, int64_t B, int64_t hidden, float* out, Activations& scratch, WorkerPool& threads) {
     const int64_t inner = shared_gate_up.N / 2;
