@@ -194,6 +194,8 @@ def _plannable(model: nn.Module) -> bool:
     config = model.config if type(model) in PLANNABLE else None
     if config is None or not isinstance(model.lm_head, PackedLinear):
         return False
+    if config.residual_multiplier != 1.0 or config.logits_scaling != 1.0:   # Granite's: not in the plan yet
+        return False
     text = model.model
     table = _table(text.embed_tokens)
     if table.device.type != "cpu" or not (table.dtype == torch.float32 or text.embed_tokens.ggml_type in NATIVE_TYPES):

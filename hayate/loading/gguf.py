@@ -18,7 +18,13 @@ from hayate.loading.gguf_checks import QK_NORM_ARCHITECTURES, QKV_BIAS_ARCHITECT
 from hayate.loading.gguf_experts import expert_hf_name, expert_settings, held_nbytes
 from hayate.loading.gguf_reader import FastReader, read_metadata
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "olmoe", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "olmoe", "gemma3", "granite", "granitemoe")
+# Architectures whose q/k rows llama.cpp's converter permuted for its interleaved RoPE (Llama's and
+# its subclasses': Granite's)
+_PERMUTED_QK = ("llama", "granite", "granitemoe")
+# Granite's multipliers: GGUF key (under the architecture) -> config.json key
+_GRANITE_KEYS = {"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+                 "logit_scale": "logits_scaling", "attention.scale": "attention_multiplier"}
 # A GGUF architecture -> Hugging Face's model_type, where the two differ.
 _HF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 
@@ -117,6 +123,8 @@ class GGUFModelFile:
             **expert_settings(self.metadata, self.architecture, self._by_name),   # Mixtral, Qwen-MoE, OLMoE
             **({"clip_qkv": self._arch_key("attention.clamp_kqv")}   # OLMoE
                if f"{self.architecture}.attention.clamp_kqv" in self.metadata else {}),
+            **{hf_key: float(self._arch_key(key)) for key, hf_key in _GRANITE_KEYS.items()   # Granite
+               if self.architecture.startswith("granite") and f"{self.architecture}.{key}" in self.metadata},
         }
 
     def _gemma3_settings(self, default_head_dim: int) -> dict[str, Any]:
@@ -173,7 +181,7 @@ class GGUFModelFile:
 
     def _row_order(self, hf_name: str, num_rows: int) -> torch.Tensor | None:
         """Row indices undoing llama.cpp's q/k permutation (made for its interleaved RoPE)."""
-        if self.architecture != "llama" or not re.search(r"\.(q|k)_proj\.", hf_name):
+        if self.architecture not in _PERMUTED_QK or not re.search(r"\.(q|k)_proj\.", hf_name):
             return None
         heads = int(self._arch_key("attention.head_count"))
         if ".k_proj." in hf_name:

@@ -155,6 +155,9 @@ def check_model(metadata: Mapping[str, Any], tensors: Mapping[str, Any], archite
     if meta.get(meta.key("attention.clamp_kqv")) is not None:   # OLMoE's clip_qkv
         meta.number(meta.key("attention.clamp_kqv"), 1.0)
     meta.typed(meta.key("expert_weights_norm"), bool, "true or false")
+    if architecture.startswith("granite"):   # its multipliers
+        for key in ("embedding_scale", "residual_scale", "logit_scale", "attention.scale"):
+            meta.number(meta.key(key), 1.0)
     _check_tensors(meta, tensors, dims)
     check_tokenizer_metadata(metadata, dims.vocab, source)
     return dims

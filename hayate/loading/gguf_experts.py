@@ -1,5 +1,5 @@
 """Mixture-of-experts tensors in GGUF files, as llama.cpp's converter writes them: Mixtral
-(architecture `llama` with experts), Qwen2-MoE, Qwen3-MoE and OLMoE.
+(architecture `llama` with experts), Qwen2-MoE, Qwen3-MoE, OLMoE and Granite-MoE.
 
 A file counts its experts in `ARCH.expert_count` and `ARCH.expert_used_count`;
 each layer has the router `blk.N.ffn_gate_inp.weight` ([experts, hidden], kept F32) and, in
@@ -26,8 +26,8 @@ _SHARED = re.compile(_LAYER + r"ffn_(gate|up|down)_shexp\.weight")
 _SHARED_GATE = re.compile(_LAYER + r"ffn_gate_inp_shexp\.weight")
 # Architectures that always have experts, and those that renormalise the chosen experts'
 # weights when the file does not say (llama.cpp's graphs: Mixtral and Qwen3-MoE do).
-MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "olmoe")
-_RENORMALISED = ("llama", "qwen3moe")
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "olmoe", "granitemoe")
+_RENORMALISED = ("llama", "qwen3moe", "granitemoe")   # (Granite-MoE: a softmax over the chosen logits)
 # GGUF part -> the stacked name (models/mixtral.py) and a hub checkpoint's per-expert name
 _STACKED_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 _PER_EXPERT_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}

@@ -48,6 +48,12 @@ class ModelConfig:
     # the whole projection), "" none; OLMoE's clip_qkv clamps q, k and v to +-it.
     qk_norm: str = ""
     clip_qkv: float | None = None
+    # Granite: the embeddings scaled by embedding_multiplier, each layer's two outputs by
+    # residual_multiplier before they join the residual, the logits divided by logits_scaling
+    # (and the query scale is its attention_multiplier)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     # The whole config.json, for settings only one architecture reads (a VLM's vision_config).
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -91,7 +97,23 @@ class ModelConfig:
             clip_qkv=_positive_number(hf, "clip_qkv"),
             **_expert_settings(hf),
         )
+        if text_model_type in _GRANITE:
+            return replace(config, **_granite_settings(hf))
         return replace(config, **_gemma3_settings(hf, config)) if text_model_type in _GEMMA3 else config
+
+
+_GRANITE = ("granite", "granitemoe")
+
+
+def _granite_settings(hf: dict[str, Any]) -> dict[str, Any]:
+    """Granite's four multipliers (transformers' GraniteConfig defaults where absent)."""
+    def number(key: str, default: float) -> float:
+        value = _positive_number(hf, key)
+        return default if value is None else value
+    return dict(embedding_multiplier=number("embedding_multiplier", 1.0),
+                residual_multiplier=number("residual_multiplier", 1.0),
+                logits_scaling=number("logits_scaling", 1.0),
+                query_scale=number("attention_multiplier", 1.0))
 
 
 _SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -126,7 +148,9 @@ def _expert_settings(hf: dict[str, Any]) -> dict[str, Any]:
         moe_intermediate_size=_positive(hf, "moe_intermediate_size", _positive(hf, "intermediate_size")),
         shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
         # (transformers 5 names every family's count num_local_experts; Mixtral always renormalises)
-        norm_topk_prob=bool(hf.get("norm_topk_prob", hf.get("text_model_type", hf["model_type"]) == "mixtral")),
+        # (Granite-MoE takes a softmax over the chosen experts' logits: the renormalised weights)
+        norm_topk_prob=bool(hf.get("norm_topk_prob", hf.get("text_model_type", hf["model_type"])
+                                   in ("mixtral", "granitemoe"))),
         dense_layers=tuple(i for i in range(layers) if i in dense_only or (i + 1) % step != 0))
 
 

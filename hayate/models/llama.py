@@ -33,7 +33,7 @@ class LlamaAttention(nn.Module):
         # Qwen2 puts a bias on q/k/v only; Llama's attention_bias covers o_proj too.
         self.o_proj = nn.Linear(heads * head_dim, config.hidden_size,
                                 bias=bias and (config.text_model_type or config.model_type) not in QKV_BIAS_FAMILIES)
-        self.attn = Attention(heads, kv_heads, head_dim)
+        self.attn = Attention(heads, kv_heads, head_dim, scale=config.query_scale)   # None: head_dim ** -0.5
         self.shape = (heads, kv_heads, head_dim)
         # Qwen3 normalises each head of q and k, OLMoE the whole projections (before RoPE).
         self.qk_norm, self.clip = config.qk_norm, config.clip_qkv
@@ -100,11 +100,15 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = _mlp(config) if config.num_local_experts and index not in config.dense_layers else LlamaMLP(config)
+        self.residual_multiplier = config.residual_multiplier   # Granite's; 1 elsewhere
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        scale = self.residual_multiplier
+        attended = self.self_attn(self.input_layernorm(x), rope, meta)
+        x = x + (attended if scale == 1.0 else attended * scale)
+        out = self.mlp(self.post_attention_layernorm(x))
+        return x + (out if scale == 1.0 else out * scale)
 
 
 def _mlp(config: ModelConfig) -> SparseMoE:
@@ -122,11 +126,14 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embed_scale = config.embedding_multiplier   # Granite's; 1 elsewhere (the planned step reads it)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         # A VLM passes the embeddings itself, image rows already in place.
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None and self.embed_scale != 1.0:
+            x = x * self.embed_scale
         rope = self.rotary.tables(positions)
         for layer in self.layers:
             x = layer(x, rope, meta)
@@ -150,7 +157,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [sequences, hidden] (last positions only) -> logits [sequences, vocab] fp32."""
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling
 
     def load_weights(self, weights: Iterable[tuple[str, WeightValue]]) -> None:
         load_named_weights(self, without_tied_head(self.config, weights), skip=("rotary_emb.inv_freq",))

@@ -1,4 +1,4 @@
-"""Mixtral and the other mixtures of experts (Qwen2-MoE, Qwen3-MoE, OLMoE): the Llama decoder
+"""Mixtral and the other mixtures of experts (Qwen2-MoE, Qwen3-MoE, OLMoE, Granite-MoE): the Llama decoder
 with a sparse mixture of SwiGLU experts (layers/moe.py) as its layers' MLP, which
 LlamaDecoderLayer builds when the config has experts (Qwen-MoE may keep some layers dense).
 
@@ -7,7 +7,8 @@ projection ([experts, rows, columns]; gate and up in one, gate rows first):
 - Hub folders: one matrix per expert, `block_sparse_moe.experts.E.w1/w3/w2.weight` (Mixtral:
   gate, up, down) or `mlp.experts.E.gate_proj/up_proj/down_proj.weight` (Qwen-MoE, OLMoE), as
   transformers still saves them;
-- transformers 5's own modules: `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`;
+- transformers 5's own modules: `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`
+  (Granite-MoE's folders: `block_sparse_moe.input_linear` / `output_linear`, `router.layer`);
 - GGUF (loading/gguf_experts.py names them): `mlp.experts.gate_proj/up_proj/down_proj.weight`,
   each stacked over the experts (`ffn_*_exps`), or the older per-expert matrices."""
 from __future__ import annotations
@@ -31,6 +32,11 @@ _PARTS = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_pro
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
           "gate_up_proj": ("gate_up_proj", None), "down_proj": ("down_proj", None)}
 _STACKED = ("experts.gate_up_proj", "experts.down_proj")
+# Granite-MoE's folders: gate and up stacked as input_linear, down as output_linear, the router's
+# linear as router.layer
+_GRANITE_NAMES = ((".block_sparse_moe.input_linear.weight", ".block_sparse_moe.experts.gate_up_proj"),
+                  (".block_sparse_moe.output_linear.weight", ".block_sparse_moe.experts.down_proj"),
+                  (".block_sparse_moe.router.layer.", ".block_sparse_moe.gate."))
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
@@ -94,6 +100,8 @@ def _without_experts(model: MixtralForCausalLM, weights: Iterable[tuple[str, Wei
     parameters (`written` counts what each got), or kept in `packed` per expert where they
     come as GGUF blocks; the router renamed to the block's `mlp.gate`."""
     for name, value in weights:
+        for granite, ours in _GRANITE_NAMES:
+            name = name.replace(granite, ours)
         match = _EXPERT_NAME.fullmatch(name)
         if match is None:
             yield name.replace(".block_sparse_moe.", ".mlp."), value

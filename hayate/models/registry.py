@@ -19,6 +19,8 @@ _MODEL_TYPES: dict[str, type[nn.Module]] = {
     "qwen3": LlamaForCausalLM,
     "qwen3_moe": MixtralForCausalLM,
     "olmoe": MixtralForCausalLM,
+    "granite": LlamaForCausalLM,   # Llama with four multipliers (ModelConfig)
+    "granitemoe": MixtralForCausalLM,
     "gemma3_text": Gemma3ForCausalLM,
     "gemma3": Gemma3ForCausalLM,   # a GGUF file's architecture, or a multimodal folder's text part
     "idefics3": Idefics3ForConditionalGeneration,   # SmolVLM
