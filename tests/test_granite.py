@@ -14,7 +14,6 @@ import pytest
 import torch
 import transformers
 
-from hayate.engine.decode_plan import _plannable
 from hayate.llm import LLM
 from hayate.loading.gguf_checks import GGUFError
 from hayate.sampling import SamplingParams
@@ -64,7 +63,6 @@ def test_folder_logits_and_greedy_match_transformers(family):
     assert (config.embedding_multiplier, config.residual_multiplier, config.logits_scaling, config.query_scale) == \
         (12.0, 0.22, 6.0, 0.05)
     assert llm.generate(PROMPT, GREEDY).token_ids == reference_greedy(reference)
-    assert not _plannable(llm.engine.runner.model)   # the multipliers are not in the planned step yet
     with torch.inference_mode():
         expected = reference(torch.tensor([PROMPT])).logits[0]
     assert torch.allclose(prompt_logits(llm), expected, atol=1e-5, rtol=0)
@@ -127,3 +125,19 @@ def test_gguf_multiplier_must_be_a_positive_number(family, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(GGUFError, match="residual_scale must be a positive number"):
         LLM(str(path))
+
+
+def test_planned_step_equals_its_eager_twin(family, tmp_path):
+    """The four multipliers in the planned native step (a Q8_0 file, experts packed): alone and
+    in a batch, the eager model's tokens and logprobs over the same packed weights."""
+    name, reference, _ = family
+    path = export_gguf(tmp_path / f"{name}-q8.gguf", name, reference, QType.Q8_0)
+    planned, eager = LLM(str(path), max_num_seqs=3), LLM(str(path), max_num_seqs=3, planned_decode=False)
+    assert planned.engine.runner.plan is not None and eager.engine.runner.plan is None
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=5)
+    prompts = [PROMPT, PROMPT[3:12], [7, 3]]
+    for ours, theirs in zip(planned.generate(prompts, greedy), eager.generate(prompts, greedy)):
+        assert ours.token_ids == theirs.token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.logprobs, theirs.logprobs)) < 1e-4
+    alone = planned.generate(PROMPT, greedy)
+    assert alone.token_ids == eager.generate(PROMPT, greedy).token_ids

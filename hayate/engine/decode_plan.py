@@ -67,7 +67,7 @@ class PlannedDecode:
             dense = [*_matrix(mlp[0]), *_matrix(mlp[1])] if mlp else [None] * 6
             plan.add_layer(layer.input_layernorm.weight, _mlp_norm(layer).weight,
                            *_matrix(qkv), *_matrix(o), *dense, *norms, clip=config.clip_qkv or 0.0,
-                           **_gemma_settings(layer, text))
+                           **_gemma_settings(layer, text, config.query_scale))
             if not mlp:   # the layer's experts, each expert's gate and up side by side
                 block, experts = layer.mlp, layer.mlp.experts.packed
                 gate_up, down = [_matrix([g, u]) for g, u, _ in experts], [_matrix([d]) for _, _, d in experts]
@@ -83,6 +83,8 @@ class PlannedDecode:
                                  [m[0] for m in gate_up], [m[1] for m in gate_up], [m[0] for m in down],
                                  [m[1] for m in down], **shared_args)
         plan.set_head(*_matrix([model.lm_head])[:2])
+        if config.residual_multiplier != 1.0 or config.logits_scaling != 1.0:   # Granite's
+            plan.set_output_scales(residual=config.residual_multiplier, logit_divisor=config.logits_scaling)
         planned = cls(plan, kv_cache.block_size)
         planned.warm_up()
         return planned
@@ -131,11 +133,12 @@ def _mlp_norm(layer: nn.Module) -> RMSNorm:
     return getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
 
 
-def _gemma_settings(layer: nn.Module, text: nn.Module) -> dict:
+def _gemma_settings(layer: nn.Module, text: nn.Module, query_scale: float | None = None) -> dict:
     """A Gemma 3 layer's norms on its attention's and MLP's outputs, query scale, window and
-    (a sliding-window layer's) RoPE tables; nothing for other layers."""
+    (a sliding-window layer's) RoPE tables; for other layers the query scale where the config
+    sets one (Granite's attention multiplier), else nothing."""
     if not hasattr(layer, "pre_feedforward_layernorm"):
-        return {}
+        return {} if query_scale is None else dict(scale=layer.self_attn.attn.scale)
     attention = layer.self_attn.attn
     rotary = text.local_rotary if layer.is_local else text.rotary
     return dict(attention_out_norm=layer.post_attention_layernorm.weight, mlp_out_norm=layer.post_feedforward_layernorm.weight,
@@ -193,8 +196,6 @@ def _experts_plannable(model: nn.Module) -> bool:
 def _plannable(model: nn.Module) -> bool:
     config = model.config if type(model) in PLANNABLE else None
     if config is None or not isinstance(model.lm_head, PackedLinear):
-        return False
-    if config.residual_multiplier != 1.0 or config.logits_scaling != 1.0:   # Granite's: not in the plan yet
         return False
     text = model.model
     table = _table(text.embed_tokens)

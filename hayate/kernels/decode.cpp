@@ -190,7 +190,14 @@ class DecodePlan {
     for (int64_t r = 0; r < R; ++r)
       rms_norm_rows(x + logit_rows[r] * hidden_, final_norm_.data_ptr<float>(), h_.data() + r * hidden_, 1, hidden_, eps_);
     if (R > 0) head_.apply(h_.data(), R, scratch_, logits.data_ptr<float>(), threads_);
+    if (logit_divisor_ != 1.f) logits.div_(logit_divisor_);
     return logits;
+  }
+
+  // Granite's: each layer's two outputs scaled before they join the residual, the logits divided.
+  void set_output_scales(double residual, double logit_divisor) {
+    residual_scale_ = static_cast<float>(residual);
+    logit_divisor_ = static_cast<float>(logit_divisor);
   }
 
  private:
@@ -229,6 +236,8 @@ class DecodePlan {
   void add_output(const torch::Tensor& norm, int64_t B) {
     if (norm.defined()) rms_norm_rows(out_.data(), norm.data_ptr<float>(), out_.data(), B, hidden_, eps_);
     float* x = x_.data();
+    if (residual_scale_ != 1.f)   // scaled and stored first (no fused multiply-add): the eager rounding
+      for (int64_t i = 0; i < B * hidden_; ++i) out_[i] *= residual_scale_;
     for (int64_t i = 0; i < B * hidden_; ++i) x[i] += out_[i];
   }
 
@@ -282,7 +291,7 @@ class DecodePlan {
 
   WorkerPool threads_;   // first: started before, and stopped after, everything that uses it
   int64_t heads_, kv_heads_, head_dim_, hidden_ = 0;
-  float eps_, embedding_scale_;
+  float eps_, embedding_scale_, residual_scale_ = 1.f, logit_divisor_ = 1.f;
   GatedActivation activation_;
   // token id's row of the embedding, fp32, into x [hidden]
   void embed(int64_t id, float* x) const {
@@ -343,5 +352,6 @@ void register_decode_plan(pybind11::module& m) {
            py::arg("shared_down") = py::none(), py::arg("shared_down_type") = py::none(),
            py::arg("shared_gate") = py::none())
       .def("set_head", &DecodePlan::set_head)
+      .def("set_output_scales", &DecodePlan::set_output_scales, py::arg("residual"), py::arg("logit_divisor"))
       .def("run", &DecodePlan::run, py::call_guard<py::gil_scoped_release>());
 }
