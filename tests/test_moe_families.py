@@ -22,7 +22,7 @@ from hayate.cli import main
 from hayate.llm import LLM
 from hayate.models.config import ModelConfig
 from hayate.models.llama import LlamaMLP
-from hayate.plan.dispatch import build_twin, dispatch_seconds
+from hayate.plan.dispatch import TWIN_EXPERT_INNER, build_twin, dispatch_seconds
 from test_llama_parity import load_hayate
 from gguf_files import QType, TINY_CONFIG, encode, load_gguf, refuses_without, write_model
 from test_mixtral import GREEDY, PROMPT, _experts, greedy, logits_in_chunks
@@ -134,9 +134,9 @@ def test_plan_and_its_shrunken_twin(family, capsys):
     twin = build_twin(real)
     for layer in twin.model.layers:
         if isinstance(layer.mlp, SparseMoE):
-            assert layer.mlp.experts.inner == twin.config.hidden_size
+            assert layer.mlp.experts.inner == TWIN_EXPERT_INNER
             if layer.mlp.shared_expert is not None:
-                assert layer.mlp.shared_expert.down_proj.in_features == twin.config.hidden_size
+                assert layer.mlp.shared_expert.down_proj.in_features == TWIN_EXPERT_INNER
     assert dispatch_seconds(real, context=8, steps=2) > 0
     assert main(["plan", "--model", str(folder), "--hardware", "h200"]) == 0
     out = capsys.readouterr().out
