@@ -23,46 +23,38 @@ struct RoutedExperts {
   // out [B, hidden] = the block over h [B, hidden] (each row a token)
   void run(const float* h, int64_t B, int64_t hidden, float* out, Activations& scratch, WorkerPool& threads) {
     route(h, B, hidden);
-    std::fill(out, out + B * hidden, 0.f);
+    group_rows(B);
+    const int64_t n = static_cast<int64_t>(order_.size()), inner = gate_up.front().N / 2;
+    hs_.resize(n * 2 * inner);
+    acts_.resize(n * inner);
+    ys_.resize(n * hidden);
 #if HAYATE_INTERLEAVED
-    if (!gate_up.front().bias.defined() && !down.front().bias.defined()) {
-      run_grouped(h, B, hidden, out, threads);
-      if (shared_gate_up.N > 0) add_shared(h, B, hidden, out, scratch, threads);
-      return;
-    }
+    const bool grouped = !gate_up.front().bias.defined() && !down.front().bias.defined();
+#else
+    const bool grouped = false;
 #endif
-    const int64_t experts = router.size(0), inner = gate_up.front().N / 2;
-    for (int64_t e = 0; e < experts; ++e) {
-      rows_.clear();
-      for (int64_t slot = 0; slot < top_k; ++slot)
-        for (int64_t b = 0; b < B; ++b)
-          if (chosen_[b * top_k + slot] == e) rows_.push_back(b * top_k + slot);
-      const int64_t n = static_cast<int64_t>(rows_.size());
-      if (n == 0) continue;
+    if (B > 1 || !grouped) {   // each expert's rows gathered (one row: every expert reads h itself)
       xs_.resize(n * hidden);
-      for (int64_t i = 0; i < n; ++i) std::copy_n(h + rows_[i] / top_k * hidden, hidden, xs_.data() + i * hidden);
-      hs_.resize(n * 2 * inner);
-      acts_.resize(n * inner);
-      ys_.resize(n * hidden);
-      gate_up[e].apply(xs_.data(), n, scratch, hs_.data(), threads);
-      for (int64_t i = 0; i < n; ++i) silu_mul(hs_.data() + i * 2 * inner, inner, acts_.data() + i * inner);
-      down[e].apply(acts_.data(), n, scratch, ys_.data(), threads);
-      for (int64_t i = 0; i < n; ++i) {
-        float* row = out + rows_[i] / top_k * hidden;
-        const float weight = weights_[rows_[i]];
-        for (int64_t j = 0; j < hidden; ++j) row[j] += ys_[i * hidden + j] * weight;
-      }
+      for (int64_t i = 0; i < n; ++i) std::copy_n(h + order_[i] / top_k * hidden, hidden, xs_.data() + i * hidden);
+    }
+#if HAYATE_INTERLEAVED
+    if (grouped) project_grouped(h, B, hidden, inner, threads);
+#endif
+    if (!grouped) project_each(hidden, inner, scratch, threads);
+    std::fill(out, out + B * hidden, 0.f);
+    for (int64_t i = 0; i < n; ++i) {   // experts ascending, each's rows in order: index_add_'s order
+      float* row = out + order_[i] / top_k * hidden;
+      const float weight = weights_[order_[i]];
+      for (int64_t j = 0; j < hidden; ++j) row[j] += ys_[i * hidden + j] * weight;
     }
     if (shared_gate_up.N > 0) add_shared(h, B, hidden, out, scratch, threads);
   }
 
  private:
-#if HAYATE_INTERLEAVED
-  // Every touched expert's gate and up, over its own rows, in one parallel section, then every
-  // down in one more, instead of two sections per expert; each expert's rows computed as the
-  // path below computes them, and added back in its order.
-  void run_grouped(const float* h, int64_t B, int64_t hidden, float* out, WorkerPool& threads) {
-    const int64_t experts = router.size(0), inner = gate_up.front().N / 2;
+  // order_: the rows (b * top_k + slot) routed to each expert, experts ascending and, within
+  // one, slot by slot, rows ascending (the eager block's order); first_[e]: expert e's first.
+  void group_rows(int64_t B) {
+    const int64_t experts = router.size(0);
     first_.assign(1, 0);
     order_.clear();
     for (int64_t e = 0; e < experts; ++e) {
@@ -71,12 +63,24 @@ struct RoutedExperts {
           if (chosen_[b * top_k + slot] == e) order_.push_back(b * top_k + slot);
       first_.push_back(static_cast<int64_t>(order_.size()));
     }
-    const int64_t n = static_cast<int64_t>(order_.size());
-    xs_.resize(n * hidden);
-    for (int64_t i = 0; i < n; ++i) std::copy_n(h + order_[i] / top_k * hidden, hidden, xs_.data() + i * hidden);
-    hs_.resize(n * 2 * inner);
-    acts_.resize(n * inner);
-    ys_.resize(n * hidden);
+  }
+
+  // Each touched expert's gate/up, then down, over its rows: two parallel sections an expert.
+  void project_each(int64_t hidden, int64_t inner, Activations& scratch, WorkerPool& threads) {
+    for (int64_t e = 0; e + 1 < static_cast<int64_t>(first_.size()); ++e) {
+      const int64_t at = first_[e], rows = first_[e + 1] - at;
+      if (rows == 0) continue;
+      gate_up[e].apply(xs_.data() + at * hidden, rows, scratch, hs_.data() + at * 2 * inner, threads);
+      for (int64_t i = at; i < at + rows; ++i) silu_mul(hs_.data() + i * 2 * inner, inner, acts_.data() + i * inner);
+      down[e].apply(acts_.data() + at * inner, rows, scratch, ys_.data() + at * hidden, threads);
+    }
+  }
+
+#if HAYATE_INTERLEAVED
+  // Every touched expert's gate and up over its rows in one parallel section, then every down
+  // in one more; each expert's rows computed as project_each computes them.
+  void project_grouped(const float* h, int64_t B, int64_t hidden, int64_t inner, WorkerPool& threads) {
+    const int64_t experts = static_cast<int64_t>(first_.size()) - 1, n = first_.back();
     inputs_.clear();
     parts_.clear();
     if (B == 1) inputs_.push_back({h, 1, hidden});   // one row: every expert's input, quantized once
@@ -102,19 +106,12 @@ struct RoutedExperts {
       parts_.push_back({inputs_.size() - 1, &down[e].parts.front(), ys_.data() + first_[e] * hidden, hidden});
     }
     interleaved_gemv_parts(inputs_, parts_, planes_, threads);
-    for (int64_t i = 0; i < n; ++i) {
-      float* row = out + order_[i] / top_k * hidden;
-      const float weight = weights_[order_[i]];
-      for (int64_t j = 0; j < hidden; ++j) row[j] += ys_[i * hidden + j] * weight;
-    }
   }
 
-  std::vector<int64_t> order_, first_;   // rows (b * top_k + slot) grouped by expert; each expert's first
   std::vector<GemvInput> inputs_;
   std::vector<GemvPart> parts_;
   std::vector<ActivationPlanes> planes_;
 #endif
-
 
   void add_shared(const float* h, int64_t B, int64_t hidden, float* out, Activations& scratch, WorkerPool& threads) {
     const int64_t inner = shared_gate_up.N / 2;
@@ -170,7 +167,7 @@ struct RoutedExperts {
     }
   }
 
-  std::vector<int64_t> chosen_, rows_;
+  std::vector<int64_t> chosen_, order_, first_;
   std::vector<uint8_t> taken_;
   std::vector<float> weights_, probabilities_, xs_, hs_, acts_, ys_;
 };
