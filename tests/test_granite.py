@@ -19,7 +19,7 @@ from hayate.loading.gguf_checks import GGUFError
 from hayate.sampling import SamplingParams
 from gguf_files import QType, TINY_CONFIG, encode, llama_cpp_permute, write_model
 from test_llama_parity import TURNS
-from tiny_models import BYTE_VOCAB, VOCAB_SIZE, save_tiny_folder
+from tiny_models import BYTE_VOCAB, VOCAB_SIZE, save_family
 
 PROMPT = sum(TURNS, [])
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
@@ -34,12 +34,8 @@ FAMILIES = {"granite": (transformers.GraniteConfig, transformers.GraniteForCausa
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory) -> tuple[str, torch.nn.Module, Path]:
-    config_class, model_class, extra = FAMILIES[request.param]
-    torch.manual_seed(0)
-    reference = model_class(config_class(**COMMON, **extra)).eval()
     folder = tmp_path_factory.mktemp(request.param)
-    save_tiny_folder(reference, folder)
-    return request.param, reference, folder
+    return request.param, save_family(FAMILIES, request.param, COMMON, folder), folder
 
 
 def reference_greedy(reference: torch.nn.Module) -> list[int]:

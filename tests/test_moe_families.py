@@ -26,7 +26,7 @@ from hayate.plan.dispatch import TWIN_EXPERT_INNER, build_twin, dispatch_seconds
 from test_llama_parity import load_hayate
 from gguf_files import QType, TINY_CONFIG, encode, load_gguf, refuses_without, write_model
 from test_mixtral import GREEDY, PROMPT, _experts, greedy, logits_in_chunks
-from tiny_models import BYTE_VOCAB, VOCAB_SIZE, save_tiny_folder
+from tiny_models import BYTE_VOCAB, VOCAB_SIZE, save_family
 
 COMMON = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -50,12 +50,8 @@ FAMILIES = {
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory) -> tuple[str, torch.nn.Module, Path]:
     """(name, transformers model, its saved folder) for each family."""
-    config_class, model_class, extra = FAMILIES[request.param]
-    torch.manual_seed(0)
-    reference = model_class(config_class(**COMMON, **extra)).eval()
     folder = tmp_path_factory.mktemp(request.param)
-    save_tiny_folder(reference, folder)
-    return request.param, reference, folder
+    return request.param, save_family(FAMILIES, request.param, COMMON, folder), folder
 
 
 def test_config_reads_each_family(family):

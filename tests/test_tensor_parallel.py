@@ -25,7 +25,7 @@ from hayate.sampling import SamplingParams
 from gguf_files import QType, encode, export_hf_model, tiny_model
 from test_mixtral import TINY as MIXTRAL, export_gguf as export_mixtral
 from test_moe_families import COMMON, FAMILIES
-from tiny_models import save_tiny_folder
+from tiny_models import save_family
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 PROMPTS = [[1, 5, 9, 14, 20, 33], [1, 7], [1, 90, 3, 3, 3, 41, 60, 2, 8, 100, 11], [1, 64, 65], [1, 120, 4, 18]]
@@ -121,9 +121,7 @@ def test_mixtral_packed_experts_tp2_equals_tp1(mixtral_file, expert_parallel):
 
 @pytest.mark.parametrize("expert_parallel", [False, True])
 def test_qwen2_moe_float_experts_and_shared_expert_tp2_equals_tp1(tmp_path, expert_parallel):
-    config_class, model_class, extra = FAMILIES["qwen2_moe"]
-    torch.manual_seed(0)
-    save_tiny_folder(model_class(config_class(**COMMON, **extra)).eval(), tmp_path)
+    save_family(FAMILIES, "qwen2_moe", COMMON, tmp_path)
     expected = greedy_tokens(tmp_path)
     assert greedy_tokens(tmp_path, tensor_parallel=2, expert_parallel=expert_parallel) == expected
 

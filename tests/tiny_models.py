@@ -52,6 +52,14 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0) -> torch.nn.Module:
     return save_tiny_folder(model, folder)
 
 
+def save_family(families: dict, name: str, common: dict, folder: Path) -> torch.nn.Module:
+    """families[name] = (transformers config class, model class, settings beyond `common`):
+    that model with seed 0's random weights, saved as a tiny folder; the model."""
+    config_class, model_class, extra = families[name]
+    torch.manual_seed(0)
+    return save_tiny_folder(model_class(config_class(**common, **extra)).eval(), folder)
+
+
 def save_tiny_folder(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     """Save a transformers model with the byte tokenizer, as a folder hayate and transformers
     both load; return the model."""
