@@ -1,6 +1,7 @@
 """Speculative decoding by prompt lookup (`speculative="ngram"`) against plain decoding on one
 warm in-process engine (the default model unless --model): decode tokens/s of one request at
-a time on input-grounded prompts (rename a variable in a 60-line function, fix one line) and
+a time on input-grounded prompts (rename a variable in a 60-line function, fix one line, a
+summary that quotes its source) and
 on a free-form one, greedy and sampled (seeded), the modes taking turns in rounds whose
 order alternates; drafted and accepted tokens; whether the answers are identical.
 
@@ -93,6 +94,27 @@ FIX = ("This function has a bug: refunds (negative amounts) should be added to t
        "Reply with the whole corrected function only.\n\n" + FUNCTION)
 
 
+# An invented report, for a summary that quotes it: the answer copies whole sentences.
+REPORT = """Minutes of the Harbour Bridge committee, 14 March.
+The chair opened the meeting by noting that the east span has been closed to lorries since the
+January storm, and that the detour adds forty minutes to every delivery to the fish market.
+The engineer reported that "the corrosion on the third pier is worse than the 2019 survey
+suggested, but the deck itself is sound and can carry cars and bicycles safely."
+She proposed replacing the pier's steel jacket over two summers, at an estimated cost of
+1.8 million, and warned that "every winter we wait adds roughly ten per cent to the bill."
+The treasurer answered that the harbour fund holds 1.1 million and that "a loan for the rest is
+possible, but only if the council agrees to raise the mooring fees by a fifth."
+Two fishermen present objected that "higher fees would push the smaller boats to Kessock,
+and the market would lose the very trade the bridge is meant to serve."
+After discussion the committee agreed three points: the engineer will publish the full survey
+by the end of April; the treasurer will ask the bank for terms on a loan of 0.7 million; and
+the chair will write to the Kessock harbour master to ask whether a shared fee could be set.
+The next meeting will be held on 11 April, when a vote on the repairs is expected."""
+QUOTES = ("Summarize these minutes for a colleague who missed the meeting. Quote every sentence that "
+          "appears in quotation marks word for word, and list the three agreed points exactly as "
+          "written.\n\n" + REPORT)
+
+
 def rename(name: str) -> str:
     """The request to rename FUNCTION's x to `name`."""
     return (f"Rewrite this Python function, renaming the variable x to {name} everywhere. "
@@ -102,6 +124,7 @@ def rename(name: str) -> str:
 PROMPTS = [
     ("rename x -> count", rename("count"), 0.0),
     ("fix one line", FIX, 0.0),
+    ("quote-heavy summary", QUOTES, 0.0),
     ("free-form", STORY, 0.0),
     ("free-form t=0.8", STORY, 0.8),
 ]
@@ -148,17 +171,17 @@ def compare(modes: dict[str, Mode], name: str, prompt: list[int], rounds: int) -
                 f"{counts.num_accepted_tokens}/{counts.num_draft_tokens} drafted accepted in "
                 f"{counts.num_draft_steps} steps; identical: {answers['plain'][0] == answers[mode][0]}")
 
-    print(f"{name:18s} {len(prompt):4d} prompt, {len(answers['plain'][0]):4d} answer tokens: "
+    print(f"{name:19s} {len(prompt):4d} prompt, {len(answers['plain'][0]):4d} answer tokens: "
           f"plain {medians['plain']:6.1f} tok/s, {against_plain('ngram')}")
     if "llama.cpp" in modes:
         plain, lookup = medians["llama.cpp"], medians["llama.cpp lookup"]
-        print(f"{'':18s} llama.cpp {len(answers['llama.cpp'][0]):4d} answer tokens: plain {plain:6.1f} tok/s, "
+        print(f"{'':19s} llama.cpp {len(answers['llama.cpp'][0]):4d} answer tokens: plain {plain:6.1f} tok/s, "
               f"prompt lookup {lookup:6.1f} tok/s ({lookup / plain:4.2f}x), identical: "
               f"{answers['llama.cpp'][0] == answers['llama.cpp lookup'][0]}; hayate ngram / llama.cpp lookup "
               f"{medians['ngram'] / lookup:4.2f}x, hayate plain / llama.cpp plain {medians['plain'] / plain:4.2f}x")
     if "draft" in modes:
-        print(f"{'':18s} {against_plain('draft')}")
-    print(f"{'':18s} rounds " + "; ".join(f"{mode} {[round(r, 1) for r in rates[mode]]}" for mode in modes))
+        print(f"{'':19s} {against_plain('draft')}")
+    print(f"{'':19s} rounds " + "; ".join(f"{mode} {[round(r, 1) for r in rates[mode]]}" for mode in modes))
 
 
 def start_llama(args: argparse.Namespace, path: str, threads: int, n_ctx: int) -> dict[str, PeerProcess]:

@@ -188,6 +188,53 @@ def test_ngram_index_finds_the_latest_earlier_occurrence_of_the_longest_tail():
     assert whole.ends == index.ends                   # extending in steps equals indexing at once
 
 
+class Tokens:
+    """A Draftable: a token list that grows."""
+
+    def __init__(self, token_ids: list[int]):
+        self.ids = list(token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
+
+    def token_ids(self, start: int, count: int) -> list[int]:
+        return self.ids[start:start + count]
+
+
+def test_a_copy_edited_in_place_drafts_the_source_past_each_edit():
+    """A function copied with its variable 5 renamed 99: once the copy is confirmed, after the
+    model writes 99 where the source has 5 the cursor drafts the source after that 5 (the tail
+    "... 99" matches no n-gram, or the wrong place). Two differing tokens in a row lose the
+    copy, and so does one before it is confirmed."""
+    source = [10, 11, 5, 12, 13, 14, 5, 15, 16, 17, 18, 5, 19, 20]
+
+    def drafting(written: list[int]):
+        speculation = speculation_for(replace(GREEDY, speculative="ngram"), DraftSettings("ngram", 6, 3))
+        tokens = Tokens(source + written)
+        return speculation, tokens, lambda room: speculation.propose(tokens, room, FREE_ROWS, 1, 1)
+
+    speculation, written, propose = drafting([10, 11])
+    assert propose(6) == [5, 12, 13, 14, 5, 15]              # "10 11" matched
+    written.ids += [5, 12, 13, 14, 99]                       # copied (confirmed), then the rename
+    assert propose(6) == [15, 16, 17, 18, 5, 19]
+    assert speculation.kind == 4                             # drafting past an edit
+    written.ids += [15, 16, 17, 18, 99]
+    assert propose(4) == [19, 20, 10, 11]
+    written.ids += [19]
+    assert propose(4) == [20, 10, 11, 5] and speculation.kind == 3   # copying again
+    written.ids += [77, 78]                                  # two tokens unlike the source
+    assert propose(4) == []                                  # 78 never occurred: the copy is lost
+    _, written, propose = drafting([10, 11])
+    propose(6)
+    written.ids += [5, 15]                                   # unconfirmed: one miss loses it,
+    assert propose(4) == [16, 17, 18, 5]                     # and the n-gram "5 15" drafts
+    _, written, propose = drafting([10, 11])
+    propose(6)
+    written.ids += [5, 12, 13, 14, 98, 97]
+    assert propose(4) == []                                  # confirmed, then two misses in a row
+
+
 def test_draft_length_follows_acceptance_and_row_costs():
     flat, linear = StepCosts.assumed(16, 0.02), StepCosts.assumed(16, 0.5)
     assert flat.best_draft(0.9, 6, decodes=1, rows=1) == 6           # rows nearly free: draft all

@@ -2,7 +2,9 @@
 model's drafting is draft_model.py's, through the same interface and verification).
 
 A decoding sequence whose last n tokens (n = `ngram`, then n - 1, ... 1) occurred earlier in
-its prompt or answer proposes the up-to-k tokens that followed their latest occurrence.
+its prompt or answer proposes the up-to-k tokens that followed their latest occurrence; from
+then on a cursor follows that copy, stepping over a token the answer changed (a renamed
+variable), and drafts from it until the answer leaves the copy.
 The next step runs its last token and the drafts as k + 1 rows at consecutive positions (as
 a prompt chunk's rows: scheduler.py gives them the step's spare rows and free blocks), and
 verify.py keeps the drafts the model agrees with plus one token of its own. Only the
@@ -71,46 +73,111 @@ class NgramIndex:
     def match(self, max_tokens: int) -> tuple[int, list[int]]:
         """The longest tail that occurred before (n tokens) and the tokens that followed its
         latest earlier occurrence (at most max_tokens); (0, []) when even the last token is new."""
+        n, end = self.find()
+        return n, self.tokens[end:end + max_tokens] if n else []
+
+    def find(self) -> tuple[int, int]:
+        """The longest tail that occurred before (n tokens) and where its latest earlier
+        occurrence ends; (0, 0) when even the last token is new."""
         tokens = self.tokens
         for n in range(min(len(self.ends), len(tokens)), 0, -1):
             end = self.ends[n - 1].get(tuple(tokens[-n:]))
             if end is not None:
-                return n, tokens[end:end + max_tokens]
-        return 0, []
+                return n, end
+        return 0, 0
+
+
+class CopyCursor:
+    """Where in the token list the text being written is copied from: the position whose
+    token should come next. A copy edited in place (a renamed variable, a changed word)
+    differs from its source by a token here and there; once the copy is confirmed (CONFIRMED
+    tokens in a row equal to the source), the cursor steps over one token that differs, as a
+    substitution, and keeps drafting the source after it, where the n-gram tail (which holds
+    the new token) would find no match or a wrong one. Two differing tokens in a row, or one
+    before the copy is confirmed, lose it."""
+    CONFIRMED = 3
+
+    def __init__(self):
+        self.at: int | None = None
+        self.run = 0              # tokens in a row equal to the source's
+        self.confirmed = False
+        self.misses = 0           # 1: just stepped over an edit
+
+    def start(self, at: int) -> None:
+        self.at, self.run, self.confirmed, self.misses = at, 0, False, 0
+
+    def follow(self, source: list[int], token_id: int) -> None:
+        """`token_id` was appended to the list (source holds the tokens before it)."""
+        if self.at is None:
+            return
+        if source[self.at] == token_id:
+            self.run, self.misses = self.run + 1, 0
+            self.confirmed = self.confirmed or self.run >= self.CONFIRMED
+        elif self.confirmed and not self.misses:
+            self.run, self.misses = 0, 1
+        else:
+            self.at = None
+            return
+        self.at += 1
+
+    def draft(self, source: list[int], max_tokens: int) -> list[int]:
+        return source[self.at:self.at + max_tokens] if self.at is not None else []
 
 
 class Speculation:
-    """One sequence's drafting: its n-gram index, the acceptance of drafts after a match of
-    each length (a 3-token match in a copied passage is right far more often than a 1-token
-    one in free text), and its counts (which the request's timings share, so every output
-    carries them)."""
+    """One sequence's drafting: its n-gram index, its copy cursor, the acceptance of drafts
+    of each kind (after an n-gram match of each length: a 3-token match in a copied passage
+    is right far more often than a 1-token one in free text; from the cursor, copying or just
+    past an edit), and its counts (which the request's timings share, so every output
+    carries them).
+
+    While the cursor follows a copy it drafts: it knows which occurrence is being copied,
+    where the tail's latest occurrence is often the line just written (`totals[c]["` is
+    followed by "orders" there and by "first" in the source line being copied), and it
+    steps over an edit that leaves the tail matching nothing. Once it has lost the copy, the
+    longest n-gram match drafts and puts it where that match's continuation begins."""
 
     def __init__(self, settings: DraftSettings):
         self.settings = settings
         self.index = NgramIndex(settings.ngram)
-        self.acceptance = [Acceptance() for _ in range(settings.ngram)]   # [n - 1]
-        self.matched = 0                  # the match length of the draft being verified
+        self.cursor = CopyCursor()
+        # [n - 1]: after an n-gram match, until the cursor confirms the copy; [ngram]: the
+        # cursor copying; [ngram + 1]: it just stepped over an edit
+        self.acceptance = [Acceptance() for _ in range(settings.ngram + 2)]
+        self.kind = 0                     # the acceptance slot of the draft being verified
         self.counts = SpeculativeCounts()
 
     def propose(self, sequence: Draftable, room: int, costs: StepCosts, decodes: int, rows: int) -> list[int]:
-        """Drafts to follow the sequence, at most `room`, as many as the acceptance after
-        this match's length and the costs of one of `decodes` decodes in `rows` rows make worthwhile."""
+        """Drafts to follow the sequence, at most `room`, as many as the acceptance of their
+        kind and the costs of one of `decodes` decodes in `rows` rows make worthwhile."""
         for acceptance in self.acceptance:
             acceptance.step()
-        known = len(self.index.tokens)
-        self.index.extend(sequence.token_ids(known, sequence.num_tokens - known))
-        self.matched, continuation = self.index.match(room)
-        if not self.matched:
-            return []
-        rate = self.acceptance[self.matched - 1].rate
+        self._extend(sequence)
+        if self.cursor.at is None:
+            matched, end = self.index.find()
+            if not matched:
+                return []
+            self.kind = matched - 1
+            self.cursor.start(end)
+        elif self.cursor.confirmed:
+            self.kind = self.settings.ngram + self.cursor.misses
+        continuation = self.cursor.draft(self.index.tokens, room)
+        rate = self.acceptance[self.kind].rate
         return continuation[:costs.best_draft(rate, len(continuation), decodes, rows)]
+
+    def _extend(self, sequence: Draftable) -> None:
+        """The tokens appended since the last draft, into the index and past the cursor."""
+        known = len(self.index.tokens)
+        for token_id in sequence.token_ids(known, sequence.num_tokens - known):
+            self.cursor.follow(self.index.tokens, token_id)
+            self.index.extend([token_id])
 
     def record(self, drafted: int, accepted: int) -> None:
         """A step verified `drafted` tokens and accepted the first `accepted` of them."""
         self.counts.num_draft_tokens += drafted
         self.counts.num_accepted_tokens += accepted
         self.counts.num_draft_steps += 1
-        self.acceptance[self.matched - 1].record(drafted, accepted)
+        self.acceptance[self.kind].record(drafted, accepted)
 
     def release(self) -> None:
         """The sequence finished (a draft model's speculation frees its cache blocks here)."""
