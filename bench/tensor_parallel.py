@@ -85,5 +85,6 @@ def main() -> None:
     print(f"exchange per partial sum (median, rank 0; two a layer): {parallel['exchange_ms']:.3f} ms")
     print(f"greedy tokens identical: {all(r['tokens'] == results['TP=1']['tokens'] for r in results.values())}")
 
+
 if __name__ == "__main__":
     main()

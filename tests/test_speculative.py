@@ -174,15 +174,20 @@ def test_command_line_options():
 # ---- drafting and verification on their own ----------------------------------------------
 
 def test_ngram_index_finds_the_latest_earlier_occurrence_of_the_longest_tail():
+    def match(index: NgramIndex, max_tokens: int) -> tuple[int, list[int]]:
+        """The match length and up to max_tokens that followed the match; (0, []) for none."""
+        n, end = index.find()
+        return n, index.tokens[end:end + max_tokens] if n else []
+
     index = NgramIndex(3)
     index.extend([1, 2, 3, 9, 1, 2, 3, 8, 5, 2, 3])
-    assert index.match(4) == (2, [8, 5, 2, 3])       # "5 2 3" unseen; "2 3" last ended before 8
+    assert match(index, 4) == (2, [8, 5, 2, 3])       # "5 2 3" unseen; "2 3" last ended before 8
     index.extend([4])
-    assert index.match(4) == (0, [])                 # 4 never occurred before
+    assert match(index, 4) == (0, [])                 # 4 never occurred before
     index.extend([1, 2])
-    assert index.match(2) == (2, [3, 8])             # "4 1 2" unseen, "1 2" latest before: at 4..6
+    assert match(index, 2) == (2, [3, 8])             # "4 1 2" unseen, "1 2" latest before: at 4..6
     index.extend([3])
-    assert index.match(8) == (3, [8, 5, 2, 3, 4, 1, 2, 3])
+    assert match(index, 8) == (3, [8, 5, 2, 3, 4, 1, 2, 3])
     whole = NgramIndex(3)
     whole.extend(index.tokens)
     assert whole.ends == index.ends                   # extending in steps equals indexing at once

@@ -70,12 +70,6 @@ class NgramIndex:
                 ends[n - 1][tuple(tokens[end - n:end])] = end
             tokens.append(token_id)
 
-    def match(self, max_tokens: int) -> tuple[int, list[int]]:
-        """The longest tail that occurred before (n tokens) and the tokens that followed its
-        latest earlier occurrence (at most max_tokens); (0, []) when even the last token is new."""
-        n, end = self.find()
-        return n, self.tokens[end:end + max_tokens] if n else []
-
     def find(self) -> tuple[int, int]:
         """The longest tail that occurred before (n tokens) and where its latest earlier
         occurrence ends; (0, 0) when even the last token is new."""

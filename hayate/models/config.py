@@ -106,14 +106,11 @@ _GRANITE = ("granite", "granitemoe")
 
 
 def _granite_settings(hf: dict[str, Any]) -> dict[str, Any]:
-    """Granite's four multipliers (transformers' GraniteConfig defaults where absent)."""
-    def number(key: str, default: float) -> float:
-        value = _positive_number(hf, key)
-        return default if value is None else value
-    return dict(embedding_multiplier=number("embedding_multiplier", 1.0),
-                residual_multiplier=number("residual_multiplier", 1.0),
-                logits_scaling=number("logits_scaling", 1.0),
-                query_scale=number("attention_multiplier", 1.0))
+    """Granite's four multipliers (transformers' GraniteConfig defaults, 1, where absent)."""
+    return dict(embedding_multiplier=_positive_number(hf, "embedding_multiplier") or 1.0,
+                residual_multiplier=_positive_number(hf, "residual_multiplier") or 1.0,
+                logits_scaling=_positive_number(hf, "logits_scaling") or 1.0,
+                query_scale=_positive_number(hf, "attention_multiplier") or 1.0)
 
 
 _SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
