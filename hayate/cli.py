@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Iterator
 
-from hayate.config import DTYPES, KV_CACHE_DTYPES, WEIGHT_MODES, EngineConfig
+from hayate.config import DTYPES, GRAMMAR_BACKENDS, KV_CACHE_DTYPES, WEIGHT_MODES, EngineConfig
 from hayate.engine.request import ImageTimings, RequestFailedError, RequestOutput
 from hayate.sampling import SamplingParams
 from hayate.structured.requests import from_cli
@@ -65,7 +65,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
                              "int4-bf16: packed int4 kernels, bf16 activations (fast, lossy; CPU and CUDA)")
     add_device_options(parser)
     add_kv_cache_option(parser)
-    add_tool_format_option(parser)
+    add_structured_options(parser)
     add_speculative_options(parser)
     add_vision_options(parser)
 
@@ -104,12 +104,15 @@ def add_speculative_options(parser: argparse.ArgumentParser) -> None:
                         help=f"with --speculative ngram: the longest match tried, then shorter ones (default {ngram})")
 
 
-def add_tool_format_option(parser: argparse.ArgumentParser) -> None:
+def add_structured_options(parser: argparse.ArgumentParser) -> None:
     from hayate.tools.formats import FORMAT_NAMES
 
     parser.add_argument("--tool-format", choices=FORMAT_NAMES, default="auto",
                         help="how the model writes tool calls (default auto: from its chat template; "
                              "json: hayate's JSON envelope, for templates without tools)")
+    parser.add_argument("--grammar-backend", choices=GRAMMAR_BACKENDS, default="auto",
+                        help="what fills grammar masks (default auto: xgrammar for the JSON schemas it "
+                             "enforces as llguidance does, llguidance for the rest; llguidance: for all)")
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +150,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, mmproj=args.mmproj, threads=args.threads, max_model_len=args.max_model_len,
                         weights=args.weights, device=args.device, dtype=args.dtype,
                         cuda_graphs=not args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
-                        tool_format=args.tool_format, vision_precision=args.vision_precision, show_progress=True,
+                        tool_format=args.tool_format, grammar_backend=args.grammar_backend,
+                        vision_precision=args.vision_precision, show_progress=True,
                         **speculative_settings(args), **parallel_settings(args))
 
 

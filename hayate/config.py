@@ -11,6 +11,7 @@ from hayate.tools.formats import FORMAT_NAMES
 WEIGHT_MODES = ("auto", "fp32", "packed", "int4-bf16")
 DTYPES = ("auto", "float32", "bfloat16")
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+GRAMMAR_BACKENDS = ("auto", "llguidance")
 
 
 @dataclass
@@ -43,6 +44,10 @@ class EngineConfig:
     # structured output: where the grammar allows one continuation, append its tokens and run
     # them as a prompt chunk (one step) instead of one decode step each
     grammar_fast_forward: bool = True
+    # which engine fills the masks: "auto" = xgrammar for the JSON schemas it enforces as
+    # llguidance does (a step's fill from masks precomputed per state), llguidance for the rest;
+    # "llguidance" = llguidance for everything (structured/xgrammar_backend.py)
+    grammar_backend: str = "auto"
     tool_format: str = "auto"         # how the model writes tool calls (hayate.tools.formats); auto: from its template
     # speculative decoding (engine/speculative.py): "ngram" drafts up to speculative_tokens tokens
     # copied from where the last speculative_ngram (then fewer) tokens occurred before; "draft"
@@ -94,6 +99,9 @@ class EngineConfig:
         if self.vision_precision not in VISION_PRECISIONS:
             raise ValueError(f"vision_precision must be one of {', '.join(VISION_PRECISIONS)}, "
                              f"got {self.vision_precision!r}")
+        if self.grammar_backend not in GRAMMAR_BACKENDS:
+            raise ValueError(f"grammar_backend must be one of {', '.join(GRAMMAR_BACKENDS)}, "
+                             f"got {self.grammar_backend!r}")
         if self.tool_format not in FORMAT_NAMES:
             raise ValueError(f"tool_format must be one of {', '.join(FORMAT_NAMES)}, got {self.tool_format!r}")
         check_speculative(self.speculative, self.speculative_tokens, self.speculative_ngram)

@@ -43,12 +43,12 @@ def add_serve_parser(commands) -> None:
                        help="how GGUF weights are kept (see `hayate run --help`; default auto)")
     serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                        help="prefill every prompt whole instead of sharing the cached blocks of common prefixes")
-    from hayate.cli import (add_device_options, add_kv_cache_option, add_speculative_options, add_tool_format_option,
+    from hayate.cli import (add_device_options, add_kv_cache_option, add_speculative_options, add_structured_options,
                             add_vision_options)
 
     add_device_options(serve)
     add_kv_cache_option(serve)
-    add_tool_format_option(serve)
+    add_structured_options(serve)
     add_speculative_options(serve)
     add_vision_options(serve)
     serve.add_argument("--allowed-media-dir", type=Path,
@@ -83,6 +83,7 @@ def command_serve(args: argparse.Namespace) -> int:
                           prefix_caching=args.prefix_caching,
                           device=args.device, dtype=args.dtype, cuda_graphs=not args.enforce_eager,
                           kv_cache_dtype=args.kv_cache_dtype, tool_format=args.tool_format,
+                          grammar_backend=args.grammar_backend,
                           vision_precision=args.vision_precision, **speculative_settings(args),
                           **parallel_settings(args))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")

@@ -36,7 +36,11 @@ def sampled(spec: GrammarSpec, seed: int, **extra) -> SamplingParams:
     return SamplingParams(**{"max_tokens": 200, "temperature": 1.0, "seed": seed, "grammar": spec, **extra})
 
 
-def test_forty_schemas_five_seeds_all_valid(llm):
+@pytest.mark.parametrize("backend", ["auto", "llguidance"])
+def test_forty_schemas_five_seeds_all_valid(llm, model_folder, backend):
+    """auto: xgrammar fills the masks of the schemas it takes (structured/xgrammar_backend.py)."""
+    if backend != "auto":
+        llm = LLM(model_folder, max_num_seqs=32, grammar_backend=backend)
     params = [sampled(json_schema(schema), seed) for schema in SCHEMAS for seed in SEEDS]
     results = llm.generate(["Answer in JSON:"] * len(params), params)
     failures = []

@@ -28,7 +28,8 @@ from hayate.loading.tokenizer import IncrementalDetokenizer
 from hayate.models.config import ModelConfig
 from hayate.multimodal.features import PromptImages
 from hayate.sampling import MAX_DRAFT_TOKENS, SamplingParams, StopStringMatcher
-from hayate.structured.backend import LLGuidanceBackend, advance
+from hayate.structured.backend import GrammarBackend, LLGuidanceBackend, RoutedBackend, advance
+from hayate.structured.xgrammar_backend import XGrammarBackend
 from hayate.structured.masks import GrammarMasks
 from hayate.structured.spec import GrammarError, GrammarSpec
 
@@ -43,7 +44,8 @@ class Engine:
         blocks = BlockManager(_kv_cache_blocks(config, loaded, kv_dtype), config.block_size, config.prefix_caching)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
         self.vocab_size, self.max_num_seqs = loaded.config.vocab_size, config.max_num_seqs
-        self._grammars: LLGuidanceBackend | None | bool = False   # False: not built yet
+        self._grammars: GrammarBackend | None | bool = False   # False: not built yet
+        self.grammar_backend = config.grammar_backend
         self._grammar_lock = threading.Lock()
         self.fast_forward = config.grammar_fast_forward
         self.parallel, model_config = _tensor_parallel(config, loaded, blocks.num_blocks)
@@ -66,12 +68,13 @@ class Engine:
             self.scheduler.drafter = self._drafter()
 
     @property
-    def grammars(self) -> LLGuidanceBackend | None:
+    def grammars(self) -> GrammarBackend | None:
         """The grammar backend, built by the first constrained request (about a second on a
         150k vocabulary, which no load pays); None when llguidance cannot read the tokenizer."""
         with self._grammar_lock:
             if self._grammars is False:
-                self._grammars = _grammar_backend(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                self._grammars = _grammar_backend(self.tokenizer, self.vocab_size, self.eos_token_ids,
+                                                  self.grammar_backend)
                 if self._grammars is not None:
                     self.runner.masks = GrammarMasks(self._grammars, self.max_num_seqs)
             return self._grammars
@@ -333,14 +336,23 @@ class Engine:
         self.sequences.pop(sequence.request_id, None)
 
 
-def _grammar_backend(tokenizer, vocab_size: int, eos_token_ids: frozenset[int]) -> LLGuidanceBackend | None:
+def _grammar_backend(tokenizer, vocab_size: int, eos_token_ids: frozenset[int],
+                     choice: str) -> GrammarBackend | None:
     """The model's grammar backend, or None, with a warning, when llguidance cannot read its
-    tokenizer: constrained requests are then refused."""
+    tokenizer: constrained requests are then refused. With choice "auto", xgrammar takes the
+    JSON schemas it enforces alike where it is installed and reads the tokenizer."""
     try:
-        return LLGuidanceBackend.for_tokenizer(tokenizer, vocab_size, eos_token_ids)
+        checker = LLGuidanceBackend.for_tokenizer(tokenizer, vocab_size, eos_token_ids)
     except Exception as error:
         log.warning("structured output unavailable: llguidance could not read the tokenizer (%s)", error)
         return None
+    if choice == "llguidance":
+        return checker
+    try:
+        return RoutedBackend(checker, XGrammarBackend.for_tokenizer(tokenizer, vocab_size, eos_token_ids))
+    except Exception as error:   # ImportError, or a vocabulary xgrammar cannot read
+        log.warning("xgrammar unavailable (%s): llguidance fills every grammar mask", error)
+        return checker
 
 
 def _tensor_parallel(config: EngineConfig, loaded: LoadedModel,

@@ -1,6 +1,7 @@
 """The grammar backend: compiles GrammarSpecs against one model's tokenizer and makes a
-matcher per request. llguidance is the engine; another (xgrammar) would implement the same
-two protocols.
+matcher per request. llguidance checks every spec and runs most; RoutedBackend hands the JSON
+schemas xgrammar enforces alike to xgrammar, whose masks come precomputed per grammar state
+(xgrammar_backend.py). Both implement the two protocols below.
 
 One backend per model, built by its first constrained request (the tokenizer walk costs
 ~0.2 s on a 49k vocabulary, ~1 s on 150k, and the first mask pays a lazy set-up: both happen
@@ -124,6 +125,32 @@ class LLGuidanceBackend:
         matcher = self.matcher(GrammarSpec("json_object"))
         bitmask = np.zeros((1, (self.vocab_size + 31) // 32), dtype=np.int32)
         self.fill_masks([(matcher, 0)], bitmask)
+
+
+class RoutedBackend:
+    """llguidance compiles every spec (so its checks and error messages are the ones a request
+    sees); a spec xgrammar enforces alike (xgrammar_backend.eligible) gets xgrammar's matcher.
+    A step's masks are filled by each engine for its own rows."""
+
+    def __init__(self, checker: LLGuidanceBackend, fast):
+        self.checker = checker
+        self.fast = fast   # an XGrammarBackend
+        self.vocab_size = checker.vocab_size
+
+    def compile(self, spec: GrammarSpec) -> None:
+        self.checker.compile(spec)
+        self.fast.compile(spec)
+
+    def matcher(self, spec: GrammarSpec) -> GrammarMatcher:
+        self.checker.compile(spec)
+        return self.fast.matcher(spec) or self.checker.matcher(spec)
+
+    def fill_masks(self, matchers: list[tuple[GrammarMatcher, int]], bitmask: np.ndarray) -> None:
+        fast = [(matcher, row) for matcher, row in matchers if not isinstance(matcher, LLGuidanceMatcher)]
+        if fast:
+            self.fast.fill_masks(fast, bitmask)
+        if len(fast) < len(matchers):
+            self.checker.fill_masks([(m, row) for m, row in matchers if isinstance(m, LLGuidanceMatcher)], bitmask)
 
 
 def _grammar(spec: GrammarSpec) -> str:
