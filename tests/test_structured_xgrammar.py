@@ -20,7 +20,7 @@ from hayate.structured.backend import LLGuidanceBackend, LLGuidanceMatcher, Rout
 from hayate.structured.requests import json_object, json_schema, regex
 from hayate.structured.xgrammar_backend import XGrammarBackend, XGrammarMatcher, eligible
 from structured_schemas import SCHEMAS
-from test_tokenizer import sentencepiece_vocab, write_tokenizer_gguf   # noqa: F401 (a fixture)
+from test_tokenizer import train_sentencepiece_vocab, write_tokenizer_gguf
 from tiny_models import BYTE_VOCAB, VOCAB_SIZE, byte_tokenizer
 
 EOS = BYTE_VOCAB + 3
@@ -112,9 +112,10 @@ def test_no_raw_control_characters_and_no_surrogates(routed):
             assert error.reason == "unexpected end of data", (text, error)
 
 
-def test_a_sentencepiece_vocabulary_with_added_tokens(tmp_path, sentencepiece_vocab):
+def test_a_sentencepiece_vocabulary_with_added_tokens(tmp_path):
     """Byte-fallback pieces (<0xE3>), ▁ for spaces, control and user-defined added tokens:
     xgrammar alone would let <|im_start|> or <think> into a string."""
+    sentencepiece_vocab = train_sentencepiece_vocab()
     path = write_tokenizer_gguf(tmp_path / "spm.gguf", **sentencepiece_vocab)
     tokenizer = Tokenizer.from_gguf_metadata(read_metadata(gguf.GGUFReader(path)))
     size, eos = len(sentencepiece_vocab["tokens"]), sentencepiece_vocab["eos"]

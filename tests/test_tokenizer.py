@@ -81,6 +81,10 @@ def write_tokenizer_gguf(path: Path, tokens, types, *, model: str, scores=None, 
 
 @pytest.fixture(scope="module")
 def sentencepiece_vocab():
+    return train_sentencepiece_vocab()
+
+
+def train_sentencepiece_vocab() -> dict:
     """GGUF tokenizer fields of a tiny SentencePiece BPE model (byte fallback) trained here."""
     import sentencepiece
 
