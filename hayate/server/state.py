@@ -53,8 +53,14 @@ class ServedModel:
 
     @classmethod
     def load(cls, build_llm, max_queue: int) -> "ServedModel":
-        """Load a hayate.llm.LLM with build_llm() on the engine's own thread, then serve it."""
-        llm, engine = AsyncEngine.start_with(build_llm, lambda llm: llm.engine, max_queue=max_queue)
+        """Load a hayate.llm.LLM with build_llm() on the engine's own thread, with its grammar
+        backend (0.3-3 s: the tokenizer read by llguidance and xgrammar, which no first JSON
+        request should wait for), then serve it."""
+        def build():
+            llm = build_llm()
+            llm.engine.grammars
+            return llm
+        llm, engine = AsyncEngine.start_with(build, lambda llm: llm.engine, max_queue=max_queue)
         return cls(model_name(llm.model_path), engine, llm.chat_template, llm.processor, llm.tool_setup)
 
     @classmethod
