@@ -26,8 +26,9 @@ FILL_TIMES_KEPT = 4096
 
 @dataclass
 class PendingMasks:
-    """Masks being filled for `rows` (indices into the step's sampling rows)."""
-    future: Future
+    """Masks being filled for `rows` (indices into the step's sampling rows); future None:
+    already filled, inline."""
+    future: Future | None
     rows: list[int]
 
 
@@ -38,7 +39,11 @@ class GrammarMasks:
         self.backend = backend
         self.inline = torch.get_num_threads() >= len(os.sched_getaffinity(0)) if inline is None else inline
         self.words = (backend.vocab_size + 31) // 32
-        self.bitmask = np.zeros((max(max_rows, 1), self.words), dtype=np.int32)
+        self._allocate(max(max_rows, 1))
+        # Looked up once (by the first CPU step: never built for CUDA logits). Right after a
+        # forward pass has streamed the weights through the caches each Python call here costs
+        # tens of us: a step's future, from_numpy and the kernels' lookup were ~100 us a step
+        self.kernels = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hayate-grammar")
         self.fill_times: deque[tuple[float, int]] = deque(maxlen=FILL_TIMES_KEPT)   # (seconds, rows) a step
 
@@ -48,22 +53,28 @@ class GrammarMasks:
         if not rows:
             return None
         if len(constraints) > self.bitmask.shape[0]:   # grows once, to the largest batch seen
-            self.bitmask = np.zeros((len(constraints), self.words), dtype=np.int32)
+            self._allocate(len(constraints))
         if self.inline:
-            done: Future = Future()
-            done.set_result(self._fill(rows, self.bitmask))
-            return PendingMasks(done, [row for _, row in rows])
+            self._fill(rows, self.bitmask)
+            return PendingMasks(None, [row for _, row in rows])
         return PendingMasks(self.pool.submit(self._fill, rows, self.bitmask), [row for _, row in rows])
 
     def apply(self, logits: torch.Tensor, pending: PendingMasks) -> None:
         """Wait for the masks, then set each constrained row's disallowed logits to -inf."""
-        pending.future.result()
-        bitmask = torch.from_numpy(self.bitmask)
-        kernels = native_kernels() if _native_ok(logits) else None
-        if kernels is not None:
-            kernels.mask_logits_(logits, bitmask, pending.rows)
+        if pending.future is not None:
+            pending.future.result()
+        if _native_ok(logits) and (self.kernels or self._native()) is not None:
+            self.kernels.mask_logits_(logits, self.bitmask_tensor, pending.rows)
         else:
-            apply_bitmask_torch(logits, bitmask, pending.rows)
+            apply_bitmask_torch(logits, self.bitmask_tensor, pending.rows)
+
+    def _native(self):
+        self.kernels = native_kernels()
+        return self.kernels
+
+    def _allocate(self, rows: int) -> None:
+        self.bitmask = np.zeros((rows, self.words), dtype=np.int32)
+        self.bitmask_tensor = torch.from_numpy(self.bitmask)   # the same memory
 
     def _fill(self, rows: list[tuple[GrammarMatcher, int]], bitmask: np.ndarray) -> None:
         began = time.perf_counter()

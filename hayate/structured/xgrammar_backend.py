@@ -108,10 +108,7 @@ class TokenBytes:
                                 and index not in added_ids for index, token in enumerate(decoded_vocab)], words)
         self.no_continuation_a0 = _mask_row([not (token and 0xA0 <= token[0] <= 0xBF) for token in decoded_vocab],
                                             words)
-        self.ends_in_lead_ed = np.array([token.endswith(b"\xed") for token in decoded_vocab], dtype=bool)
-
-    def leaves_ed_open(self, token_id: int) -> bool:
-        return token_id < len(self.ends_in_lead_ed) and bool(self.ends_in_lead_ed[token_id])
+        self.ends_in_lead_ed = frozenset(index for index, token in enumerate(decoded_vocab) if token.endswith(b"\xed"))
 
 
 def _has_surrogate(token: bytes) -> bool:
@@ -145,7 +142,7 @@ class XGrammarMatcher:
             if not self.matcher.accept_token(token_id):
                 self._error = f"token {token_id} does not continue the grammar"
                 return False
-            self.after_lead_ed = self.token_bytes.leaves_ed_open(token_id)
+            self.after_lead_ed = token_id in self.token_bytes.ends_in_lead_ed
         self._forced = None
         return True
 
