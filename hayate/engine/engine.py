@@ -29,9 +29,9 @@ from hayate.models.config import ModelConfig
 from hayate.multimodal.features import PromptImages
 from hayate.sampling import MAX_DRAFT_TOKENS, SamplingParams, StopStringMatcher
 from hayate.structured.backend import GrammarBackend, LLGuidanceBackend, RoutedBackend, advance
-from hayate.structured.xgrammar_backend import XGrammarBackend
 from hayate.structured.masks import GrammarMasks
 from hayate.structured.spec import GrammarError, GrammarSpec
+from hayate.structured.xgrammar_backend import XGrammarBackend
 
 log = logging.getLogger("hayate.engine")
 

@@ -58,7 +58,7 @@ class ServedModel:
         request should wait for), then serve it."""
         def build():
             llm = build_llm()
-            llm.engine.grammars
+            llm.engine.grammars   # the property builds the backend
             return llm
         llm, engine = AsyncEngine.start_with(build, lambda llm: llm.engine, max_queue=max_queue)
         return cls(model_name(llm.model_path), engine, llm.chat_template, llm.processor, llm.tool_setup)

@@ -3,10 +3,10 @@ matcher per request. llguidance checks every spec and runs most; RoutedBackend h
 schemas xgrammar enforces alike to xgrammar, whose masks come precomputed per grammar state
 (xgrammar_backend.py). Both implement the two protocols below.
 
-One backend per model, built by its first constrained request (the tokenizer walk costs
-~0.2 s on a 49k vocabulary, ~1 s on 150k, and the first mask pays a lazy set-up: both happen
-there, not in every load). Compiled grammars are cached
-by their spec; a request's matcher is a copy of the cached, never-used one (µs).
+One backend per model, built by its first constrained request or by `hayate serve`'s load,
+not by every load (llguidance's tokenizer walk costs ~0.2 s on a 49k vocabulary, ~1 s on
+150k, xgrammar's ~0.5-1 s more, and the first mask pays a lazy set-up). Compiled grammars
+are cached by their spec; a request's matcher is a copy of the cached, never-used one (µs).
 """
 from __future__ import annotations
 
