@@ -9,20 +9,12 @@ import pytest
 import torch
 
 from hayate.kernels import native_kernels
-from hayate.loading.tokenizer import Tokenizer
 from hayate.structured import GrammarError, GrammarSpec
 from hayate.structured.backend import LLGuidanceBackend, advance
 from hayate.structured.masks import GrammarMasks, apply_bitmask_torch
 from hayate.structured.requests import (from_guided, from_response_format, from_structured_outputs,
                                         json_object, json_schema)
-from tiny_models import BYTE_VOCAB, VOCAB_SIZE, byte_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-tokenizer")
-    byte_tokenizer().save_pretrained(folder)
-    return Tokenizer.from_folder(folder)
+from tiny_models import BYTE_VOCAB, VOCAB_SIZE
 
 
 @pytest.fixture(scope="module")

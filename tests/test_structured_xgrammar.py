@@ -21,17 +21,10 @@ from hayate.structured.requests import json_object, json_schema, regex
 from hayate.structured.xgrammar_backend import XGrammarBackend, XGrammarMatcher, eligible
 from structured_schemas import SCHEMAS
 from test_tokenizer import train_sentencepiece_vocab, write_tokenizer_gguf
-from tiny_models import BYTE_VOCAB, VOCAB_SIZE, byte_tokenizer
+from tiny_models import BYTE_VOCAB, VOCAB_SIZE
 
 EOS = BYTE_VOCAB + 3
 WORDS = (VOCAB_SIZE + 31) // 32
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-tokenizer")
-    byte_tokenizer().save_pretrained(folder)
-    return Tokenizer.from_folder(folder)
 
 
 @pytest.fixture(scope="module")

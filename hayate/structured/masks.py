@@ -43,7 +43,7 @@ class GrammarMasks:
         # Looked up once (by the first CPU step: never built for CUDA logits). Right after a
         # forward pass has streamed the weights through the caches each Python call here costs
         # tens of us: a step's future, from_numpy and the kernels' lookup were ~100 us a step
-        self.kernels = None
+        self.kernels = False   # not looked up yet (None: no native kernels here)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hayate-grammar")
         self.fill_times: deque[tuple[float, int]] = deque(maxlen=FILL_TIMES_KEPT)   # (seconds, rows) a step
 
@@ -63,14 +63,13 @@ class GrammarMasks:
         """Wait for the masks, then set each constrained row's disallowed logits to -inf."""
         if pending.future is not None:
             pending.future.result()
-        if _native_ok(logits) and (self.kernels or self._native()) is not None:
+        native = _native_ok(logits)
+        if native and self.kernels is False:
+            self.kernels = native_kernels()
+        if native and self.kernels is not None:
             self.kernels.mask_logits_(logits, self.bitmask_tensor, pending.rows)
         else:
             apply_bitmask_torch(logits, self.bitmask_tensor, pending.rows)
-
-    def _native(self):
-        self.kernels = native_kernels()
-        return self.kernels
 
     def _allocate(self, rows: int) -> None:
         self.bitmask = np.zeros((rows, self.words), dtype=np.int32)
