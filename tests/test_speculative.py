@@ -13,7 +13,7 @@ from hayate.cli import build_parser, engine_config
 from hayate.engine.block_manager import BlockManager
 from hayate.engine.scheduler import Scheduler
 from hayate.engine.draft_policy import Acceptance, StepCosts
-from hayate.engine.speculative import DraftSettings, NgramIndex, speculation_for
+from hayate.engine.speculative import DraftSettings, speculation_for
 from hayate.engine.verify import accept_greedy, verify
 from hayate.kernels import native_kernels
 from hayate.layers.sampler import Sampler, SamplingState
@@ -171,74 +171,7 @@ def test_command_line_options():
         parser.parse_args(["run", "hi", "--speculative", "eagle"])
 
 
-# ---- drafting and verification on their own ----------------------------------------------
-
-def test_ngram_index_finds_the_latest_earlier_occurrence_of_the_longest_tail():
-    def match(index: NgramIndex, max_tokens: int) -> tuple[int, list[int]]:
-        """The match length and up to max_tokens that followed the match; (0, []) for none."""
-        n, end = index.find()
-        return n, index.tokens[end:end + max_tokens] if n else []
-
-    index = NgramIndex(3)
-    index.extend([1, 2, 3, 9, 1, 2, 3, 8, 5, 2, 3])
-    assert match(index, 4) == (2, [8, 5, 2, 3])       # "5 2 3" unseen; "2 3" last ended before 8
-    index.extend([4])
-    assert match(index, 4) == (0, [])                 # 4 never occurred before
-    index.extend([1, 2])
-    assert match(index, 2) == (2, [3, 8])             # "4 1 2" unseen, "1 2" latest before: at 4..6
-    index.extend([3])
-    assert match(index, 8) == (3, [8, 5, 2, 3, 4, 1, 2, 3])
-    whole = NgramIndex(3)
-    whole.extend(index.tokens)
-    assert whole.ends == index.ends                   # extending in steps equals indexing at once
-
-
-class Tokens:
-    """A Draftable: a token list that grows."""
-
-    def __init__(self, token_ids: list[int]):
-        self.ids = list(token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.ids)
-
-    def token_ids(self, start: int, count: int) -> list[int]:
-        return self.ids[start:start + count]
-
-
-def test_a_copy_edited_in_place_drafts_the_source_past_each_edit():
-    """A function copied with its variable 5 renamed 99: once the copy is confirmed, after the
-    model writes 99 where the source has 5 the cursor drafts the source after that 5 (the tail
-    "... 99" matches no n-gram, or the wrong place). Two differing tokens in a row lose the
-    copy, and so does one before it is confirmed."""
-    source = [10, 11, 5, 12, 13, 14, 5, 15, 16, 17, 18, 5, 19, 20]
-
-    def drafting(written: list[int]):
-        speculation = speculation_for(replace(GREEDY, speculative="ngram"), DraftSettings("ngram", 6, 3))
-        tokens = Tokens(source + written)
-        return speculation, tokens, lambda room: speculation.propose(tokens, room, FREE_ROWS, 1, 1)
-
-    speculation, written, propose = drafting([10, 11])
-    assert propose(6) == [5, 12, 13, 14, 5, 15]              # "10 11" matched
-    written.ids += [5, 12, 13, 14, 99]                       # copied (confirmed), then the rename
-    assert propose(6) == [15, 16, 17, 18, 5, 19]
-    assert speculation.kind == 4                             # drafting past an edit
-    written.ids += [15, 16, 17, 18, 99]
-    assert propose(4) == [19, 20, 10, 11]
-    written.ids += [19]
-    assert propose(4) == [20, 10, 11, 5] and speculation.kind == 3   # copying again
-    written.ids += [77, 78]                                  # two tokens unlike the source
-    assert propose(4) == []                                  # 78 never occurred: the copy is lost
-    _, written, propose = drafting([10, 11])
-    propose(6)
-    written.ids += [5, 15]                                   # unconfirmed: one miss loses it,
-    assert propose(4) == [16, 17, 18, 5]                     # and the n-gram "5 15" drafts
-    _, written, propose = drafting([10, 11])
-    propose(6)
-    written.ids += [5, 12, 13, 14, 98, 97]
-    assert propose(4) == []                                  # confirmed, then two misses in a row
-
+# ---- draft lengths and verification on their own (drafting: test_prompt_lookup.py) ----
 
 def test_draft_length_follows_acceptance_and_row_costs():
     flat, linear = StepCosts.assumed(16, 0.02), StepCosts.assumed(16, 0.5)

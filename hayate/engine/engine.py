@@ -19,7 +19,7 @@ from hayate.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutpu
 from hayate.engine.sequence import Sequence
 from hayate.engine.draft_policy import ASSUMED_ROW_COST, StepCosts
 from hayate.engine.draft_model import DraftModel
-from hayate.engine.speculative import DraftSettings, NgramDrafter, speculation_for
+from hayate.engine.speculative import DraftSettings, NgramDrafter, TokenTexts, speculation_for
 from hayate.engine.tensor_parallel import TensorParallel, WorkerLostError
 from hayate.layers.tensor_parallel import check_shardable
 from hayate.layers.sampler import SampleResult, SamplingState
@@ -61,6 +61,7 @@ class Engine:
                                    planned_prefix=plan.max_tokens if plan is not None else 0)
         self.sequences: dict[str, Sequence] = {}
         self.draft_settings = DraftSettings(config.speculative, config.speculative_tokens, config.speculative_ngram)
+        self.token_texts = TokenTexts(self.tokenizer.token_text)   # what prompt lookup's copies compare
         # a draft model's cache holds as many tokens as the target's
         self.draft = (DraftModel.load(config, loaded, blocks.num_blocks * config.block_size)
                       if config.speculative_model else None)
@@ -139,7 +140,7 @@ class Engine:
         request_images = self._checked(prompt_token_ids, params, images)
         sampling = SamplingState.create(params, list(prompt_token_ids), device=self.runner.device)
         sampling.constraint = self.grammars.matcher(params.grammar) if params.grammar is not None else None
-        speculation = speculation_for(params, self.draft_settings, self.draft, request_id)
+        speculation = speculation_for(params, self.draft_settings, self.draft, request_id, self.token_texts)
         if speculation is not None and self.scheduler.drafter is None:
             self.scheduler.drafter = self._drafter()
         sequence = Sequence(

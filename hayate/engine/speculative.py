@@ -20,7 +20,7 @@ by row) nor for requests with logprobs (verification samples no alternatives).""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from hayate.engine.draft_model import ModelSpeculation
 from hayate.engine.draft_policy import Acceptance, StepCosts
@@ -81,41 +81,147 @@ class NgramIndex:
         return 0, 0
 
 
+def token_mark(token_id: int) -> str:
+    """A token's stand-in text where no tokenizer gives one: every token unlike every other."""
+    return f"<{token_id}>"
+
+
+class TokenTexts:
+    """Each token's text with its whitespace taken out, as the copy cursor compares them (a
+    quote may rewrap its source's lines: "the" "\\n" "January" in the source, "the" " January"
+    in the answer), looked up once per token id."""
+
+    def __init__(self, token_text: Callable[[int], str]):
+        self.token_text = token_text
+        self.known: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.known.get(token_id)
+        if text is None:
+            text = self.known[token_id] = "".join(self.token_text(token_id).split())
+        return text
+
+
 class CopyCursor:
     """Where in the token list the text being written is copied from: the position whose
-    token should come next. A copy edited in place (a renamed variable, a changed word)
-    differs from its source by a token here and there; once the copy is confirmed (CONFIRMED
-    tokens in a row equal to the source), the cursor steps over one token that differs, as a
-    substitution, and keeps drafting the source after it, where the n-gram tail (which holds
-    the new token) would find no match or a wrong one. Two differing tokens in a row, or one
-    before the copy is confirmed, lose it."""
-    CONFIRMED = 3
+    text should come next (a token, and how many of its characters the answer has written).
+    Texts are compared, not token ids, whitespace aside: an answer that rewraps the source's
+    lines reads as the same copy, and while it does, drafts stop before the source's line
+    breaks (the model writes the next word with its space itself, as a step's own token).
 
-    def __init__(self):
+    A copy edited in place (a renamed variable, a changed word) differs from its source by a
+    token here and there; once the copy is confirmed (CONFIRMED tokens in a row agree with the
+    source), a token that differs is taken as an omission (it matches the source a few tokens
+    on: WINDOW), else as a substitution (the cursor steps over one source token); the token
+    after it may also be read as an insertion (it matches where the cursor stood before the
+    miss). Two differing tokens in a row, or one before the copy is confirmed, lose it.
+    A substitution, or a token the answer spaces otherwise, is remembered as an edit (source
+    token -> the answer's) that later drafts make too, as a renamed variable is renamed
+    everywhere, until the answer keeps that source token as it is."""
+    CONFIRMED = 3
+    WINDOW = 8
+
+    def __init__(self, texts: Callable[[int], str] = token_mark):
+        self.texts = texts
         self.at: int | None = None
-        self.run = 0              # tokens in a row equal to the source's
+        self.offset = 0           # characters of source[at]'s text already written
+        self.before = (0, 0)      # (at, offset) before the last miss
+        self.run = 0              # tokens in a row that agree with the source
         self.confirmed = False
-        self.misses = 0           # 1: just stepped over an edit
+        self.misses = 0           # 1: just passed an edit
+        self.reflowing = False    # the answer wrote words where the source broke its line
+        self.edits: dict[int, int] = {}   # substitutions: source token -> the answer's
+        self.last_edit: int | None = None
 
     def start(self, at: int) -> None:
-        self.at, self.run, self.confirmed, self.misses = at, 0, False, 0
+        self.at, self.offset, self.run, self.confirmed, self.misses, self.reflowing = at, 0, 0, False, 0, False
 
     def follow(self, source: list[int], token_id: int) -> None:
         """`token_id` was appended to the list (source holds the tokens before it)."""
         if self.at is None:
             return
-        if source[self.at] == token_id:
-            self.run, self.misses = self.run + 1, 0
-            self.confirmed = self.confirmed or self.run >= self.CONFIRMED
-        elif self.confirmed and not self.misses:
-            self.run, self.misses = 0, 1
-        else:
+        if not self.offset and self.at < len(source):
+            if self.edits.get(source[self.at]) == token_id:   # an edit made before, made again
+                self.at, self.run, self.misses = self.at + 1, self.run + 1, 0
+                return
+            if source[self.at] == token_id:
+                self.edits.pop(token_id, None)
+        text = self.texts(token_id)
+        step = self._consume(source, self.at, self.offset, text)
+        if step == (self.at + 1, 0, False) and not self.offset and source[self.at] != token_id:
+            self.edits[source[self.at]] = token_id   # the same text, spaced otherwise: ".\n" -> ".\n\n"
+        if step is None and self.misses:   # an insertion: the source waits where it was
+            step = self._consume(source, *self.before, text)
+            if step is not None:
+                self.edits.pop(self.last_edit, None)
+        if step is not None:
+            self.at, self.offset, crossed_break = step
+            if text:
+                self.run, self.misses = self.run + 1, 0
+                self.confirmed = self.confirmed or self.run >= self.CONFIRMED
+                self.reflowing = self.reflowing or crossed_break
+            elif not self.offset and self.at < len(source) and not self.texts(source[self.at]):
+                self.at, self.reflowing = self.at + 1, False   # whitespace where the source has its own
+            return
+        if not self.confirmed or self.misses:
             self.at = None
             return
-        self.at += 1
+        self.before, self.run, self.misses, self.last_edit = (self.at, self.offset), 0, 1, None
+        omitted = self._omission(source, text)
+        if omitted is not None:
+            self.at, self.offset = omitted
+            return
+        if not self.offset and self.at < len(source):
+            self.last_edit = source[self.at]
+            self.edits[self.last_edit] = token_id
+        self.at, self.offset = self.at + 1, 0
 
     def draft(self, source: list[int], max_tokens: int) -> list[int]:
-        return source[self.at:self.at + max_tokens] if self.at is not None else []
+        if self.at is None or self.offset:   # mid-token: the model finishes the word its own way
+            return []
+        drafted: list[int] = []
+        for position in range(self.at, self.at + max_tokens):
+            if position >= len(source):   # the copy overlaps itself (", x, x, x"): it copies its drafts
+                drafted.append(drafted[position - len(source)])
+                continue
+            token_id = source[position]
+            if self.reflowing and not self.texts(token_id):
+                break
+            drafted.append(self.edits.get(token_id, token_id))
+        return drafted
+
+    def _consume(self, source: list[int], at: int, offset: int, text: str) -> tuple[int, int, bool] | None:
+        """Where the cursor stands after `text` is read from (at, offset), and whether it passed
+        a whitespace token on the way; None if the source says otherwise."""
+        crossed_break = False
+        for char in text:
+            if not offset:
+                at, skipped = self._skip_breaks(source, at)
+                crossed_break = crossed_break or skipped
+            if at >= len(source) or self.texts(source[at])[offset] != char:
+                return None
+            offset += 1
+            if offset == len(self.texts(source[at])):
+                at, offset = at + 1, 0
+        return at, offset, crossed_break
+
+    def _skip_breaks(self, source: list[int], at: int) -> tuple[int, bool]:
+        """Past the whitespace tokens at `at`; whether there were any."""
+        start = at
+        while at < len(source) and not self.texts(source[at]):
+            at += 1
+        return at, at > start
+
+    def _omission(self, source: list[int], text: str) -> tuple[int, int] | None:
+        """The nearest token start within WINDOW tokens past the cursor from which `text` reads
+        to a token's end: the answer left out what lies between."""
+        if not text:
+            return None
+        for start in range(self.at + 1, min(self.at + 1 + self.WINDOW, len(source))):
+            step = self._consume(source, start, 0, text)
+            if step is not None and not step[1]:
+                return step[0], 0
+        return None
 
 
 class Speculation:
@@ -131,10 +237,10 @@ class Speculation:
     steps over an edit that leaves the tail matching nothing. Once it has lost the copy, the
     longest n-gram match drafts and puts it where that match's continuation begins."""
 
-    def __init__(self, settings: DraftSettings):
+    def __init__(self, settings: DraftSettings, texts: Callable[[int], str] = token_mark):
         self.settings = settings
         self.index = NgramIndex(settings.ngram)
-        self.cursor = CopyCursor()
+        self.cursor = CopyCursor(texts)
         # [n - 1]: after an n-gram match, until the cursor confirms the copy; [ngram]: the
         # cursor copying; [ngram + 1]: it just stepped over an edit
         self.acceptance = [Acceptance() for _ in range(settings.ngram + 2)]
@@ -177,7 +283,8 @@ class Speculation:
         """The sequence finished (a draft model's speculation frees its cache blocks here)."""
 
 
-def speculation_for(params: SamplingParams, defaults: DraftSettings, draft=None, request_id: str = ""):
+def speculation_for(params: SamplingParams, defaults: DraftSettings, draft=None, request_id: str = "",
+                    texts: Callable[[int], str] = token_mark):
     """A request's drafting state (Speculation, or draft_model.ModelSpeculation with the
     engine's draft model, which the engine's request checks made sure it has for "draft"), or
     None when it does not speculate (off, constrained by a grammar, or asking for logprobs)."""
@@ -186,7 +293,7 @@ def speculation_for(params: SamplingParams, defaults: DraftSettings, draft=None,
         return None
     if settings.method == "draft":
         return ModelSpeculation(settings, draft, request_id)
-    return Speculation(settings)
+    return Speculation(settings, texts)
 
 
 class NgramDrafter:
