@@ -130,10 +130,15 @@ def test_a_quote_that_rewraps_its_lines_stays_one_copy():
 def test_a_token_spaced_otherwise_is_drafted_as_the_answer_spaced_it():
     """The source ends its sentences with ".\\n", the answer with ".\\n\\n" (one token each):
     after the first, drafts end sentences the answer's way."""
-    vocabulary = ["The", " chair", " said", " it", " fell", ".\n", ".\n\n", " It", " rose"]
+    vocabulary = ["The", " chair", " said", " it", " fell", ".\n", ".\n\n", " It", " rose", "It", "\n"]
     texts = TokenTexts(vocabulary.__getitem__)
     source = [0, 1, 2, 3, 4, 5, 7, 8, 5, 7, 4, 5]
     _, written, propose = drafting(source, [0], texts)
     propose(6)
     written.ids += [1, 2, 3, 4, 6]                     # ".\n\n" where the source has ".\n"
     assert propose(6) == [7, 8, 6, 7, 4, 6]
+    # a token that only begins otherwise ("It" after a line break the answer added) is no edit
+    _, written, propose = drafting(source, [0], texts)
+    propose(6)
+    written.ids += [1, 2, 3, 4, 5, 10, 9]              # "\n" "It" where the source has " It"
+    assert propose(4) == [8, 5, 7, 4]

@@ -3,8 +3,9 @@ model's drafting is draft_model.py's, through the same interface and verificatio
 
 A decoding sequence whose last n tokens (n = `ngram`, then n - 1, ... 1) occurred earlier in
 its prompt or answer proposes the up-to-k tokens that followed their latest occurrence; from
-then on a cursor follows that copy, stepping over a token the answer changed (a renamed
-variable), and drafts from it until the answer leaves the copy.
+then on a cursor follows that copy, comparing texts without their whitespace (a quote may
+rewrap its lines), through tokens the answer changed, left out or added (a renamed variable is
+then drafted renamed), and drafts from it until the answer leaves the copy.
 The next step runs its last token and the drafts as k + 1 rows at consecutive positions (as
 a prompt chunk's rows: scheduler.py gives them the step's spare rows and free blocks), and
 verify.py keeps the drafts the model agrees with plus one token of its own. Only the
@@ -81,25 +82,37 @@ class NgramIndex:
         return 0, 0
 
 
-def token_mark(token_id: int) -> str:
-    """A token's stand-in text where no tokenizer gives one: every token unlike every other."""
-    return f"<{token_id}>"
-
-
 class TokenTexts:
     """Each token's text with its whitespace taken out, as the copy cursor compares them (a
     quote may rewrap its source's lines: "the" "\\n" "January" in the source, "the" " January"
-    in the answer), looked up once per token id."""
+    in the answer), and whether it began with whitespace; looked up once per token id."""
 
     def __init__(self, token_text: Callable[[int], str]):
         self.token_text = token_text
-        self.known: dict[int, str] = {}
+        self.known: dict[int, tuple[str, bool]] = {}
 
     def __call__(self, token_id: int) -> str:
-        text = self.known.get(token_id)
-        if text is None:
-            text = self.known[token_id] = "".join(self.token_text(token_id).split())
-        return text
+        return self._known(token_id)[0]
+
+    def leading_space(self, token_id: int) -> bool:
+        return self._known(token_id)[1]
+
+    def _known(self, token_id: int) -> tuple[str, bool]:
+        known = self.known.get(token_id)
+        if known is None:
+            text = self.token_text(token_id)
+            known = self.known[token_id] = ("".join(text.split()), text[:1].isspace())
+        return known
+
+
+class TokenMarks:
+    """TokenTexts where no tokenizer gives texts: every token's text unlike every other's."""
+
+    def __call__(self, token_id: int) -> str:
+        return f"<{token_id}>"
+
+    def leading_space(self, token_id: int) -> bool:
+        return False
 
 
 class CopyCursor:
@@ -115,14 +128,14 @@ class CopyCursor:
     on: WINDOW), else as a substitution (the cursor steps over one source token); the token
     after it may also be read as an insertion (it matches where the cursor stood before the
     miss). Two differing tokens in a row, or one before the copy is confirmed, lose it.
-    A substitution, or a token the answer spaces otherwise, is remembered as an edit (source
-    token -> the answer's) that later drafts make too, as a renamed variable is renamed
-    everywhere, until the answer keeps that source token as it is."""
+    A substitution, or a token the answer ends with other whitespace (".\\n\\n" for ".\\n"), is
+    remembered as an edit (source token -> the answer's) that later drafts make too, as a
+    renamed variable is renamed everywhere, until the answer keeps that source token as it is."""
     CONFIRMED = 3
     WINDOW = 8
 
-    def __init__(self, texts: Callable[[int], str] = token_mark):
-        self.texts = texts
+    def __init__(self, texts: TokenTexts | TokenMarks | None = None):
+        self.texts = texts or TokenMarks()
         self.at: int | None = None
         self.offset = 0           # characters of source[at]'s text already written
         self.before = (0, 0)      # (at, offset) before the last miss
@@ -148,8 +161,9 @@ class CopyCursor:
                 self.edits.pop(token_id, None)
         text = self.texts(token_id)
         step = self._consume(source, self.at, self.offset, text)
-        if step == (self.at + 1, 0, False) and not self.offset and source[self.at] != token_id:
-            self.edits[source[self.at]] = token_id   # the same text, spaced otherwise: ".\n" -> ".\n\n"
+        if (step == (self.at + 1, 0, False) and not self.offset and source[self.at] != token_id
+                and self.texts.leading_space(source[self.at]) == self.texts.leading_space(token_id)):
+            self.edits[source[self.at]] = token_id   # the same text, ending otherwise: ".\n" -> ".\n\n"
         if step is None and self.misses:   # an insertion: the source waits where it was
             step = self._consume(source, *self.before, text)
             if step is not None:
@@ -237,7 +251,7 @@ class Speculation:
     steps over an edit that leaves the tail matching nothing. Once it has lost the copy, the
     longest n-gram match drafts and puts it where that match's continuation begins."""
 
-    def __init__(self, settings: DraftSettings, texts: Callable[[int], str] = token_mark):
+    def __init__(self, settings: DraftSettings, texts: TokenTexts | TokenMarks | None = None):
         self.settings = settings
         self.index = NgramIndex(settings.ngram)
         self.cursor = CopyCursor(texts)
@@ -284,7 +298,7 @@ class Speculation:
 
 
 def speculation_for(params: SamplingParams, defaults: DraftSettings, draft=None, request_id: str = "",
-                    texts: Callable[[int], str] = token_mark):
+                    texts: TokenTexts | TokenMarks | None = None):
     """A request's drafting state (Speculation, or draft_model.ModelSpeculation with the
     engine's draft model, which the engine's request checks made sure it has for "draft"), or
     None when it does not speculate (off, constrained by a grammar, or asking for logprobs)."""
