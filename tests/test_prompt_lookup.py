@@ -3,6 +3,8 @@ the bookkeeping it is: which tokens a sequence drafts after what it has written.
 drafts are right only changes speed; test_speculative.py checks that the answers never change."""
 from __future__ import annotations
 
+import random
+
 from hayate.engine.draft_policy import StepCosts
 from hayate.engine.speculative import DraftSettings, NgramIndex, Speculation, TokenTexts
 
@@ -142,3 +144,27 @@ def test_a_token_spaced_otherwise_is_drafted_as_the_answer_spaced_it():
     propose(6)
     written.ids += [1, 2, 3, 4, 5, 10, 9]              # "\n" "It" where the source has " It"
     assert propose(4) == [8, 5, 7, 4]
+
+
+def test_noisy_copies_never_break_the_bookkeeping():
+    """Random sources and answers that copy them with random edits, omissions, insertions,
+    line breaks and loops: drafting never fails and never drafts past the room it is given."""
+    vocabulary = ["a", " b", "b", " c", "\n", "\n\n", " ", ".", ".\n", " d", "d", "e", " e", "x", ", x"]
+    texts = TokenTexts(vocabulary.__getitem__)
+    for seed in range(200):
+        rng = random.Random(seed)
+        source = [rng.randrange(len(vocabulary)) for _ in range(rng.randrange(1, 40))]
+        speculation, written, propose = drafting(source, [], texts)
+        at = rng.randrange(len(source))
+        for _ in range(60):
+            roll = rng.random()
+            if roll < 0.7 and at < len(written.ids):
+                written.ids.append(written.ids[at])
+                at += 1
+            elif roll < 0.8:
+                at += rng.randrange(1, 4)
+            else:
+                written.ids.append(rng.randrange(len(vocabulary)))
+            room = rng.randrange(0, 8)
+            drafts = propose(room)
+            assert len(drafts) <= room and all(0 <= token < len(vocabulary) for token in drafts)
