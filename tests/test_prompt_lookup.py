@@ -47,7 +47,7 @@ class Tokens:
 
 def drafting(source: list[int], written: list[int], texts=None):
     """A sequence's speculation over `source` then `written`; propose(room) drafts."""
-    speculation = Speculation(DraftSettings("ngram", 6, 3), *([texts] if texts else []))
+    speculation = Speculation(DraftSettings("ngram", 6, 3), texts)
     tokens = Tokens(source + written)
     return speculation, tokens, lambda room: speculation.propose(tokens, room, FREE_ROWS, 1, 1)
 

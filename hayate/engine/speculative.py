@@ -169,17 +169,24 @@ class CopyCursor:
             if step is not None:
                 self.edits.pop(self.last_edit, None)
         if step is not None:
-            self.at, self.offset, crossed_break = step
-            if text:
-                self.run, self.misses = self.run + 1, 0
-                self.confirmed = self.confirmed or self.run >= self.CONFIRMED
-                self.reflowing = self.reflowing or crossed_break
-            elif not self.offset and self.at < len(source) and not self.texts(source[self.at]):
-                self.at, self.reflowing = self.at + 1, False   # whitespace where the source has its own
-            return
-        if not self.confirmed or self.misses:
+            self._agreed(source, step, text)
+        elif not self.confirmed or self.misses:
             self.at = None
-            return
+        else:
+            self._missed(source, token_id, text)
+
+    def _agreed(self, source: list[int], step: tuple[int, int, bool], text: str) -> None:
+        """The answer's token read as the source's text from where the cursor stood: `step`."""
+        self.at, self.offset, crossed_break = step
+        if text:
+            self.run, self.misses = self.run + 1, 0
+            self.confirmed = self.confirmed or self.run >= self.CONFIRMED
+            self.reflowing = self.reflowing or crossed_break
+        elif not self.offset and self.at < len(source) and not self.texts(source[self.at]):
+            self.at, self.reflowing = self.at + 1, False   # whitespace where the source has its own
+
+    def _missed(self, source: list[int], token_id: int, text: str) -> None:
+        """A confirmed copy's first differing token: an omission, else a substitution (an edit)."""
         self.before, self.run, self.misses, self.last_edit = (self.at, self.offset), 0, 1, None
         omitted = self._omission(source, text)
         if omitted is not None:
